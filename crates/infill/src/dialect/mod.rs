@@ -1,0 +1,483 @@
+//! Everything that differs between PostgreSQL, MySQL/MariaDB and SQLite lives
+//! behind [`Dialect`] (SQL text: quoting, placeholders, casts, locks, state
+//! DDL) and in the per-database `bind`/`decode` functions of each file. The
+//! run loop composes statements from these pieces and never names a database.
+//! One dialect file never imports another.
+
+pub mod mysql;
+pub mod postgres;
+pub mod sqlite;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
+use sqlx::{MySql, Postgres, Sqlite};
+
+use crate::error::{Error, Result};
+use crate::spec::DatabaseUrl;
+use crate::sql::{Fragment, Part, Query};
+use crate::value::Value;
+
+/// The three supported engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl Backend {
+    /// The backend a URL names, from its scheme.
+    pub fn of_url(url: &str) -> Option<Backend> {
+        let scheme = url.split(':').next()?.to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Some(Backend::Postgres),
+            "mysql" | "mariadb" => Some(Backend::MySql),
+            "sqlite" => Some(Backend::Sqlite),
+            _ => None,
+        }
+    }
+
+    /// The dialect of this backend.
+    pub fn dialect(self) -> &'static dyn Dialect {
+        match self {
+            Backend::Postgres => &postgres::PostgresDialect,
+            Backend::MySql => &mysql::MySqlDialect,
+            Backend::Sqlite => &sqlite::SqliteDialect,
+        }
+    }
+}
+
+/// A column of the target table, as the server describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    /// The full type as the server spells it (`numeric(10,2)`, `bigint unsigned`).
+    pub sql_type: String,
+}
+
+/// The SQL text of one database.
+pub trait Dialect: Send + Sync {
+    fn backend(&self) -> Backend;
+    /// Quotes an identifier, doubling embedded quote characters.
+    fn quote_ident(&self, ident: &str) -> String;
+    /// The placeholder for the `n`th bound value (1-based).
+    fn placeholder(&self, n: usize) -> String;
+    /// True when string literals treat backslash as an escape (MySQL).
+    fn backslash_escapes(&self) -> bool {
+        false
+    }
+    /// True when column names compare case-sensitively.
+    fn case_sensitive_columns(&self) -> bool {
+        false
+    }
+    /// An expression carrying a column's value to infill losslessly.
+    fn value_out(&self, expr: &str) -> String;
+    /// A placeholder wrapped so a value read through `value_out` binds back
+    /// as the column's own type.
+    fn value_in(&self, placeholder: &str, column: &Column) -> String;
+    /// `keys > values` in key order. Row comparison unless the engine's
+    /// optimizer needs the expanded form.
+    fn key_after(&self, keys: &[String], values: &[String]) -> String {
+        row_compare(keys, values, ">")
+    }
+    /// `keys <= values` in key order.
+    fn key_at_most(&self, keys: &[String], values: &[String]) -> String {
+        row_compare(keys, values, "<=")
+    }
+    /// The weakest row lock that keeps a concurrent writer out until commit.
+    fn lock_clause(&self) -> &'static str;
+    /// Statement opening a writing transaction.
+    fn begin_write(&self) -> &'static str;
+    /// Statement opening a read-only transaction (plan, dry run).
+    fn begin_read_only(&self) -> &'static str;
+    /// A statement making a connection refuse writes (SQLite's
+    /// `PRAGMA query_only`), where a read-only transaction is not enough.
+    fn read_only_session(&self) -> Option<&'static str> {
+        None
+    }
+    /// True when the write can be restricted to the locked keys with
+    /// `(k) IN (...)`; false where the write lock is already exclusive.
+    fn update_by_key_list(&self) -> bool;
+    /// True when UPDATE supports RETURNING.
+    fn update_returning(&self) -> bool;
+    /// Statements creating the state tables, idempotent.
+    fn state_schema(&self) -> Vec<&'static str>;
+    /// Statements run on each new connection (timeouts, isolation).
+    fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String>;
+    /// A query listing the columns of a table: (name, type) rows.
+    fn columns_query(&self, table: &[String]) -> Query;
+    /// A query returning the server's estimate of a table's row count.
+    fn estimate_rows_query(&self, table: &[String]) -> Query;
+    /// A query returning (identity, database name) of the server.
+    fn identity_query(&self) -> &'static str;
+    /// A query taking the job lock without waiting; returns 1 when taken.
+    /// None where the lock is a row of `infill_locks`.
+    fn try_lock_query(&self, name: &str) -> Option<Query>;
+    /// A query releasing the job lock.
+    fn unlock_query(&self, name: &str) -> Option<Query>;
+    /// Quotes a dotted table name.
+    fn quote_table(&self, parts: &[String]) -> String {
+        parts.iter().map(|p| self.quote_ident(p)).collect::<Vec<_>>().join(".")
+    }
+}
+
+fn row_compare(keys: &[String], values: &[String], op: &str) -> String {
+    if keys.len() == 1 {
+        format!("{} {op} {}", keys[0], values[0])
+    } else {
+        format!("({}) {op} ({})", keys.join(", "), values.join(", "))
+    }
+}
+
+/// Expanded keyset comparison, `a > ? OR (a = ? AND b > ?)`, for optimizers
+/// that do not use an index for row comparisons.
+pub(crate) fn expanded_compare(keys: &[String], values: &[String], strict: &str, last: &str) -> String {
+    let mut ors = Vec::new();
+    for i in 0..keys.len() {
+        let op = if i + 1 == keys.len() { last } else { strict };
+        let mut ands: Vec<String> = (0..i).map(|j| format!("{} = {}", keys[j], values[j])).collect();
+        ands.push(format!("{} {op} {}", keys[i], values[i]));
+        ors.push(if ands.len() == 1 { ands.remove(0) } else { format!("({})", ands.join(" AND ")) });
+    }
+    if ors.len() == 1 { ors.remove(0) } else { format!("({})", ors.join(" OR ")) }
+}
+
+/// Builds one statement: text plus bound values, placeholders numbered for
+/// the dialect.
+pub struct SqlBuilder<'d> {
+    dialect: &'d dyn Dialect,
+    query: Query,
+}
+
+impl<'d> SqlBuilder<'d> {
+    pub fn new(dialect: &'d dyn Dialect) -> Self {
+        SqlBuilder { dialect, query: Query::default() }
+    }
+    /// Appends SQL text.
+    pub fn push(&mut self, sql: &str) -> &mut Self {
+        self.query.sql.push_str(sql);
+        self
+    }
+    /// Binds a value and returns its placeholder (not yet appended).
+    pub fn arg(&mut self, v: Value) -> String {
+        self.query.args.push(v);
+        self.dialect.placeholder(self.query.args.len())
+    }
+    /// Binds a value and appends its placeholder.
+    pub fn bind(&mut self, v: Value) -> &mut Self {
+        let ph = self.arg(v);
+        self.push(&ph)
+    }
+    /// Appends a spec fragment, binding its `:name` params from `params`.
+    pub fn fragment(&mut self, f: &Fragment, params: &std::collections::BTreeMap<String, Value>) -> &mut Self {
+        for part in &f.parts {
+            match part {
+                Part::Sql(s) => {
+                    self.push(s);
+                }
+                Part::Param(name) => {
+                    let v = params.get(name).cloned().unwrap_or(Value::Null);
+                    self.bind(v);
+                }
+            }
+        }
+        self
+    }
+    /// The current end of the text, for [`SqlBuilder::wrap_since`].
+    pub fn mark(&self) -> usize {
+        self.query.sql.len()
+    }
+    /// Replaces the text pushed since `mark` with `f(text)`; bound values
+    /// keep their placeholders.
+    pub fn wrap_since(&mut self, mark: usize, f: impl FnOnce(&str) -> String) -> &mut Self {
+        let tail = self.query.sql.split_off(mark);
+        self.query.sql.push_str(&f(&tail));
+        self
+    }
+    pub fn finish(self) -> Query {
+        self.query
+    }
+}
+
+/// A state-table statement written once for every engine: each `?` becomes
+/// the dialect's placeholder. (State SQL holds no string literals.)
+pub fn portable(dialect: &dyn Dialect, sql: &str, args: Vec<Value>) -> Query {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push_str(&dialect.placeholder(n));
+        } else {
+            out.push(c);
+        }
+    }
+    debug_assert_eq!(n, args.len(), "placeholders and args differ in {sql}");
+    Query { sql: out, args }
+}
+
+/// A connection of one of the three pools.
+pub enum Conn {
+    Pg(PoolConnection<Postgres>),
+    My(PoolConnection<MySql>),
+    Lite(PoolConnection<Sqlite>),
+}
+
+/// A transaction on a [`Conn`]; rolled back when dropped uncommitted.
+pub enum Tx<'c> {
+    Pg(sqlx::Transaction<'c, Postgres>),
+    My(sqlx::Transaction<'c, MySql>),
+    Lite(sqlx::Transaction<'c, Sqlite>),
+}
+
+/// Runs statements on a connection or inside a transaction alike.
+#[async_trait]
+pub trait Exec: Send {
+    /// Executes a statement; returns the rows it affected.
+    async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error>;
+    /// Runs a query; returns its rows as values.
+    async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error>;
+    /// Prepares a statement without running it: unknown tables, columns
+    /// and type errors surface here, and nothing is executed.
+    async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error>;
+}
+
+macro_rules! dispatch {
+    ($self:expr, $c:ident => $body:expr) => {
+        match $self {
+            Self::Pg($c) => {
+                use postgres as backend;
+                $body
+            }
+            Self::My($c) => {
+                use mysql as backend;
+                $body
+            }
+            Self::Lite($c) => {
+                use sqlite as backend;
+                $body
+            }
+        }
+    };
+}
+
+#[async_trait]
+impl Exec for Conn {
+    async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
+        dispatch!(self, c => backend::execute(&mut **c, q).await)
+    }
+    async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+        dispatch!(self, c => backend::fetch(&mut **c, q).await)
+    }
+    async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
+        dispatch!(self, c => backend::prepare(&mut **c, q).await)
+    }
+}
+
+#[async_trait]
+impl Exec for Tx<'_> {
+    async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
+        dispatch!(self, c => backend::execute(&mut **c, q).await)
+    }
+    async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+        dispatch!(self, c => backend::fetch(&mut **c, q).await)
+    }
+    async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
+        dispatch!(self, c => backend::prepare(&mut **c, q).await)
+    }
+}
+
+impl Conn {
+    /// Opens a transaction with the given statement (`BEGIN IMMEDIATE`,
+    /// `START TRANSACTION READ ONLY`, ...).
+    pub async fn begin_with(&mut self, statement: &'static str) -> Result<Tx<'_>, sqlx::Error> {
+        use sqlx::Connection;
+        Ok(match self {
+            Conn::Pg(c) => Tx::Pg(c.begin_with(statement).await?),
+            Conn::My(c) => Tx::My(c.begin_with(statement).await?),
+            Conn::Lite(c) => Tx::Lite(c.begin_with(statement).await?),
+        })
+    }
+
+    /// Takes the connection out of its pool: it closes when dropped instead
+    /// of going back (used for the lock connection, whose session state
+    /// must not be reused).
+    pub fn detach(self) -> DetachedConn {
+        match self {
+            Conn::Pg(c) => DetachedConn::Pg(c.detach()),
+            Conn::My(c) => DetachedConn::My(c.detach()),
+            Conn::Lite(c) => DetachedConn::Lite(c.detach()),
+        }
+    }
+}
+
+impl DetachedConn {
+    /// Opens a transaction with the given statement.
+    pub async fn begin_with(&mut self, statement: &'static str) -> Result<Tx<'_>, sqlx::Error> {
+        use sqlx::Connection;
+        Ok(match self {
+            DetachedConn::Pg(c) => Tx::Pg(c.begin_with(statement).await?),
+            DetachedConn::My(c) => Tx::My(c.begin_with(statement).await?),
+            DetachedConn::Lite(c) => Tx::Lite(c.begin_with(statement).await?),
+        })
+    }
+}
+
+/// A connection owned outright, outside any pool.
+pub enum DetachedConn {
+    Pg(sqlx::PgConnection),
+    My(sqlx::MySqlConnection),
+    Lite(sqlx::SqliteConnection),
+}
+
+#[async_trait]
+impl Exec for DetachedConn {
+    async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
+        dispatch!(self, c => backend::execute(c, q).await)
+    }
+    async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+        dispatch!(self, c => backend::fetch(c, q).await)
+    }
+    async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
+        dispatch!(self, c => backend::prepare(c, q).await)
+    }
+}
+
+impl Tx<'_> {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Pg(t) => t.commit().await,
+            Tx::My(t) => t.commit().await,
+            Tx::Lite(t) => t.commit().await,
+        }
+    }
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Pg(t) => t.rollback().await,
+            Tx::My(t) => t.rollback().await,
+            Tx::Lite(t) => t.rollback().await,
+        }
+    }
+}
+
+/// A database handle: a small pool of connections and the dialect.
+#[derive(Clone)]
+pub struct Db {
+    pub name: String,
+    pub dialect: &'static dyn Dialect,
+    redacted_url: String,
+    pool: Pool,
+}
+
+#[derive(Clone)]
+enum Pool {
+    Pg(sqlx::PgPool),
+    My(sqlx::MySqlPool),
+    Lite(sqlx::SqlitePool),
+}
+
+/// How a connection is set up.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `application_name` (PostgreSQL) shown to DBAs: `infill:<job>`.
+    pub application_name: String,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    /// Whether a missing SQLite file may be created (the quickstart only).
+    pub create_sqlite: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            application_name: "infill".into(),
+            lock_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(30),
+            create_sqlite: false,
+        }
+    }
+}
+
+impl Db {
+    /// Connects to a database and checks it answers. A failure names the
+    /// database with its password masked.
+    pub async fn connect(url: &DatabaseUrl, opts: &ConnectOptions) -> Result<Db> {
+        let backend = Backend::of_url(url.expose()).ok_or_else(|| Error::Connect {
+            name: url.name.clone(),
+            url: url.redacted(),
+            message: "unknown URL scheme (use postgres://, mysql:// or sqlite:)".into(),
+        })?;
+        let dialect = backend.dialect();
+        let setup = dialect.session_setup(opts.lock_timeout, opts.statement_timeout);
+        let fail = |e: sqlx::Error| Error::Connect {
+            name: url.name.clone(),
+            url: url.redacted(),
+            message: connect_message(&e, url),
+        };
+        let acquire_timeout = Duration::from_secs(10);
+        let pool = match backend {
+            Backend::Postgres => {
+                let o = sqlx::postgres::PgConnectOptions::from_str(url.expose())
+                    .map_err(fail)?
+                    .application_name(&opts.application_name);
+                Pool::Pg(postgres::pool(o, setup, acquire_timeout).await.map_err(fail)?)
+            }
+            Backend::MySql => {
+                let o = sqlx::mysql::MySqlConnectOptions::from_str(url.expose()).map_err(fail)?;
+                Pool::My(mysql::pool(o, setup, acquire_timeout).await.map_err(fail)?)
+            }
+            Backend::Sqlite => {
+                let o = sqlx::sqlite::SqliteConnectOptions::from_str(url.expose())
+                    .map_err(fail)?
+                    .create_if_missing(opts.create_sqlite)
+                    .busy_timeout(opts.lock_timeout.max(Duration::from_secs(5)));
+                Pool::Lite(sqlite::pool(o, acquire_timeout).await.map_err(fail)?)
+            }
+        };
+        let db = Db { name: url.name.clone(), dialect, redacted_url: url.redacted(), pool };
+        // Check it answers now, so an unreachable server fails before anything else.
+        db.conn().await.map_err(|e| match e {
+            Error::Database { source, .. } => fail(source),
+            other => other,
+        })?;
+        Ok(db)
+    }
+
+    /// The URL, password masked.
+    pub fn redacted_url(&self) -> &str {
+        &self.redacted_url
+    }
+
+    /// A connection from the pool.
+    pub async fn conn(&self) -> Result<Conn> {
+        let ctx = || format!("cannot get a connection to database `{}` ({})", self.name, self.redacted_url);
+        Ok(match &self.pool {
+            Pool::Pg(p) => Conn::Pg(p.acquire().await.map_err(Error::db(ctx()))?),
+            Pool::My(p) => Conn::My(p.acquire().await.map_err(Error::db(ctx()))?),
+            Pool::Lite(p) => Conn::Lite(p.acquire().await.map_err(Error::db(ctx()))?),
+        })
+    }
+
+    /// Builds a state statement (see [`portable`]).
+    pub fn q(&self, sql: &str, args: Vec<Value>) -> Query {
+        portable(self.dialect, sql, args)
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Pg(p) => p.close().await,
+            Pool::My(p) => p.close().await,
+            Pool::Lite(p) => p.close().await,
+        }
+    }
+}
+
+fn connect_message(e: &sqlx::Error, url: &DatabaseUrl) -> String {
+    let mut r = crate::secret::Redactor::default();
+    r.add_url(url.expose());
+    r.mask(&e.to_string())
+}

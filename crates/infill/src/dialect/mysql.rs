@@ -1,0 +1,234 @@
+//! MySQL and MariaDB: values travel as text (`CAST(.. AS CHAR)` out, a cast
+//! to the column's type in), batches run at READ COMMITTED so locks stay on
+//! the rows written, composite keysets use the expanded `a > ? OR (a = ? AND
+//! b > ?)` form its optimizer can range-scan, `innodb_lock_wait_timeout`
+//! makes infill the one that waits, and the job lock is `GET_LOCK`.
+
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
+use sqlx::{AssertSqlSafe, SqlSafeStr, Column as _, Executor, MySqlConnection, Row, TypeInfo, ValueRef};
+
+use super::{Backend, Column, Dialect, expanded_compare};
+use crate::sql::Query;
+use crate::value::Value;
+
+/// The MySQL/MariaDB dialect.
+pub struct MySqlDialect;
+
+impl Dialect for MySqlDialect {
+    fn backend(&self) -> Backend {
+        Backend::MySql
+    }
+    fn quote_ident(&self, ident: &str) -> String {
+        format!("`{}`", ident.replace('`', "``"))
+    }
+    fn placeholder(&self, _n: usize) -> String {
+        "?".into()
+    }
+    fn backslash_escapes(&self) -> bool {
+        true
+    }
+    fn value_out(&self, expr: &str) -> String {
+        format!("CAST({expr} AS CHAR)")
+    }
+    fn value_in(&self, placeholder: &str, column: &Column) -> String {
+        let t = column.sql_type.to_ascii_lowercase();
+        let base = t.split(['(', ' ']).next().unwrap_or("");
+        let unsigned = t.contains("unsigned");
+        match base {
+            "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "year" | "bit" => {
+                format!("CAST({placeholder} AS {})", if unsigned { "UNSIGNED" } else { "SIGNED" })
+            }
+            "decimal" | "numeric" => format!("CAST({placeholder} AS {})", t.replace("unsigned", "").replace("numeric", "decimal").trim()),
+            "float" | "double" | "real" => format!("CAST({placeholder} AS DOUBLE)"),
+            "date" => format!("CAST({placeholder} AS DATE)"),
+            "datetime" | "timestamp" => format!("CAST({placeholder} AS DATETIME(6))"),
+            "time" => format!("CAST({placeholder} AS TIME(6))"),
+            "binary" | "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob" => {
+                format!("CAST({placeholder} AS BINARY)")
+            }
+            _ => placeholder.to_string(),
+        }
+    }
+    fn key_after(&self, keys: &[String], values: &[String]) -> String {
+        expanded_compare(keys, values, ">", ">")
+    }
+    fn key_at_most(&self, keys: &[String], values: &[String]) -> String {
+        expanded_compare(keys, values, "<", "<=")
+    }
+    fn lock_clause(&self) -> &'static str {
+        " FOR UPDATE"
+    }
+    fn begin_write(&self) -> &'static str {
+        "START TRANSACTION"
+    }
+    fn begin_read_only(&self) -> &'static str {
+        "START TRANSACTION READ ONLY"
+    }
+    fn update_by_key_list(&self) -> bool {
+        true
+    }
+    fn update_returning(&self) -> bool {
+        false
+    }
+    fn state_schema(&self) -> Vec<&'static str> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS infill_schema (version INTEGER NOT NULL) ENGINE=InnoDB",
+            "CREATE TABLE IF NOT EXISTS infill_runs (
+                id VARCHAR(36) NOT NULL PRIMARY KEY, job VARCHAR(255) NOT NULL, status VARCHAR(32) NOT NULL,
+                definition_sha256 VARCHAR(64) NOT NULL, spec_sha256 VARCHAR(64) NOT NULL,
+                params TEXT NOT NULL, params_sha256 VARCHAR(64) NOT NULL, env VARCHAR(255),
+                undo_enabled INTEGER NOT NULL, cursor_key TEXT, upper_key TEXT,
+                batch_size BIGINT NOT NULL, batches BIGINT NOT NULL DEFAULT 0,
+                rows_read BIGINT NOT NULL DEFAULT 0, rows_changed BIGINT NOT NULL DEFAULT 0,
+                rows_skipped BIGINT NOT NULL DEFAULT 0, rows_failed BIGINT NOT NULL DEFAULT 0,
+                host VARCHAR(255) NOT NULL, pid BIGINT NOT NULL, os_user VARCHAR(255) NOT NULL,
+                started_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL, finished_at VARCHAR(40),
+                control TEXT, message TEXT, KEY infill_runs_job (job, status)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            "CREATE TABLE IF NOT EXISTS infill_batches (
+                run_id VARCHAR(36) NOT NULL, batch_no BIGINT NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
+                rows_read BIGINT NOT NULL, rows_changed BIGINT NOT NULL, rows_skipped BIGINT NOT NULL,
+                batch_size BIGINT NOT NULL, duration_ms BIGINT NOT NULL, committed_at VARCHAR(40) NOT NULL,
+                PRIMARY KEY (run_id, batch_no)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            "CREATE TABLE IF NOT EXISTS infill_undo (
+                run_id VARCHAR(36) NOT NULL, batch_no BIGINT NOT NULL, seq BIGINT NOT NULL,
+                row_key TEXT NOT NULL, before_image LONGTEXT NOT NULL, after_image LONGTEXT NOT NULL,
+                PRIMARY KEY (run_id, batch_no, seq)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+        ]
+    }
+    fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String> {
+        vec![
+            format!("SET SESSION innodb_lock_wait_timeout = {}", lock_timeout.as_secs().max(1)),
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".into(),
+            // MariaDB's statement limit, in seconds; MySQL spells it max_execution_time.
+            format!("SET SESSION max_statement_time = {}", statement_timeout.as_secs_f64()),
+        ]
+    }
+    fn columns_query(&self, table: &[String]) -> Query {
+        let (schema, name) = match table {
+            [s, t] => (Value::Text(s.clone()), Value::Text(t.clone())),
+            [t] => (Value::Null, Value::Text(t.clone())),
+            _ => (Value::Null, Value::Text(table.join("."))),
+        };
+        Query {
+            sql: "SELECT CAST(COLUMN_NAME AS CHAR), CAST(COLUMN_TYPE AS CHAR) FROM information_schema.COLUMNS \
+                  WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION"
+                .into(),
+            args: vec![schema, name],
+        }
+    }
+    fn estimate_rows_query(&self, table: &[String]) -> Query {
+        let (schema, name) = match table {
+            [s, t] => (Value::Text(s.clone()), Value::Text(t.clone())),
+            _ => (Value::Null, Value::Text(table.join("."))),
+        };
+        Query {
+            sql: "SELECT CAST(COALESCE(TABLE_ROWS, 0) AS SIGNED) FROM information_schema.TABLES \
+                  WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?"
+                .into(),
+            args: vec![schema, name],
+        }
+    }
+    fn identity_query(&self) -> &'static str {
+        "SELECT CAST(CONCAT(@@hostname, ':', @@port, '#', @@server_id) AS CHAR), CAST(DATABASE() AS CHAR)"
+    }
+    fn try_lock_query(&self, name: &str) -> Option<Query> {
+        Some(Query { sql: "SELECT GET_LOCK(?, 0)".into(), args: vec![Value::Text(lock_name(name))] })
+    }
+    fn unlock_query(&self, name: &str) -> Option<Query> {
+        Some(Query { sql: "SELECT RELEASE_LOCK(?)".into(), args: vec![Value::Text(lock_name(name))] })
+    }
+}
+
+/// GET_LOCK names are limited to 64 characters.
+fn lock_name(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("infill:{}", &hex::encode(Sha256::digest(name.as_bytes()))[..40])
+}
+
+pub(super) async fn pool(o: MySqlConnectOptions, setup: Vec<String>, acquire: Duration) -> Result<sqlx::MySqlPool, sqlx::Error> {
+    MySqlPoolOptions::new()
+        .max_connections(4)
+        .min_connections(0)
+        .acquire_timeout(acquire)
+        .after_connect(move |conn, _| {
+            let setup = setup.clone();
+            Box::pin(async move {
+                for s in setup {
+                    // max_statement_time is MariaDB's; MySQL has no such variable. Ignore its absence.
+                    if let Err(e) = conn.execute(AssertSqlSafe(s.clone())).await {
+                        if !s.contains("max_statement_time") {
+                            return Err(e);
+                        }
+                    }
+                }
+                Ok(())
+            })
+        })
+        .connect_with(o)
+        .await
+}
+
+fn query<'q>(q: &'q Query) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+    let mut query = sqlx::query(AssertSqlSafe(q.sql.as_str()));
+    for v in &q.args {
+        query = match v {
+            Value::Null => query.bind(None::<String>),
+            Value::Int(i) => query.bind(*i),
+            Value::Real(f) => query.bind(*f),
+            Value::Bool(b) => query.bind(*b),
+            Value::Text(s) => query.bind(s.as_str()),
+            Value::Blob(b) => query.bind(b.as_slice()),
+            Value::Timestamp(t) => query.bind(*t),
+            Value::TimestampTz(t) => query.bind(*t),
+            Value::Date(d) => query.bind(*d),
+        };
+    }
+    query
+}
+
+pub(super) async fn execute(conn: &mut MySqlConnection, q: &Query) -> Result<u64, sqlx::Error> {
+    Ok(query(q).execute(conn).await?.rows_affected())
+}
+
+pub(super) async fn fetch(conn: &mut MySqlConnection, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+    query(q).fetch_all(conn).await?.iter().map(decode).collect()
+}
+
+fn decode(row: &MySqlRow) -> Result<Vec<Value>, sqlx::Error> {
+    let mut out = Vec::with_capacity(row.len());
+    for (i, col) in row.columns().iter().enumerate() {
+        if row.try_get_raw(i)?.is_null() {
+            out.push(Value::Null);
+            continue;
+        }
+        let name = col.type_info().name();
+        out.push(match name {
+            "BOOLEAN" => Value::Bool(row.try_get(i)?),
+            "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" => Value::Int(row.try_get(i)?),
+            "TINYINT UNSIGNED" | "SMALLINT UNSIGNED" | "MEDIUMINT UNSIGNED" | "INT UNSIGNED" | "BIGINT UNSIGNED" => {
+                let u: u64 = row.try_get(i)?;
+                i64::try_from(u).map(Value::Int).unwrap_or_else(|_| Value::Text(u.to_string()))
+            }
+            "FLOAT" => Value::Real(row.try_get::<f32, _>(i)?.into()),
+            "DOUBLE" => Value::Real(row.try_get(i)?),
+            "BINARY" | "VARBINARY" | "TINYBLOB" | "BLOB" | "MEDIUMBLOB" | "LONGBLOB" => {
+                let b: Vec<u8> = row.try_get_unchecked(i)?;
+                match String::from_utf8(b) {
+                    Ok(s) => Value::Text(s),
+                    Err(e) => Value::Blob(e.into_bytes()),
+                }
+            }
+            _ => Value::Text(row.try_get_unchecked(i)?),
+        });
+    }
+    Ok(out)
+}
+
+pub(super) async fn prepare(conn: &mut MySqlConnection, q: &Query) -> Result<(), sqlx::Error> {
+    conn.prepare(AssertSqlSafe(q.sql.as_str()).into_sql_str()).await.map(|_| ())
+}

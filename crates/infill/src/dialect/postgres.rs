@@ -1,0 +1,199 @@
+//! PostgreSQL: values travel as text (`::text` out, `CAST($n AS <type>)` in),
+//! rows are locked `FOR NO KEY UPDATE` (it does not block inserts of rows
+//! referencing them), `lock_timeout` and `statement_timeout` make infill the
+//! one that waits, and the job lock is a session advisory lock.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, SqlSafeStr, Column as _, Executor, PgConnection, Row, TypeInfo, ValueRef};
+
+use super::{Backend, Column, Dialect};
+use crate::sql::Query;
+use crate::value::Value;
+
+/// The PostgreSQL dialect.
+pub struct PostgresDialect;
+
+impl Dialect for PostgresDialect {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+    fn quote_ident(&self, ident: &str) -> String {
+        format!("\"{}\"", ident.replace('"', "\"\""))
+    }
+    fn placeholder(&self, n: usize) -> String {
+        format!("${n}")
+    }
+    fn case_sensitive_columns(&self) -> bool {
+        true
+    }
+    fn value_out(&self, expr: &str) -> String {
+        format!("({expr})::text")
+    }
+    fn value_in(&self, placeholder: &str, column: &Column) -> String {
+        format!("CAST({placeholder} AS {})", column.sql_type)
+    }
+    fn lock_clause(&self) -> &'static str {
+        " FOR NO KEY UPDATE"
+    }
+    fn begin_write(&self) -> &'static str {
+        "BEGIN ISOLATION LEVEL READ COMMITTED"
+    }
+    fn begin_read_only(&self) -> &'static str {
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+    }
+    fn update_by_key_list(&self) -> bool {
+        true
+    }
+    fn update_returning(&self) -> bool {
+        true
+    }
+    fn state_schema(&self) -> Vec<&'static str> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS infill_schema (version INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS infill_runs (
+                id TEXT PRIMARY KEY, job TEXT NOT NULL, status TEXT NOT NULL,
+                definition_sha256 TEXT NOT NULL, spec_sha256 TEXT NOT NULL,
+                params TEXT NOT NULL, params_sha256 TEXT NOT NULL, env TEXT,
+                undo_enabled INTEGER NOT NULL, cursor_key TEXT, upper_key TEXT,
+                batch_size BIGINT NOT NULL, batches BIGINT NOT NULL DEFAULT 0,
+                rows_read BIGINT NOT NULL DEFAULT 0, rows_changed BIGINT NOT NULL DEFAULT 0,
+                rows_skipped BIGINT NOT NULL DEFAULT 0, rows_failed BIGINT NOT NULL DEFAULT 0,
+                host TEXT NOT NULL, pid BIGINT NOT NULL, os_user TEXT NOT NULL,
+                started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,
+                control TEXT, message TEXT)",
+            "CREATE INDEX IF NOT EXISTS infill_runs_job ON infill_runs (job, status)",
+            "CREATE TABLE IF NOT EXISTS infill_batches (
+                run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
+                rows_read BIGINT NOT NULL, rows_changed BIGINT NOT NULL, rows_skipped BIGINT NOT NULL,
+                batch_size BIGINT NOT NULL, duration_ms BIGINT NOT NULL, committed_at TEXT NOT NULL,
+                PRIMARY KEY (run_id, batch_no))",
+            "CREATE TABLE IF NOT EXISTS infill_undo (
+                run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, seq BIGINT NOT NULL,
+                row_key TEXT NOT NULL, before_image TEXT NOT NULL, after_image TEXT NOT NULL,
+                PRIMARY KEY (run_id, batch_no, seq))",
+        ]
+    }
+    fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String> {
+        vec![
+            format!("SET lock_timeout = {}", lock_timeout.as_millis().max(1)),
+            format!("SET statement_timeout = {}", statement_timeout.as_millis().max(1)),
+            "SET idle_in_transaction_session_timeout = 600000".into(),
+        ]
+    }
+    fn columns_query(&self, table: &[String]) -> Query {
+        Query {
+            sql: "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                  WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+                .into(),
+            args: vec![Value::Text(self.quote_table(table))],
+        }
+    }
+    fn estimate_rows_query(&self, table: &[String]) -> Query {
+        Query {
+            sql: "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass($1)".into(),
+            args: vec![Value::Text(self.quote_table(table))],
+        }
+    }
+    fn identity_query(&self) -> &'static str {
+        "SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database()::text"
+    }
+    fn try_lock_query(&self, name: &str) -> Option<Query> {
+        Some(Query { sql: "SELECT pg_try_advisory_lock($1)::int".into(), args: vec![Value::Int(lock_key(name))] })
+    }
+    fn unlock_query(&self, name: &str) -> Option<Query> {
+        Some(Query { sql: "SELECT pg_advisory_unlock($1)::int".into(), args: vec![Value::Int(lock_key(name))] })
+    }
+}
+
+fn lock_key(name: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(name.as_bytes());
+    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+pub(super) async fn pool(o: PgConnectOptions, setup: Vec<String>, acquire: Duration) -> Result<sqlx::PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .min_connections(0)
+        .acquire_timeout(acquire)
+        .after_connect(move |conn, _| {
+            let setup = setup.clone();
+            Box::pin(async move {
+                for s in setup {
+                    conn.execute(AssertSqlSafe(s)).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(o)
+        .await
+}
+
+fn query<'q>(q: &'q Query) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let mut query = sqlx::query(AssertSqlSafe(q.sql.as_str()));
+    for v in &q.args {
+        query = match v {
+            Value::Null => query.bind(None::<String>),
+            Value::Int(i) => query.bind(*i),
+            Value::Real(f) => query.bind(*f),
+            Value::Bool(b) => query.bind(*b),
+            Value::Text(s) => query.bind(s.as_str()),
+            Value::Blob(b) => query.bind(b.as_slice()),
+            Value::Timestamp(t) => query.bind(*t),
+            Value::TimestampTz(t) => query.bind(*t),
+            Value::Date(d) => query.bind(*d),
+        };
+    }
+    query
+}
+
+pub(super) async fn execute(conn: &mut PgConnection, q: &Query) -> Result<u64, sqlx::Error> {
+    Ok(query(q).execute(conn).await?.rows_affected())
+}
+
+pub(super) async fn fetch(conn: &mut PgConnection, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+    query(q).fetch_all(conn).await?.iter().map(decode).collect()
+}
+
+fn decode(row: &PgRow) -> Result<Vec<Value>, sqlx::Error> {
+    let mut out = Vec::with_capacity(row.len());
+    for (i, col) in row.columns().iter().enumerate() {
+        if row.try_get_raw(i)?.is_null() {
+            out.push(Value::Null);
+            continue;
+        }
+        out.push(match col.type_info().name() {
+            "INT2" => Value::Int(row.try_get::<i16, _>(i)?.into()),
+            "INT4" => Value::Int(row.try_get::<i32, _>(i)?.into()),
+            "INT8" => Value::Int(row.try_get::<i64, _>(i)?),
+            "FLOAT4" => Value::Real(row.try_get::<f32, _>(i)?.into()),
+            "FLOAT8" => Value::Real(row.try_get::<f64, _>(i)?),
+            "BOOL" => Value::Bool(row.try_get(i)?),
+            "BYTEA" => Value::Blob(row.try_get(i)?),
+            _ => Value::Text(row.try_get(i)?),
+        });
+    }
+    Ok(out)
+}
+
+pub(super) async fn prepare(conn: &mut PgConnection, q: &Query) -> Result<(), sqlx::Error> {
+    use sqlx::Type;
+    use sqlx::postgres::PgTypeInfo;
+    let types: Vec<PgTypeInfo> = q
+        .args
+        .iter()
+        .map(|v| match v {
+            Value::Null | Value::Text(_) => <String as Type<sqlx::Postgres>>::type_info(),
+            Value::Int(_) => <i64 as Type<sqlx::Postgres>>::type_info(),
+            Value::Real(_) => <f64 as Type<sqlx::Postgres>>::type_info(),
+            Value::Bool(_) => <bool as Type<sqlx::Postgres>>::type_info(),
+            Value::Blob(_) => <Vec<u8> as Type<sqlx::Postgres>>::type_info(),
+            Value::Timestamp(_) => <chrono::NaiveDateTime as Type<sqlx::Postgres>>::type_info(),
+            Value::TimestampTz(_) => <chrono::DateTime<chrono::Utc> as Type<sqlx::Postgres>>::type_info(),
+            Value::Date(_) => <chrono::NaiveDate as Type<sqlx::Postgres>>::type_info(),
+        })
+        .collect();
+    conn.prepare_with(AssertSqlSafe(q.sql.as_str()).into_sql_str(), &types).await.map(|_| ())
+}

@@ -1,0 +1,162 @@
+//! SQLite: values keep their storage class, writes take the database's write
+//! lock up front (`BEGIN IMMEDIATE`), so the range itself is exact and no row
+//! lock clause exists; plan and dry run use `PRAGMA query_only`. The job lock
+//! is a row of `infill_locks` with host, pid and a heartbeat.
+
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
+use sqlx::{AssertSqlSafe, SqlSafeStr, Executor, Row, SqliteConnection, TypeInfo, ValueRef};
+
+use super::{Backend, Column, Dialect};
+use crate::sql::Query;
+use crate::value::Value;
+
+/// The SQLite dialect.
+pub struct SqliteDialect;
+
+impl Dialect for SqliteDialect {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+    fn quote_ident(&self, ident: &str) -> String {
+        format!("\"{}\"", ident.replace('"', "\"\""))
+    }
+    fn placeholder(&self, n: usize) -> String {
+        format!("?{n}")
+    }
+    fn value_out(&self, expr: &str) -> String {
+        expr.to_string()
+    }
+    fn value_in(&self, placeholder: &str, _column: &Column) -> String {
+        placeholder.to_string()
+    }
+    fn lock_clause(&self) -> &'static str {
+        ""
+    }
+    fn begin_write(&self) -> &'static str {
+        "BEGIN IMMEDIATE"
+    }
+    fn begin_read_only(&self) -> &'static str {
+        "BEGIN DEFERRED"
+    }
+    fn read_only_session(&self) -> Option<&'static str> {
+        Some("PRAGMA query_only = ON")
+    }
+    fn update_by_key_list(&self) -> bool {
+        false
+    }
+    fn update_returning(&self) -> bool {
+        true
+    }
+    fn state_schema(&self) -> Vec<&'static str> {
+        vec![
+            "CREATE TABLE IF NOT EXISTS infill_schema (version INTEGER NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS infill_runs (
+                id TEXT PRIMARY KEY, job TEXT NOT NULL, status TEXT NOT NULL,
+                definition_sha256 TEXT NOT NULL, spec_sha256 TEXT NOT NULL,
+                params TEXT NOT NULL, params_sha256 TEXT NOT NULL, env TEXT,
+                undo_enabled INTEGER NOT NULL, cursor_key TEXT, upper_key TEXT,
+                batch_size INTEGER NOT NULL, batches INTEGER NOT NULL DEFAULT 0,
+                rows_read INTEGER NOT NULL DEFAULT 0, rows_changed INTEGER NOT NULL DEFAULT 0,
+                rows_skipped INTEGER NOT NULL DEFAULT 0, rows_failed INTEGER NOT NULL DEFAULT 0,
+                host TEXT NOT NULL, pid INTEGER NOT NULL, os_user TEXT NOT NULL,
+                started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,
+                control TEXT, message TEXT)",
+            "CREATE INDEX IF NOT EXISTS infill_runs_job ON infill_runs (job, status)",
+            "CREATE TABLE IF NOT EXISTS infill_batches (
+                run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
+                rows_read INTEGER NOT NULL, rows_changed INTEGER NOT NULL, rows_skipped INTEGER NOT NULL,
+                batch_size INTEGER NOT NULL, duration_ms INTEGER NOT NULL, committed_at TEXT NOT NULL,
+                PRIMARY KEY (run_id, batch_no))",
+            "CREATE TABLE IF NOT EXISTS infill_undo (
+                run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, seq INTEGER NOT NULL,
+                row_key TEXT NOT NULL, before_image TEXT NOT NULL, after_image TEXT NOT NULL,
+                PRIMARY KEY (run_id, batch_no, seq))",
+            "CREATE TABLE IF NOT EXISTS infill_locks (
+                name TEXT PRIMARY KEY, run_id TEXT, host TEXT NOT NULL, pid INTEGER NOT NULL,
+                heartbeat TEXT NOT NULL)",
+        ]
+    }
+    fn session_setup(&self, _lock_timeout: Duration, _statement_timeout: Duration) -> Vec<String> {
+        Vec::new()
+    }
+    fn columns_query(&self, table: &[String]) -> Query {
+        match table {
+            [schema, t] => Query {
+                sql: "SELECT name, type FROM pragma_table_info(?1, ?2) ORDER BY cid".into(),
+                args: vec![Value::Text(t.clone()), Value::Text(schema.clone())],
+            },
+            _ => Query {
+                sql: "SELECT name, type FROM pragma_table_info(?1) ORDER BY cid".into(),
+                args: vec![Value::Text(table.join("."))],
+            },
+        }
+    }
+    fn estimate_rows_query(&self, table: &[String]) -> Query {
+        Query { sql: format!("SELECT COUNT(*) FROM {}", self.quote_table(table)), args: vec![] }
+    }
+    fn identity_query(&self) -> &'static str {
+        "SELECT file, name FROM pragma_database_list WHERE name = 'main'"
+    }
+    fn try_lock_query(&self, _name: &str) -> Option<Query> {
+        None
+    }
+    fn unlock_query(&self, _name: &str) -> Option<Query> {
+        None
+    }
+}
+
+pub(super) async fn pool(o: SqliteConnectOptions, acquire: Duration) -> Result<sqlx::SqlitePool, sqlx::Error> {
+    SqlitePoolOptions::new().max_connections(4).min_connections(0).acquire_timeout(acquire).connect_with(o).await
+}
+
+fn query<'q>(q: &'q Query) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let mut query = sqlx::query(AssertSqlSafe(q.sql.as_str()));
+    for v in &q.args {
+        query = match v {
+            Value::Null => query.bind(None::<String>),
+            Value::Int(i) => query.bind(*i),
+            Value::Real(f) => query.bind(*f),
+            Value::Bool(b) => query.bind(i64::from(*b)),
+            Value::Text(s) => query.bind(s.clone()),
+            Value::Blob(b) => query.bind(b.clone()),
+            // SQLite has no time types: dates compare as the text SQLite's own functions write.
+            Value::Timestamp(t) => query.bind(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+            Value::TimestampTz(t) => query.bind(t.format("%Y-%m-%d %H:%M:%S%.f").to_string()),
+            Value::Date(d) => query.bind(d.to_string()),
+        };
+    }
+    query
+}
+
+pub(super) async fn execute(conn: &mut SqliteConnection, q: &Query) -> Result<u64, sqlx::Error> {
+    Ok(query(q).execute(conn).await?.rows_affected())
+}
+
+pub(super) async fn fetch(conn: &mut SqliteConnection, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+    query(q).fetch_all(conn).await?.iter().map(decode).collect()
+}
+
+fn decode(row: &SqliteRow) -> Result<Vec<Value>, sqlx::Error> {
+    let mut out = Vec::with_capacity(row.len());
+    for i in 0..row.len() {
+        let raw = row.try_get_raw(i)?;
+        if raw.is_null() {
+            out.push(Value::Null);
+            continue;
+        }
+        let storage = raw.type_info().name().to_string();
+        out.push(match storage.as_str() {
+            "INTEGER" => Value::Int(row.try_get_unchecked(i)?),
+            "REAL" => Value::Real(row.try_get_unchecked(i)?),
+            "BLOB" => Value::Blob(row.try_get_unchecked(i)?),
+            _ => Value::Text(row.try_get_unchecked(i)?),
+        });
+    }
+    Ok(out)
+}
+
+pub(super) async fn prepare(conn: &mut SqliteConnection, q: &Query) -> Result<(), sqlx::Error> {
+    conn.prepare(AssertSqlSafe(q.sql.as_str()).into_sql_str()).await.map(|_| ())
+}

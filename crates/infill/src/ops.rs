@@ -1,0 +1,77 @@
+//! Commands that work on recorded runs rather than on a spec's job:
+//! `status` and `resume`. They find the state where `run` keeps it: in the
+//! databases the spec's jobs write to.
+
+use std::collections::BTreeMap;
+
+use crate::dialect::{ConnectOptions, Db};
+use crate::error::{Error, Result};
+use crate::spec::{DatabaseUrl, Overrides, Spec};
+use crate::state::{self, RunRecord};
+use crate::value::Value;
+
+/// The distinct target databases of a spec's jobs, resolved for an environment.
+fn targets(spec: &Spec, env: Option<&str>) -> Result<Vec<DatabaseUrl>> {
+    let mut seen: BTreeMap<String, DatabaseUrl> = BTreeMap::new();
+    for job in spec.jobs.values() {
+        if seen.contains_key(&job.database) {
+            continue;
+        }
+        let url = spec.target_url(&job.name, env)?;
+        seen.insert(job.database.clone(), url);
+    }
+    Ok(seen.into_values().collect())
+}
+
+/// Recent runs (newest first), or the one run matching `run`.
+pub async fn status(spec: &Spec, env: Option<&str>, run: Option<&str>) -> Result<Vec<RunRecord>> {
+    let mut out = Vec::new();
+    let mut not_found = None;
+    for url in targets(spec, env)? {
+        let db = Db::connect(&url, &ConnectOptions::default()).await?;
+        let mut c = db.conn().await?;
+        let found = match run {
+            Some(id) => match state::find_run(&db, &mut c, id).await {
+                Ok(r) => vec![r],
+                Err(e @ Error::RunNotFound(_)) => {
+                    not_found = Some(e);
+                    vec![]
+                }
+                Err(e) => return Err(e),
+            },
+            None => state::list_runs(&db, &mut c, 20).await?,
+        };
+        out.extend(found);
+        drop(c);
+        db.close().await;
+    }
+    if out.is_empty() {
+        if let Some(e) = not_found {
+            return Err(e);
+        }
+    }
+    out.sort_by(|a, b| b.id.cmp(&a.id));
+    Ok(out)
+}
+
+/// Finds a run and the overrides that continue it (its params and env).
+pub async fn find_for_resume(spec: &Spec, env: Option<&str>, run: &str) -> Result<(RunRecord, Overrides)> {
+    let found = status(spec, env, Some(run)).await?;
+    let record = found.into_iter().next().ok_or_else(|| Error::RunNotFound(format!("no run {run}")))?;
+    let job = spec.jobs.get(&record.job).ok_or_else(|| {
+        Error::Usage(format!("run {} belongs to job `{}`, which is not in {}", &record.id[..8], record.job, spec.path.display()))
+    })?;
+    let mut params = Vec::new();
+    if let serde_json::Value::Object(m) = &record.params {
+        for (k, v) in m {
+            if job.params.iter().any(|p| &p.name == k && p.kind == crate::spec::ParamKind::Secret) {
+                continue;
+            }
+            if let Some(val) = Value::from_json(v) {
+                params.push((k.clone(), val.display()));
+            }
+        }
+    }
+    let overrides = Overrides { env: env.map(String::from).or(record.env.clone()), params, ..Default::default() };
+    Ok((record, overrides))
+}

@@ -1,0 +1,744 @@
+//! The run loop: freeze the key range, then batch by batch (the next N keys
+//! after the cursor, candidates or not) lock the candidates, write them with
+//! the guard re-checked, store their undo images and the checkpoint, and
+//! commit all of it at once. A kill at any moment leaves either the whole
+//! batch or none of it; resuming starts after the last committed batch.
+//! Signals are cooperative: the first one finishes the batch in flight, the
+//! second rolls it back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::audit::AuditLog;
+use crate::dialect::{ConnectOptions, Db, Exec};
+use crate::error::{Error, Result};
+use crate::lock::JobLock;
+use crate::spec::ResolvedJob;
+use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
+use crate::target::Target;
+use crate::value::{Key, Value, key_display, key_to_json};
+
+/// Cooperative stop requests: the first asks to stop after the batch in
+/// flight, the second to abandon it.
+#[derive(Default)]
+pub struct Stop {
+    level: AtomicU8,
+    notify: Notify,
+}
+
+impl Stop {
+    pub fn new() -> Stop {
+        Stop::default()
+    }
+    /// Registers one more request (SIGINT, SIGTERM, SIGHUP).
+    pub fn request(&self) {
+        let _ = self.level.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(l.saturating_add(1).min(2)));
+        self.notify.notify_waiters();
+    }
+    /// True after the first request.
+    pub fn requested(&self) -> bool {
+        self.level.load(Ordering::SeqCst) >= 1
+    }
+    /// True after the second request.
+    pub fn aborted(&self) -> bool {
+        self.level.load(Ordering::SeqCst) >= 2
+    }
+    async fn until(&self, level: u8) {
+        loop {
+            let notified = self.notify.notified();
+            if self.level.load(Ordering::SeqCst) >= level {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What the run loop reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Something the operator should read (continuing a run, limits).
+    Notice(&'a str),
+    /// The run started or continued.
+    Started { run_id: &'a str, job: &'a str, estimated_keys: Option<u64>, scanned_keys: u64, resumed: bool },
+    /// A batch committed.
+    Batch(&'a BatchReport),
+    /// A row was written (`--verbose`): its key and new values.
+    Row { key: &'a Key, values: &'a [(String, Value)] },
+    /// The run stopped.
+    Finished(&'a RunSummary),
+}
+
+/// The run's confirmation question, on a terminal.
+#[derive(Debug)]
+pub struct Confirmation<'a> {
+    pub job: &'a str,
+    /// The target URL with its password masked.
+    pub target: &'a str,
+    pub candidates: u64,
+}
+
+/// Receives the run loop's events (the CLI draws progress from them).
+pub trait Observer: Send + Sync {
+    fn on_event(&self, event: &Event<'_>);
+    /// Asked once before the first write when the caller wants a confirmation.
+    fn confirm(&self, _c: &Confirmation<'_>) -> bool {
+        true
+    }
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {
+    fn on_event(&self, _: &Event<'_>) {}
+}
+
+/// One committed batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchReport {
+    pub batch_no: u64,
+    pub lower: Option<Key>,
+    pub upper: Key,
+    pub rows_read: u64,
+    pub rows_changed: u64,
+    pub rows_skipped: u64,
+    /// Keys in the batch's range (the batch size asked for).
+    pub batch_size: u64,
+    pub duration_ms: u64,
+    pub retries: u32,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    pub job: String,
+    pub status: RunStatus,
+    pub batches: u64,
+    pub rows_read: u64,
+    pub rows_changed: u64,
+    pub rows_skipped: u64,
+    pub duration_ms: u64,
+    pub audit_log: String,
+    pub message: Option<String>,
+}
+
+/// A row of the dry run's sample.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleRow {
+    pub key: Key,
+    pub before: Vec<(String, Value)>,
+    pub after: Vec<(String, Value)>,
+}
+
+/// What a dry run found; nothing was written anywhere.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunReport {
+    pub job: String,
+    pub target: String,
+    pub candidates: u64,
+    pub keys_in_range: u64,
+    pub batch_size: u64,
+    pub batches: u64,
+    pub sample: Vec<SampleRow>,
+}
+
+/// What `run` did.
+#[derive(Debug)]
+pub enum Outcome {
+    Ran(RunSummary),
+    DryRun(DryRunReport),
+}
+
+/// A request to run (or dry-run) one job.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub job: ResolvedJob,
+    /// sha256 of the spec file, for the audit log.
+    pub spec_sha256: String,
+    pub dry_run: bool,
+    /// Process at most this many candidates in this invocation.
+    pub limit: Option<u64>,
+    /// Report each written row.
+    pub verbose: bool,
+    /// Ask the observer to confirm before the first write.
+    pub confirm: bool,
+    /// Continue this run (`infill resume RUN`) instead of finding one.
+    pub continue_run: Option<String>,
+}
+
+const SAMPLE_ROWS: u64 = 10;
+const MAX_RETRIES: u32 = 3;
+const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+fn connect_options(r: &ResolvedJob) -> ConnectOptions {
+    ConnectOptions {
+        application_name: format!("infill:{}", r.job.name),
+        lock_timeout: r.settings.lock_timeout,
+        statement_timeout: r.settings.statement_timeout,
+        create_sqlite: false,
+    }
+}
+
+/// Runs (or dry-runs) one job to its end, an interruption, or an error.
+pub async fn run(req: RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
+    let r = &req.job;
+    if r.settings.require_approval && !req.dry_run {
+        return Err(Error::Approval(
+            "this environment requires an approved plan (require_approval = true), and this version of infill \
+             cannot record approvals yet; use an environment that does not require approval, or --dry-run"
+                .into(),
+        ));
+    }
+    let db = Db::connect(&r.target, &connect_options(r)).await?;
+    let result = run_on(&db, &req, obs, stop).await;
+    db.close().await;
+    result
+}
+
+async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
+    let r = &req.job;
+    let mut conn = db.conn().await?;
+    let target = Target::inspect(db, &mut conn, r).await?;
+    if req.dry_run {
+        drop(conn);
+        return dry_run(db, &target, r).await.map(Outcome::DryRun);
+    }
+
+    let ident = conn.fetch(&crate::sql::Query::new(db.dialect.identity_query())).await.ok();
+    let database = ident
+        .as_ref()
+        .and_then(|rows| rows.first())
+        .and_then(|row| row.last())
+        .map(Value::display)
+        .unwrap_or_else(|| db.name.clone());
+    let lock_name = format!("infill:{database}:{}:{}", r.job.table.join("."), r.job.name);
+
+    if req.confirm {
+        let upper = first_key(&mut conn, &target.max_key()).await?;
+        let candidates = match &upper {
+            Some(u) => count(&mut conn, &target.count_candidates(None, u)).await?,
+            None => 0,
+        };
+        let c = Confirmation { job: &r.job.name, target: db.redacted_url(), candidates };
+        if !obs.confirm(&c) {
+            return Err(Error::CannotProceed("not confirmed; nothing was written".into()));
+        }
+    }
+
+    state::ensure_schema(db, &mut conn).await?;
+    let new_id = uuid::Uuid::now_v7().to_string();
+    let mut lock = match JobLock::acquire(db, &lock_name, &r.job.name, &new_id).await {
+        Ok(l) => l,
+        Err(Error::JobBusy { job, holder }) if holder.is_empty() => {
+            let holder = state::list_runs(db, &mut conn, 50)
+                .await
+                .ok()
+                .and_then(|runs| runs.into_iter().find(|x| x.job == job && x.status.is_unfinished()))
+                .map(|x| format!(" (run {}, pid {} on {})", short(&x.id), x.pid, x.host))
+                .unwrap_or_default();
+            return Err(Error::JobBusy { job, holder });
+        }
+        Err(e) => return Err(e),
+    };
+    let outcome = with_lock(db, &mut conn, req, obs, stop, &target, &mut lock, new_id).await;
+    lock.release().await;
+    outcome.map(Outcome::Ran)
+}
+
+fn params_sha256(r: &ResolvedJob) -> String {
+    hex::encode(Sha256::digest(r.params_json().to_string().as_bytes()))
+}
+
+/// Short form of a run id for messages (its first 8 characters).
+pub fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn with_lock(
+    db: &Db,
+    conn: &mut crate::dialect::Conn,
+    req: &RunRequest,
+    obs: &dyn Observer,
+    stop: &Stop,
+    target: &Target,
+    lock: &mut JobLock,
+    new_id: String,
+) -> Result<RunSummary> {
+    let r = &req.job;
+    let params_sha = params_sha256(r);
+    let existing = match &req.continue_run {
+        Some(id) => {
+            let run = state::find_run(db, conn, id).await?;
+            if run.job != r.job.name {
+                return Err(Error::Usage(format!("run {} belongs to job `{}`, not `{}`", short(&run.id), run.job, r.job.name)));
+            }
+            if !(run.status.is_unfinished() || run.status == RunStatus::Failed) {
+                return Err(Error::CannotProceed(format!(
+                    "run {} is {}; only running, paused, interrupted or failed runs can be resumed",
+                    short(&run.id),
+                    run.status.as_str()
+                )));
+            }
+            Some(run)
+        }
+        None => state::find_unfinished(db, conn, &r.job.name, &params_sha).await?,
+    };
+    let (run, resumed) = match existing {
+        Some(run) => {
+            if run.definition_sha256 != r.job.definition_sha256 {
+                return Err(Error::DefinitionChanged { run: short(&run.id).to_string(), job: r.job.name.clone() });
+            }
+            state::claim(db, conn, &run.id, &req.spec_sha256).await?;
+            let after = run.cursor.as_ref().map(|c| format!("after key {}", key_display(c))).unwrap_or_else(|| "before its first batch".into());
+            obs.on_event(&Event::Notice(&format!("continuing run {}, interrupted {after}", short(&run.id))));
+            (run, true)
+        }
+        None => {
+            let upper = first_key(conn, &target.max_key()).await?;
+            let now = state::now();
+            let run = RunRecord {
+                id: new_id,
+                job: r.job.name.clone(),
+                status: RunStatus::Running,
+                definition_sha256: r.job.definition_sha256.clone(),
+                spec_sha256: req.spec_sha256.clone(),
+                params: r.params_json(),
+                params_sha256: params_sha,
+                env: r.env.clone(),
+                undo_enabled: r.job.undo,
+                cursor: None,
+                upper,
+                batch_size: r.settings.batch_size,
+                batches: 0,
+                rows_read: 0,
+                rows_changed: 0,
+                rows_skipped: 0,
+                rows_failed: 0,
+                host: crate::host::hostname(),
+                pid: std::process::id(),
+                os_user: crate::host::os_user(),
+                started_at: now.clone(),
+                updated_at: now,
+                finished_at: None,
+                message: None,
+            };
+            state::insert_run(db, conn, &run).await?;
+            (run, false)
+        }
+    };
+    lock.set_run(&run.id).await?;
+    let mut audit = AuditLog::open(&r.log_dir, &run.id, r.redactor.clone())?;
+    audit.write(
+        "run_start",
+        json!({
+            "job": r.job.name,
+            "env": r.env,
+            "target": db.redacted_url(),
+            "spec_sha256": req.spec_sha256,
+            "definition_sha256": r.job.definition_sha256,
+            "params": r.params_json(),
+            "user": crate::host::os_user(),
+            "host": crate::host::hostname(),
+            "pid": std::process::id(),
+            "infill_version": env!("CARGO_PKG_VERSION"),
+            "resumed": resumed,
+            "cursor": run.cursor.as_ref().map(|c| key_to_json(c)),
+            "upper": run.upper.as_ref().map(|c| key_to_json(c)),
+            "undo": r.job.undo,
+            "limit": req.limit,
+        }),
+    )?;
+    let estimated = count(conn, &crate::sql::Query { ..db.dialect.estimate_rows_query(&r.job.table) }).await.ok();
+    let batch_size = if resumed && !r.settings.fixed_batch { run.batch_size.max(1) } else { r.settings.batch_size };
+    obs.on_event(&Event::Started {
+        run_id: &run.id,
+        job: &r.job.name,
+        estimated_keys: estimated,
+        scanned_keys: run.batches.saturating_mul(batch_size),
+        resumed,
+    });
+
+    let started = Instant::now();
+    let mut looped = Looped { batches: run.batches, rows_read: run.rows_read, rows_changed: run.rows_changed, rows_skipped: run.rows_skipped, session_read: 0, session_changed: 0 };
+    let result = batches(db, req, obs, stop, target, lock, &run, batch_size, &mut audit, &mut looped).await;
+    let (status, message, err) = match result {
+        Ok(End::Done) => (RunStatus::Succeeded, None, None),
+        Ok(End::Limit) => (
+            RunStatus::Interrupted,
+            Some(format!("stopped after --limit {}; run the same command again or `infill resume {}` to continue", req.limit.unwrap_or(0), short(&run.id))),
+            None,
+        ),
+        Ok(End::Stopped) => (RunStatus::Interrupted, Some("interrupted by a signal after the batch in flight committed".to_string()), None),
+        Ok(End::Aborted) => (RunStatus::Interrupted, Some("interrupted by a second signal; the batch in flight was rolled back".to_string()), None),
+        Err(e) => {
+            let msg = r.redactor.mask(&e.to_string());
+            let status = match e {
+                Error::LockLost { .. } => RunStatus::Interrupted,
+                _ => RunStatus::Failed,
+            };
+            let _ = audit.write("error", json!({ "message": msg, "transient": e.is_transient() }));
+            (status, Some(msg), Some(e))
+        }
+    };
+    // After an abandoned batch the pool may hold the rolled-back connection;
+    // a fresh connection records the status.
+    let mut c = db.conn().await;
+    if let Ok(c) = c.as_mut() {
+        let _ = state::set_status(db, c, &run.id, status, message.as_deref()).await;
+    }
+    let summary = RunSummary {
+        run_id: run.id.clone(),
+        job: r.job.name.clone(),
+        status,
+        batches: looped.batches,
+        rows_read: looped.rows_read,
+        rows_changed: looped.rows_changed,
+        rows_skipped: looped.rows_skipped,
+        duration_ms: started.elapsed().as_millis() as u64,
+        audit_log: audit.path().display().to_string(),
+        message: message.clone(),
+    };
+    audit.write(
+        "run_end",
+        json!({
+            "status": status.as_str(),
+            "batches": summary.batches,
+            "rows_read": summary.rows_read,
+            "rows_changed": summary.rows_changed,
+            "rows_skipped": summary.rows_skipped,
+            "duration_ms": summary.duration_ms,
+            "message": message,
+        }),
+    )?;
+    obs.on_event(&Event::Finished(&summary));
+    if let Some(e) = err {
+        return Err(e);
+    }
+    match status {
+        RunStatus::Interrupted if matches!(summary.message.as_deref(), Some(m) if m.starts_with("interrupted")) => {
+            Err(Error::Interrupted(format!("run {} stopped; `infill resume {}` continues it", short(&run.id), short(&run.id))))
+        }
+        _ => Ok(summary),
+    }
+}
+
+struct Looped {
+    batches: u64,
+    rows_read: u64,
+    rows_changed: u64,
+    rows_skipped: u64,
+    session_read: u64,
+    session_changed: u64,
+}
+
+enum End {
+    Done,
+    Limit,
+    Stopped,
+    Aborted,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn batches(
+    db: &Db,
+    req: &RunRequest,
+    obs: &dyn Observer,
+    stop: &Stop,
+    target: &Target,
+    lock: &mut JobLock,
+    run: &RunRecord,
+    mut batch_size: u64,
+    audit: &mut AuditLog,
+    looped: &mut Looped,
+) -> Result<End> {
+    let r = &req.job;
+    let s = &r.settings;
+    let Some(upper) = run.upper.clone() else {
+        return Ok(End::Done);
+    };
+    let mut cursor = run.cursor.clone();
+    if cursor.as_ref() == Some(&upper) {
+        return Ok(End::Done);
+    }
+    let session_start = Instant::now();
+    let mut last_lock_check = Instant::now();
+    let mut per_key_ema: Option<f64> = None;
+    loop {
+        if stop.requested() {
+            return Ok(End::Stopped);
+        }
+        if last_lock_check.elapsed() >= LOCK_CHECK_EVERY {
+            lock.check().await?;
+            last_lock_check = Instant::now();
+        }
+        let remaining = req.limit.map(|l| l.saturating_sub(looped.session_read));
+        if remaining == Some(0) {
+            return Ok(End::Limit);
+        }
+        let hi = {
+            let mut c = db.conn().await?;
+            first_key(&mut c, &target.boundary(cursor.as_ref(), &upper, batch_size)).await?.unwrap_or_else(|| upper.clone())
+        };
+        let batch_no = looped.batches + 1;
+        let mut retries = 0;
+        let outcome = loop {
+            let attempt = {
+                let fut = apply_batch(db, target, &run.id, batch_no, cursor.as_ref(), &hi, remaining, r.job.undo, batch_size);
+                tokio::pin!(fut);
+                tokio::select! {
+                    res = &mut fut => Some(res),
+                    _ = stop.until(2) => None,
+                }
+            };
+            match attempt {
+                None => return Ok(End::Aborted),
+                Some(Ok(o)) => break o,
+                Some(Err(e)) if e.is_transient() && retries < MAX_RETRIES => {
+                    retries += 1;
+                    let wait = backoff(retries);
+                    audit.write("retry", json!({ "batch_no": batch_no, "attempt": retries, "error": r.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }))?;
+                    tokio::time::sleep(wait).await;
+                }
+                Some(Err(e)) => return Err(e),
+            }
+        };
+        let report = BatchReport {
+            batch_no,
+            lower: cursor.clone(),
+            upper: outcome.upper.clone(),
+            rows_read: outcome.read,
+            rows_changed: outcome.changed,
+            rows_skipped: outcome.read.saturating_sub(outcome.changed),
+            batch_size,
+            duration_ms: outcome.duration.as_millis() as u64,
+            retries,
+        };
+        audit.write(
+            "batch",
+            json!({
+                "batch_no": report.batch_no,
+                "lower": report.lower.as_ref().map(|k| key_to_json(k)),
+                "upper": key_to_json(&report.upper),
+                "rows_read": report.rows_read,
+                "rows_changed": report.rows_changed,
+                "rows_skipped": report.rows_skipped,
+                "batch_size": report.batch_size,
+                "duration_ms": report.duration_ms,
+                "retries": report.retries,
+            }),
+        )?;
+        looped.batches = batch_no;
+        looped.rows_read += report.rows_read;
+        looped.rows_changed += report.rows_changed;
+        looped.rows_skipped += report.rows_skipped;
+        looped.session_read += report.rows_read;
+        looped.session_changed += report.rows_changed;
+        if req.verbose {
+            for (key, values) in &outcome.written {
+                obs.on_event(&Event::Row { key, values });
+            }
+        }
+        obs.on_event(&Event::Batch(&report));
+        let done = outcome.upper == upper;
+        cursor = Some(outcome.upper);
+        if done {
+            return Ok(End::Done);
+        }
+
+        if !s.fixed_batch {
+            let sample = outcome.duration.as_secs_f64() / batch_size.max(1) as f64;
+            let ema = match per_key_ema {
+                Some(prev) => 0.4 * sample + 0.6 * prev,
+                None => sample,
+            };
+            per_key_ema = Some(ema);
+            let ideal = (s.batch_time.as_secs_f64() / ema.max(1e-9)) as u64;
+            // Grow at most 2x, shrink at most 4x per batch, within bounds.
+            batch_size = ideal.clamp(batch_size / 4, batch_size.saturating_mul(2)).clamp(s.min_batch, s.max_batch);
+        }
+
+        let mut pause = s.pause_between + outcome.duration.mul_f64(s.sleep_coef);
+        if let Some(rate) = s.rate {
+            let due = Duration::from_secs_f64(looped.session_changed as f64 / rate.per_second);
+            pause = pause.max(due.saturating_sub(session_start.elapsed()));
+        }
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.until(1) => {}
+            }
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64 << attempt.min(6);
+    let jitter = (uuid::Uuid::now_v7().as_u128() % (base as u128 / 2 + 1)) as u64;
+    Duration::from_millis(base + jitter)
+}
+
+struct BatchOutcome {
+    upper: Key,
+    read: u64,
+    changed: u64,
+    duration: Duration,
+    written: Vec<(Key, Vec<(String, Value)>)>,
+}
+
+/// Keys per statement when a key list is bound (engines cap bound values).
+const KEYS_PER_STATEMENT: usize = 10_000;
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_batch(
+    db: &Db,
+    target: &Target,
+    run_id: &str,
+    batch_no: u64,
+    lo: Option<&Key>,
+    hi: &Key,
+    limit: Option<u64>,
+    undo: bool,
+    batch_size: u64,
+) -> Result<BatchOutcome> {
+    let t0 = Instant::now();
+    let d = db.dialect;
+    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+    let mut conn = db.conn().await?;
+    let mut tx = conn.begin_with(d.begin_write()).await.map_err(fail("cannot begin"))?;
+    let rows = tx.fetch(&target.candidates(lo, hi, limit)).await.map_err(fail("cannot read the candidates"))?;
+    let nk = target.keys.len();
+    let mut upper = hi.clone();
+    if let Some(l) = limit {
+        if rows.len() as u64 >= l {
+            if let Some(last) = rows.last() {
+                upper = last[..nk].to_vec();
+            }
+        }
+    }
+    let keys: Vec<Key> = rows.iter().map(|r| r[..nk].to_vec()).collect();
+    let mut changed = 0u64;
+    let mut after: Vec<Vec<Value>> = Vec::new();
+    if !keys.is_empty() {
+        if d.update_by_key_list() {
+            for chunk in keys.chunks((KEYS_PER_STATEMENT / nk).max(1)) {
+                let q = target.update_keys(chunk);
+                if d.update_returning() {
+                    let r = tx.fetch(&q).await.map_err(fail("cannot write"))?;
+                    changed += r.len() as u64;
+                    after.extend(r);
+                } else {
+                    changed += tx.execute(&q).await.map_err(fail("cannot write"))?;
+                }
+            }
+            if !d.update_returning() {
+                for chunk in keys.chunks((KEYS_PER_STATEMENT / nk).max(1)) {
+                    after.extend(tx.fetch(&target.after_values(chunk)).await.map_err(fail("cannot read the written values"))?);
+                }
+            }
+        } else {
+            after = tx.fetch(&target.update_range(lo, &upper)).await.map_err(fail("cannot write"))?;
+            changed = after.len() as u64;
+        }
+    }
+    let names: Vec<String> = target.sets.iter().map(|(c, _)| c.name.clone()).collect();
+    let image = |vals: &[Value]| {
+        serde_json::Value::Object(names.iter().cloned().zip(vals.iter().map(Value::to_json)).collect())
+    };
+    let mut written = Vec::with_capacity(after.len());
+    if undo && !after.is_empty() {
+        let before: HashMap<String, &Vec<Value>> = rows.iter().map(|r| (key_to_json(&r[..nk]).to_string(), r)).collect();
+        let mut images = Vec::with_capacity(after.len());
+        for a in &after {
+            let key = key_to_json(&a[..nk]);
+            let Some(b) = before.get(&key.to_string()) else { continue };
+            images.push(UndoImage { key, before: image(&b[nk..]), after: image(&a[nk..]) });
+        }
+        state::insert_undo(db, &mut tx, run_id, batch_no, &images).await.map_err(fail("cannot store the undo images"))?;
+    }
+    for a in after {
+        let key = a[..nk].to_vec();
+        written.push((key, names.iter().cloned().zip(a.into_iter().skip(nk)).collect()));
+    }
+    let duration = t0.elapsed();
+    let cp = Checkpoint {
+        batch_no,
+        lower: lo.cloned(),
+        upper: upper.clone(),
+        rows_read: rows.len() as u64,
+        rows_changed: changed,
+        rows_skipped: (rows.len() as u64).saturating_sub(changed),
+        batch_size,
+        duration_ms: duration.as_millis() as u64,
+    };
+    state::checkpoint(db, &mut tx, run_id, &cp).await.map_err(fail("cannot write the checkpoint"))?;
+    tx.commit().await.map_err(fail("cannot commit"))?;
+    Ok(BatchOutcome { upper, read: rows.len() as u64, changed, duration: t0.elapsed(), written })
+}
+
+async fn first_key(c: &mut impl Exec, q: &crate::sql::Query) -> Result<Option<Key>> {
+    let rows = c.fetch(q).await.map_err(Error::db("cannot read the key range"))?;
+    Ok(rows.into_iter().next())
+}
+
+async fn count(c: &mut impl Exec, q: &crate::sql::Query) -> Result<u64> {
+    let rows = c.fetch(q).await.map_err(Error::db("cannot count"))?;
+    Ok(match rows.first().and_then(|r| r.first()) {
+        Some(Value::Int(n)) => *n as u64,
+        Some(Value::Text(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    })
+}
+
+/// A read-only look: counts, batches, and a sample with before and after
+/// values. Runs in a read-only transaction and creates nothing.
+async fn dry_run(db: &Db, target: &Target, r: &ResolvedJob) -> Result<DryRunReport> {
+    let d = db.dialect;
+    let mut conn = db.conn().await?.detach();
+    if let Some(stmt) = d.read_only_session() {
+        conn.execute(&crate::sql::Query::new(stmt)).await.map_err(Error::db("cannot make the session read-only"))?;
+    }
+    let mut tx = conn.begin_with(d.begin_read_only()).await.map_err(Error::db("cannot begin a read-only transaction"))?;
+    let mut report = DryRunReport {
+        job: r.job.name.clone(),
+        target: db.redacted_url().to_string(),
+        candidates: 0,
+        keys_in_range: 0,
+        batch_size: r.settings.batch_size,
+        batches: 0,
+        sample: Vec::new(),
+    };
+    if let Some(upper) = first_key(&mut tx, &target.max_key()).await? {
+        report.candidates = count(&mut tx, &target.count_candidates(None, &upper)).await?;
+        report.keys_in_range = count(&mut tx, &target.count_keys(None, &upper)).await?;
+        report.batches = report.keys_in_range.div_ceil(report.batch_size.max(1));
+        let nk = target.keys.len();
+        let ns = target.sets.len();
+        let names: Vec<String> = target.sets.iter().map(|(c, _)| c.name.clone()).collect();
+        let rows = tx.fetch(&target.sample(&upper, SAMPLE_ROWS)).await.map_err(|e| match e {
+            sqlx::Error::Database(dbe) => Error::Sql {
+                location: r.job.location.clone(),
+                field: format!("jobs.{}.action.update", r.job.name),
+                database: db.name.clone(),
+                message: r.redactor.mask(dbe.message()),
+            },
+            other => Error::Database { context: "cannot read the sample".into(), source: other },
+        })?;
+        for row in rows {
+            report.sample.push(SampleRow {
+                key: row[..nk].to_vec(),
+                before: names.iter().cloned().zip(row[nk..nk + ns].iter().cloned()).collect(),
+                after: names.iter().cloned().zip(row[nk + ns..].iter().cloned()).collect(),
+            });
+        }
+    }
+    tx.rollback().await.map_err(Error::db("cannot end the read-only transaction"))?;
+    Ok(report)
+}

@@ -1,0 +1,754 @@
+//! Raw TOML in, validated and typed jobs out, before any connection opens.
+//! Every error points at the file, line, column and field that caused it, so
+//! an operator fixes the spec, not a stack trace.
+
+mod raw;
+mod settings;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+pub use settings::{MaxFailures, Rate, Settings, parse_duration};
+
+use crate::error::{Error, Result};
+use crate::secret::{Redactor, redact_url};
+use crate::sql::Fragment;
+use crate::value::Value;
+use raw::{RawJob, RawSpec, StringOrList};
+
+/// Where in a spec file something stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// A SQL fragment from the spec, with where it was written.
+#[derive(Debug, Clone, Serialize)]
+pub struct SqlText {
+    pub sql: String,
+    /// The spec field, e.g. `jobs.fill.source.where`.
+    pub field: String,
+    #[serde(skip)]
+    pub location: Location,
+}
+
+/// The type of a param, as `params.NAME = { type = "..." }` declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamKind {
+    Int,
+    Text,
+    Bool,
+    Timestamp,
+    Date,
+    Secret,
+}
+
+impl ParamKind {
+    fn parse(s: &str) -> Option<ParamKind> {
+        Some(match s {
+            "int" | "integer" => ParamKind::Int,
+            "text" | "string" => ParamKind::Text,
+            "bool" | "boolean" => ParamKind::Bool,
+            "timestamp" => ParamKind::Timestamp,
+            "date" => ParamKind::Date,
+            "secret" => ParamKind::Secret,
+            _ => return None,
+        })
+    }
+
+    /// Parses a value given on the command line or as a default.
+    pub fn value(self, text: &str) -> std::result::Result<Value, String> {
+        let t = text.trim();
+        match self {
+            ParamKind::Int => t.parse::<i64>().map(Value::Int).map_err(|_| format!("`{text}` is not an int")),
+            ParamKind::Text | ParamKind::Secret => Ok(Value::Text(text.to_string())),
+            ParamKind::Bool => match t.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(Value::Bool(true)),
+                "false" | "0" | "no" | "off" => Ok(Value::Bool(false)),
+                _ => Err(format!("`{text}` is not a bool (true or false)")),
+            },
+            ParamKind::Date => t
+                .parse::<chrono::NaiveDate>()
+                .map(Value::Date)
+                .map_err(|_| format!("`{text}` is not a date (YYYY-MM-DD)")),
+            ParamKind::Timestamp => parse_timestamp(t).ok_or_else(|| {
+                format!("`{text}` is not a timestamp (YYYY-MM-DD, YYYY-MM-DD HH:MM:SS, or RFC 3339 with an offset)")
+            }),
+        }
+    }
+}
+
+fn parse_timestamp(t: &str) -> Option<Value> {
+    if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(t) {
+        return Some(Value::TimestampTz(dt.with_timezone(&chrono::Utc)));
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+        if let Ok(ts) = chrono::NaiveDateTime::parse_from_str(t, fmt) {
+            return Some(Value::Timestamp(ts));
+        }
+    }
+    t.parse::<chrono::NaiveDate>()
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(Value::Timestamp)
+}
+
+/// A declared param.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParamDecl {
+    pub name: String,
+    pub kind: ParamKind,
+    /// The default as written, parsed at resolve time.
+    pub default: Option<String>,
+    #[serde(skip)]
+    pub location: Location,
+}
+
+/// One validated job of the spec.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub name: String,
+    pub description: Option<String>,
+    /// The named database the job writes to (`target` unless `database = ...`).
+    pub database: String,
+    /// `source.table`, split on dots, each part kept as written.
+    pub table: Vec<String>,
+    /// Where `source.table` is written.
+    pub table_at: Location,
+    pub key: Vec<String>,
+    /// Where `source.key` is written.
+    pub key_at: Location,
+    pub filter: Option<SqlText>,
+    /// `action.update.<column> = <expression>`, in column order.
+    pub updates: Vec<(String, SqlText)>,
+    pub params: Vec<ParamDecl>,
+    pub undo: bool,
+    pub depends_on: Vec<String>,
+    /// sha256 of the normalised definition (source, action, params, undo).
+    pub definition_sha256: String,
+    pub location: Location,
+    settings: raw::RawSettings,
+}
+
+impl Job {
+    /// Every SQL fragment of the job, for validation against the target.
+    pub fn fragments(&self) -> impl Iterator<Item = &SqlText> {
+        self.filter.iter().chain(self.updates.iter().map(|(_, s)| s))
+    }
+}
+
+/// A loaded, validated spec file.
+#[derive(Debug)]
+pub struct Spec {
+    pub path: PathBuf,
+    /// The folder the spec stands in: relative paths start here.
+    pub dir: PathBuf,
+    /// sha256 of the file's bytes, for the audit log.
+    pub sha256: String,
+    pub jobs: BTreeMap<String, Job>,
+    text: String,
+    raw: RawSpec,
+}
+
+/// What a caller chooses on the command line for one job.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub env: Option<String>,
+    /// `--param k=v`, as given.
+    pub params: Vec<(String, String)>,
+    pub batch_size: Option<usize>,
+    pub rate: Option<String>,
+}
+
+/// A named database after `${VAR}` expansion. Its `Debug` never shows the password.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    pub name: String,
+    url: String,
+}
+
+impl DatabaseUrl {
+    /// Builds one from a URL used as is.
+    pub fn new(name: impl Into<String>, url: impl Into<String>) -> DatabaseUrl {
+        DatabaseUrl { name: name.into(), url: url.into() }
+    }
+    /// The URL with its password: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.url
+    }
+    /// The URL with the password masked.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({} = {})", self.name, self.redacted())
+    }
+}
+
+/// A job ready to run: target, params and settings resolved.
+#[derive(Debug, Clone)]
+pub struct ResolvedJob {
+    pub job: Job,
+    pub target: DatabaseUrl,
+    pub env: Option<String>,
+    pub params: BTreeMap<String, Value>,
+    pub settings: Settings,
+    pub log_dir: PathBuf,
+    pub redactor: Redactor,
+}
+
+impl ResolvedJob {
+    /// Params as JSON (secrets masked), for state and the audit log.
+    pub fn params_json(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, v) in &self.params {
+            let secret = self.job.params.iter().any(|p| &p.name == k && p.kind == ParamKind::Secret);
+            m.insert(k.clone(), if secret { "***".into() } else { v.to_json() });
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+impl Spec {
+    /// Reads and validates a spec file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Spec> {
+        let path = path.as_ref().to_path_buf();
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Usage(format!(
+                    "spec file {} not found (pass the spec as the first argument or with --spec)",
+                    path.display()
+                ))
+            } else {
+                Error::Io { path: path.clone(), source: e }
+            }
+        })?;
+        Spec::parse(path, text)
+    }
+
+    /// Validates a spec given as text; `path` is used for messages and relative paths.
+    pub fn parse(path: PathBuf, text: String) -> Result<Spec> {
+        let dir = path
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let sha256 = hex::encode(Sha256::digest(text.as_bytes()));
+        let raw: RawSpec = match toml::from_str(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let location = location_of(&path, &text, span.start);
+                return Err(Error::Spec {
+                    location,
+                    field: field_at(&text, span.start),
+                    message: e.message().trim().to_string(),
+                });
+            }
+        };
+        let mut spec = Spec { path, dir, sha256, jobs: BTreeMap::new(), text, raw };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn location(&self, span: Range<usize>) -> Location {
+        location_of(&self.path, &self.text, span.start)
+    }
+
+    fn err(&self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) -> Error {
+        Error::Spec { location: self.location(span), field: field.into(), message: message.into() }
+    }
+
+    fn validate(&mut self) -> Result<()> {
+        if self.raw.jobs.is_empty() {
+            return Err(self.err(0..0, "jobs", "the spec has no [jobs.NAME] table; define at least one job"));
+        }
+        let mut jobs = BTreeMap::new();
+        for (name, raw) in &self.raw.jobs {
+            let job = self.validate_job(name, raw)?;
+            jobs.insert(name.clone(), job);
+        }
+        for job in jobs.values() {
+            let raw = &self.raw.jobs[&job.name];
+            for dep in &raw.get_ref().depends_on {
+                if !jobs.contains_key(dep.get_ref()) {
+                    return Err(self.err(
+                        dep.span(),
+                        format!("jobs.{}.depends_on", job.name),
+                        format!("unknown job `{}`", dep.get_ref()),
+                    ));
+                }
+            }
+        }
+        self.jobs = jobs;
+        self.job_order(self.jobs.keys().cloned().collect())?;
+        // Settings must parse wherever they stand.
+        Settings::check(&self.raw.defaults.settings(), "defaults", &|s, f, m| self.err(s, f, m))?;
+        for (name, env) in &self.raw.env {
+            Settings::check(&env.get_ref().settings(), &format!("env.{name}"), &|s, f, m| self.err(s, f, m))?;
+        }
+        Ok(())
+    }
+
+    fn validate_job(&self, name: &str, spanned: &Spanned<RawJob>) -> Result<Job> {
+        let raw = spanned.get_ref();
+        let jf = |f: &str| format!("jobs.{name}.{f}");
+        let job_span = spanned.span();
+        let source = raw.source.as_ref().ok_or_else(|| {
+            self.err(job_span.clone(), jf("source"), "missing: say where the rows come from (source.table = \"...\")")
+        })?;
+        let src = source.get_ref();
+        for (kind, present) in [("query", src.query.is_some()), ("diff", src.diff.is_some()), ("file", src.file.is_some())] {
+            if present {
+                return Err(self.err(
+                    source.span(),
+                    jf(&format!("source.{kind}")),
+                    format!("source.{kind} is not supported by this version of infill yet; use source.table"),
+                ));
+            }
+        }
+        let table = src.table.as_ref().ok_or_else(|| {
+            self.err(source.span(), jf("source.table"), "missing: name the table to backfill")
+        })?;
+        let table_parts: Vec<String> = table.get_ref().split('.').map(str::to_string).collect();
+        if table_parts.iter().any(|p| p.is_empty()) {
+            return Err(self.err(table.span(), jf("source.table"), "empty name part"));
+        }
+        let key_spanned = src.key.as_ref().ok_or_else(|| {
+            self.err(source.span(), jf("source.key"), "missing: name the key column(s), e.g. source.key = [\"id\"]")
+        })?;
+        let key = match key_spanned.get_ref() {
+            StringOrList::One(k) => vec![k.clone()],
+            StringOrList::Many(ks) => ks.clone(),
+        };
+        if key.is_empty() || key.iter().any(|k| k.trim().is_empty()) {
+            return Err(self.err(key_spanned.span(), jf("source.key"), "needs at least one non-empty column name"));
+        }
+
+        let action = raw.action.as_ref().ok_or_else(|| {
+            self.err(job_span.clone(), jf("action"), "missing: say what to do with each row (action.update.<column> = \"...\")")
+        })?;
+        let act = action.get_ref();
+        for (kind, span) in [
+            ("insert", act.insert.as_ref().map(|v| v.span())),
+            ("call", act.call.as_ref().map(|v| v.span())),
+            ("http", act.http.as_ref().map(|v| v.span())),
+            ("exec", act.exec.as_ref().map(|v| v.span())),
+            ("export", act.export.as_ref().map(|v| v.span())),
+        ] {
+            if let Some(span) = span {
+                return Err(self.err(
+                    span,
+                    jf(&format!("action.{kind}")),
+                    format!("action.{kind} is not supported by this version of infill yet; use action.update"),
+                ));
+            }
+        }
+        if let Some(t) = &act.table {
+            if t.get_ref() != table.get_ref() {
+                return Err(self.err(t.span(), jf("action.table"), "with source.table, the action writes that table; leave action.table out"));
+            }
+        }
+        let update = act.update.as_ref().filter(|u| !u.is_empty()).ok_or_else(|| {
+            self.err(action.span(), jf("action.update"), "missing: set at least one column (action.update.<column> = \"<SQL expression>\")")
+        })?;
+
+        let mut params = Vec::new();
+        for (pname, p) in &raw.params {
+            let decl = p.get_ref();
+            let kind = ParamKind::parse(decl.kind.get_ref()).ok_or_else(|| {
+                self.err(
+                    decl.kind.span(),
+                    jf(&format!("params.{pname}.type")),
+                    format!("unknown type `{}` (use int, text, bool, timestamp, date or secret)", decl.kind.get_ref()),
+                )
+            })?;
+            let default = match &decl.default {
+                None => None,
+                Some(d) => {
+                    let text = match d.get_ref() {
+                        toml::Value::String(s) => s.clone(),
+                        other => toml_text(other),
+                    };
+                    kind.value(&text).map_err(|m| self.err(d.span(), jf(&format!("params.{pname}.default")), m))?;
+                    Some(text)
+                }
+            };
+            params.push(ParamDecl { name: pname.clone(), kind, default, location: self.location(p.span()) });
+        }
+
+        let sql = |s: &Spanned<String>, field: String| -> Result<SqlText> {
+            let frag = Fragment::parse(s.get_ref(), false).map_err(|m| self.err(s.span(), field.clone(), m))?;
+            for p in frag.params() {
+                if !params.iter().any(|d| d.name == p) {
+                    return Err(self.err(
+                        s.span(),
+                        field.clone(),
+                        format!("uses :{p}, which is not declared; add params.{p} = {{ type = \"...\" }} to the job"),
+                    ));
+                }
+            }
+            if s.get_ref().trim().is_empty() {
+                return Err(self.err(s.span(), field.clone(), "is empty"));
+            }
+            Ok(SqlText { sql: s.get_ref().clone(), field, location: self.location(s.span()) })
+        };
+        let filter = src.where_.as_ref().map(|w| sql(w, jf("source.where"))).transpose()?;
+        let mut updates = Vec::new();
+        for (col, expr) in update {
+            if key.contains(col) {
+                return Err(self.err(expr.span(), jf(&format!("action.update.{col}")), "a key column cannot be updated: the key is how infill pages and resumes"));
+            }
+            updates.push((col.clone(), sql(expr, jf(&format!("action.update.{col}")))?));
+        }
+        for (cname, c) in &raw.categories {
+            sql(c, jf(&format!("categories.{cname}")))?;
+        }
+        for (i, p) in raw.priority.iter().enumerate() {
+            sql(p, jf(&format!("priority[{i}]")))?;
+        }
+        for check in &raw.checks {
+            sql(&check.get_ref().sql, jf("checks.sql"))?;
+        }
+        Settings::check(&raw.settings(), &format!("jobs.{name}"), &|s, f, m| self.err(s, f, m))?;
+
+        #[derive(Serialize)]
+        struct Definition<'a> {
+            database: &'a str,
+            table: &'a [String],
+            key: &'a [String],
+            filter: Option<&'a str>,
+            updates: Vec<(&'a str, &'a str)>,
+            params: &'a [ParamDecl],
+            undo: bool,
+        }
+        let database = raw.database.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "target".into());
+        let undo = raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
+        let def = Definition {
+            database: &database,
+            table: &table_parts,
+            key: &key,
+            filter: filter.as_ref().map(|f| f.sql.as_str()),
+            updates: updates.iter().map(|(c, s)| (c.as_str(), s.sql.as_str())).collect(),
+            params: &params,
+            undo,
+        };
+        let definition_sha256 = hex::encode(Sha256::digest(serde_json::to_vec(&def).expect("serialisable")));
+        Ok(Job {
+            name: name.to_string(),
+            description: raw.description.clone(),
+            database,
+            table: table_parts,
+            table_at: self.location(table.span()),
+            key,
+            key_at: self.location(key_spanned.span()),
+            filter,
+            updates,
+            params,
+            undo,
+            depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
+            definition_sha256,
+            location: self.location(job_span),
+            settings: raw.settings(),
+        })
+    }
+
+    /// The given jobs and everything they depend on, dependencies first.
+    /// A cycle is a spec error naming it.
+    pub fn job_order(&self, wanted: Vec<String>) -> Result<Vec<String>> {
+        let mut order = Vec::new();
+        let mut state: HashMap<&str, u8> = HashMap::new(); // 1 visiting, 2 done
+        fn visit<'a>(
+            spec: &'a Spec,
+            name: &'a str,
+            state: &mut HashMap<&'a str, u8>,
+            path: &mut Vec<&'a str>,
+            order: &mut Vec<String>,
+        ) -> Result<()> {
+            match state.get(name) {
+                Some(2) => return Ok(()),
+                Some(1) => {
+                    let start = path.iter().position(|p| *p == name).unwrap_or(0);
+                    let mut cycle: Vec<&str> = path[start..].to_vec();
+                    cycle.push(name);
+                    let job = &spec.raw.jobs[name];
+                    return Err(spec.err(job.span(), format!("jobs.{name}.depends_on"), format!("dependency cycle: {}", cycle.join(" -> "))));
+                }
+                _ => {}
+            }
+            state.insert(name, 1);
+            path.push(name);
+            for dep in &spec.jobs[name].depends_on {
+                visit(spec, dep, state, path, order)?;
+            }
+            path.pop();
+            state.insert(name, 2);
+            order.push(name.to_string());
+            Ok(())
+        }
+        for w in &wanted {
+            if !self.jobs.contains_key(w) {
+                return Err(self.unknown_job(w));
+            }
+            let w: &str = self.jobs.get_key_value(w.as_str()).map(|(k, _)| k.as_str()).expect("checked");
+            visit(self, w, &mut state, &mut Vec::new(), &mut order)?;
+        }
+        Ok(order)
+    }
+
+    fn unknown_job(&self, name: &str) -> Error {
+        Error::Usage(format!(
+            "{}: no job named `{name}` (jobs: {})",
+            self.path.display(),
+            self.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))
+    }
+
+    /// Picks the job to run: the one named, or the only one.
+    pub fn pick_job(&self, name: Option<&str>) -> Result<&Job> {
+        match name {
+            Some(n) => self.jobs.get(n).ok_or_else(|| self.unknown_job(n)),
+            None if self.jobs.len() == 1 => Ok(self.jobs.values().next().expect("one job")),
+            None => Err(Error::Usage(format!(
+                "{} has several jobs; choose one with --job ({})",
+                self.path.display(),
+                self.jobs.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// Resolves a job for a run: environment, `${VAR}`s, params and settings.
+    pub fn resolve(&self, job_name: &str, o: &Overrides) -> Result<ResolvedJob> {
+        let job = self.jobs.get(job_name).ok_or_else(|| self.unknown_job(job_name))?.clone();
+        let env = self.env_table(o.env.as_deref())?;
+
+        let mut redactor = Redactor::default();
+        let url = self.url_for(&job, o.env.as_deref(), &mut redactor)?;
+
+        // Params: command line, then defaults; every declared one must have a value.
+        let mut params = BTreeMap::new();
+        for (k, v) in &o.params {
+            let decl = job.params.iter().find(|p| &p.name == k).ok_or_else(|| {
+                Error::Usage(format!(
+                    "job `{}` has no param `{k}` (declared: {})",
+                    job.name,
+                    if job.params.is_empty() { "none".into() } else { job.params.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ") }
+                ))
+            })?;
+            let value = decl.kind.value(v).map_err(|m| Error::Usage(format!("--param {k}: {m}")))?;
+            if decl.kind == ParamKind::Secret {
+                redactor.add(v.clone());
+            }
+            params.insert(k.clone(), value);
+        }
+        for decl in &job.params {
+            if params.contains_key(&decl.name) {
+                continue;
+            }
+            match &decl.default {
+                Some(d) => {
+                    params.insert(decl.name.clone(), decl.kind.value(d).expect("validated at load"));
+                }
+                None => {
+                    return Err(Error::Usage(format!(
+                        "job `{}` needs --param {}=<{}> (declared at {})",
+                        job.name,
+                        decl.name,
+                        serde_json::to_value(decl.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                        decl.location
+                    )));
+                }
+            }
+        }
+
+        let mut layers = vec![self.raw.defaults.settings()];
+        if let Some(e) = env {
+            layers.push(e.settings());
+        }
+        layers.push(job.settings.clone());
+        let require_approval = env
+            .and_then(|e| e.require_approval.as_ref())
+            .or(self.raw.defaults.require_approval.as_ref())
+            .map(|b| *b.get_ref())
+            .unwrap_or(false);
+        let settings = Settings::resolve(&layers, o, require_approval)?;
+        let log_dir = env
+            .and_then(|e| e.log_dir.as_ref())
+            .or(self.raw.defaults.log_dir.as_ref())
+            .map(|d| self.dir.join(d.get_ref()))
+            .unwrap_or_else(|| self.dir.join("infill_logs"));
+        Ok(ResolvedJob {
+            job,
+            target: url,
+            env: o.env.clone(),
+            params,
+            settings,
+            log_dir,
+            redactor,
+        })
+    }
+
+    /// The URL of the database a job writes to, `${VAR}`s expanded.
+    pub fn target_url(&self, job_name: &str, env: Option<&str>) -> Result<DatabaseUrl> {
+        let job = self.jobs.get(job_name).ok_or_else(|| self.unknown_job(job_name))?;
+        self.url_for(job, env, &mut Redactor::default())
+    }
+
+    fn env_table(&self, env: Option<&str>) -> Result<Option<&raw::RawEnv>> {
+        match env {
+            None => Ok(None),
+            Some(e) => self.raw.env.get(e).map(|t| Some(t.get_ref())).ok_or_else(|| {
+                Error::Usage(format!(
+                    "{}: no environment `{e}` (environments: {})",
+                    self.path.display(),
+                    if self.raw.env.is_empty() { "none".to_string() } else { self.raw.env.keys().cloned().collect::<Vec<_>>().join(", ") }
+                ))
+            }),
+        }
+    }
+
+    fn url_for(&self, job: &Job, env_name: Option<&str>, redactor: &mut Redactor) -> Result<DatabaseUrl> {
+        let env = self.env_table(env_name)?;
+        let env_label = env_name.unwrap_or("");
+        // Variables: the process environment, then the dotenv file.
+        let dotenv_setting = env.and_then(|e| e.dotenv.as_ref());
+        let dotenv_path = self.dir.join(dotenv_setting.map(|d| d.get_ref().as_str()).unwrap_or(".env"));
+        let mut dotenv = HashMap::new();
+        if dotenv_path.exists() {
+            let iter = dotenvy::from_path_iter(&dotenv_path)
+                .map_err(|e| Error::Usage(format!("cannot read {}: {e}", dotenv_path.display())))?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| Error::Usage(format!("{}: {e}", dotenv_path.display())))?;
+                dotenv.insert(k, v);
+            }
+        } else if let Some(d) = dotenv_setting {
+            return Err(self.err(d.span(), format!("env.{env_label}.dotenv"), format!("{} does not exist", dotenv_path.display())));
+        }
+        let (field, value) = env
+            .and_then(|e| e.databases.get(&job.database).map(|v| (format!("env.{env_label}.databases.{}", job.database), v)))
+            .or_else(|| self.raw.databases.get(&job.database).map(|v| (format!("databases.{}", job.database), v)))
+            .ok_or_else(|| {
+                let raw = &self.raw.jobs[&job.name];
+                let at = raw.get_ref().database.as_ref().map(|d| d.span()).unwrap_or_else(|| raw.span());
+                self.err(
+                    at,
+                    format!("jobs.{}.database", job.name),
+                    format!("no database named `{}` in [databases]; add {} = \"<url>\"", job.database, job.database),
+                )
+            })?;
+        let url = expand_vars(value.get_ref(), &dotenv, redactor).map_err(|var| {
+            self.err(value.span(), field.clone(), format!("${{{var}}} is not set (set it in the environment or in {})", dotenv_path.display()))
+        })?;
+        let url = self.normalise_sqlite_url(&url);
+        redactor.add_url(&url);
+        Ok(DatabaseUrl { name: job.database.clone(), url })
+    }
+
+    /// SQLite paths in a spec are relative to the spec's folder.
+    fn normalise_sqlite_url(&self, url: &str) -> String {
+        let Some(rest) = url.strip_prefix("sqlite:") else {
+            return url.to_string();
+        };
+        let rest = rest.strip_prefix("//").unwrap_or(rest);
+        if rest.starts_with(":memory:") || rest.starts_with('/') {
+            return format!("sqlite://{rest}");
+        }
+        let (path, query) = rest.split_once('?').map(|(p, q)| (p, Some(q))).unwrap_or((rest, None));
+        let abs = std::path::absolute(self.dir.join(path)).unwrap_or_else(|_| self.dir.join(path));
+        match query {
+            Some(q) => format!("sqlite://{}?{q}", abs.display()),
+            None => format!("sqlite://{}", abs.display()),
+        }
+    }
+}
+
+/// Expands `${NAME}` from the process environment, then the dotenv map.
+/// Expanded values are registered as secrets. Returns the first undefined name.
+fn expand_vars(text: &str, dotenv: &HashMap<String, String>, redactor: &mut Redactor) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return Ok(out);
+        };
+        let name = &after[..end];
+        let value = std::env::var(name).ok().or_else(|| dotenv.get(name).cloned()).ok_or_else(|| name.to_string())?;
+        redactor.add_url(&value);
+        if !value.contains("://") {
+            redactor.add(value.clone());
+        }
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A TOML value as text, for messages and param defaults.
+fn toml_text(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn location_of(file: &Path, text: &str, offset: usize) -> Location {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    Location { file: file.to_path_buf(), line, column }
+}
+
+/// The dotted field a byte offset falls in: the nearest table header above
+/// it plus the key on its line (`jobs.fill.source.table`).
+fn field_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text[line_start..line_end].trim();
+    let header = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_start_matches('[').split(']').next().unwrap_or("").trim().to_string());
+    if line.starts_with('[') {
+        return line.trim_start_matches('[').split(']').next().unwrap_or("").trim().to_string();
+    }
+    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string());
+    match (header, key) {
+        (Some(h), Some(k)) if !h.is_empty() => format!("{h}.{k}"),
+        (_, Some(k)) => k,
+        (Some(h), None) => h,
+        (None, None) => "(top level)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,190 @@
+//! Throttle and batch settings: parsed where they are written (so a bad
+//! value names its field), then layered defaults < environment < job <
+//! command line.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use super::Overrides;
+use super::raw::RawSettings;
+use crate::error::{Error, Result};
+
+/// A rate limit in units per second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+}
+
+impl Rate {
+    /// Parses `500/s`, `20/min`, `1000/h`.
+    pub fn parse(s: &str) -> std::result::Result<Rate, String> {
+        let (n, unit) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a rate (write it as 500/s or 20/min)"))?;
+        let n: f64 = n.trim().parse().map_err(|_| format!("`{s}`: `{n}` is not a number"))?;
+        let secs = match unit.trim() {
+            "s" | "sec" | "second" => 1.0,
+            "m" | "min" | "minute" => 60.0,
+            "h" | "hour" => 3600.0,
+            u => return Err(format!("`{s}`: unknown unit `{u}` (use s, min or h)")),
+        };
+        if n <= 0.0 || !n.is_finite() {
+            return Err(format!("`{s}`: the rate must be positive"));
+        }
+        Ok(Rate { per_second: n / secs })
+    }
+}
+
+/// How many rows may fail before a run stops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaxFailures {
+    Count(u64),
+    Ratio(f64),
+}
+
+/// Parses `500ms`, `2s`, `1.5s`, `10m`, `24h`.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (write it as 500ms, 2s, 10m or 24h)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" if !unit.is_empty() || n == 0.0 => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}` is not a duration (write it as 500ms, 2s, 10m or 24h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The resolved settings of one job run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The first batch's size (and every batch's, when fixed).
+    pub batch_size: u64,
+    /// True when `--batch-size` fixed the size: no adaptation.
+    pub fixed_batch: bool,
+    /// Adaptive batches aim at this duration.
+    pub batch_time: Duration,
+    pub min_batch: u64,
+    pub max_batch: u64,
+    pub rate: Option<Rate>,
+    pub pause_between: Duration,
+    pub sleep_coef: f64,
+    pub max_failures: MaxFailures,
+    pub concurrency: u64,
+    pub lock_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub require_approval: bool,
+}
+
+type ErrFn<'a> = &'a dyn Fn(Range<usize>, String, String) -> Error;
+
+impl Settings {
+    /// Checks every key of one table, naming the field on error.
+    pub(super) fn check(raw: &RawSettings, prefix: &str, err: ErrFn) -> Result<()> {
+        let f = |k: &str| format!("{prefix}.{k}");
+        if let Some(r) = &raw.rate {
+            Rate::parse(r.get_ref()).map_err(|m| err(r.span(), f("rate"), m))?;
+        }
+        for (name, d) in [
+            ("batch_time", &raw.batch_time),
+            ("pause_between", &raw.pause_between),
+            ("lock_timeout", &raw.lock_timeout),
+            ("statement_timeout", &raw.statement_timeout),
+        ] {
+            if let Some(d) = d {
+                parse_duration(d.get_ref()).map_err(|m| err(d.span(), f(name), m))?;
+            }
+        }
+        for (name, n) in [
+            ("batch_size", &raw.batch_size),
+            ("min_batch", &raw.min_batch),
+            ("max_batch", &raw.max_batch),
+            ("concurrency", &raw.concurrency),
+        ] {
+            if let Some(n) = n {
+                if *n.get_ref() < 1 {
+                    return Err(err(n.span(), f(name), format!("must be at least 1, not {}", n.get_ref())));
+                }
+            }
+        }
+        if let Some(c) = &raw.sleep_coef {
+            if *c.get_ref() < 0.0 {
+                return Err(err(c.span(), f("sleep_coef"), "must not be negative".into()));
+            }
+        }
+        if let Some(m) = &raw.max_failures {
+            parse_max_failures(m.get_ref()).map_err(|msg| err(m.span(), f("max_failures"), msg))?;
+        }
+        Ok(())
+    }
+
+    /// Layers settings (lowest precedence first), then the command line.
+    pub(super) fn resolve(layers: &[RawSettings], o: &Overrides, require_approval: bool) -> Result<Settings> {
+        macro_rules! last {
+            ($field:ident) => {
+                layers.iter().rev().find_map(|l| l.$field.as_ref().map(|v| v.get_ref().clone()))
+            };
+        }
+        let dur = |v: Option<String>, default: Duration| v.map(|s| parse_duration(&s).expect("checked at load")).unwrap_or(default);
+        let rate = match &o.rate {
+            Some(r) => Some(Rate::parse(r).map_err(|m| Error::Usage(format!("--rate: {m}")))?),
+            None => last!(rate).map(|r| Rate::parse(&r).expect("checked at load")),
+        };
+        let min_batch = last!(min_batch).unwrap_or(100) as u64;
+        let max_batch = last!(max_batch).unwrap_or(50_000) as u64;
+        if min_batch > max_batch {
+            return Err(Error::Usage(format!("min_batch ({min_batch}) is larger than max_batch ({max_batch})")));
+        }
+        let batch_size = match o.batch_size {
+            Some(0) => return Err(Error::Usage("--batch-size must be at least 1".into())),
+            Some(n) => n as u64,
+            None => (last!(batch_size).unwrap_or(1000) as u64).clamp(min_batch, max_batch),
+        };
+        Ok(Settings {
+            batch_size,
+            fixed_batch: o.batch_size.is_some(),
+            batch_time: dur(last!(batch_time), Duration::from_millis(500)),
+            min_batch,
+            max_batch,
+            rate,
+            pause_between: dur(last!(pause_between), Duration::ZERO),
+            sleep_coef: last!(sleep_coef).unwrap_or(0.0),
+            max_failures: last!(max_failures).map(|m| parse_max_failures(&m).expect("checked at load")).unwrap_or(MaxFailures::Count(0)),
+            concurrency: last!(concurrency).unwrap_or(1) as u64,
+            lock_timeout: dur(last!(lock_timeout), Duration::from_secs(2)),
+            statement_timeout: dur(last!(statement_timeout), Duration::from_secs(30)),
+            require_approval,
+        })
+    }
+}
+
+fn parse_max_failures(v: &toml::Value) -> std::result::Result<MaxFailures, String> {
+    match v {
+        toml::Value::Integer(n) if *n >= 0 => Ok(MaxFailures::Count(*n as u64)),
+        toml::Value::String(s) if s.trim_end().ends_with('%') => {
+            let n: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| format!("`{s}` is not a percentage"))?;
+            Ok(MaxFailures::Ratio(n / 100.0))
+        }
+        toml::Value::Float(f) if (0.0..1.0).contains(f) => Ok(MaxFailures::Ratio(*f)),
+        other => Err(format!("`{}`: write a count (10) or a percentage (\"0.1%\")", super::toml_text(other))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_rates() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("12").is_err());
+        assert_eq!(Rate::parse("20/min").unwrap().per_second, 20.0 / 60.0);
+        assert_eq!(Rate::parse("500/s").unwrap().per_second, 500.0);
+        assert!(Rate::parse("fast").is_err());
+        assert!(Rate::parse("0/s").is_err());
+    }
+}

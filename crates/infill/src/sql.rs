@@ -1,0 +1,186 @@
+//! SQL fragments from a spec, with their `:name` parameters found once, so a
+//! value is always bound and never pasted. The scanner knows string literals,
+//! quoted identifiers, comments, PostgreSQL dollar quotes and `::` casts, so a
+//! colon inside any of them is left alone.
+
+use crate::value::Value;
+
+/// One piece of a fragment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// SQL text, copied as is.
+    Sql(String),
+    /// A named parameter, bound at execution.
+    Param(String),
+}
+
+/// A parsed SQL fragment from a spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    /// The text as the user wrote it.
+    pub source: String,
+    /// Text and parameters, in order.
+    pub parts: Vec<Part>,
+}
+
+impl Fragment {
+    /// Parses `sql`. `backslash_escapes` is true for MySQL, whose string
+    /// literals treat `\'` as an escaped quote.
+    pub fn parse(sql: &str, backslash_escapes: bool) -> Result<Fragment, String> {
+        let b = sql.as_bytes();
+        let mut parts = Vec::new();
+        let mut text_start = 0;
+        let mut i = 0;
+        let flush = |parts: &mut Vec<Part>, from: usize, to: usize| {
+            if to > from {
+                parts.push(Part::Sql(sql[from..to].to_string()));
+            }
+        };
+        while i < b.len() {
+            match b[i] {
+                q @ (b'\'' | b'"' | b'`') => {
+                    let escapes = q == b'\''
+                        && (backslash_escapes || (i > 0 && matches!(b[i - 1], b'E' | b'e')));
+                    i = skip_quoted(b, i, q, escapes)
+                        .ok_or_else(|| format!("unterminated {} at byte {i}", quote_name(q)))?;
+                }
+                b'-' if b.get(i + 1) == Some(&b'-') => {
+                    i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p + 1);
+                }
+                b'/' if b.get(i + 1) == Some(&b'*') => {
+                    i = find(b, i + 2, b"*/").ok_or("unterminated /* comment")? + 2;
+                }
+                b'$' => {
+                    // A dollar-quoted string: $$...$$ or $tag$...$tag$.
+                    let tag_end = b[i + 1..]
+                        .iter()
+                        .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'))
+                        .map(|p| i + 1 + p);
+                    match tag_end {
+                        Some(e) if b[e] == b'$' && !b[i + 1..e].first().is_some_and(u8::is_ascii_digit) => {
+                            let tag = &b[i..=e];
+                            i = find(b, e + 1, tag).ok_or("unterminated dollar-quoted string")? + tag.len();
+                        }
+                        _ => i += 1,
+                    }
+                }
+                b':' if b.get(i + 1) == Some(&b':') => i += 2,
+                b':' if b.get(i + 1).is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+                    && !(i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')) =>
+                {
+                    let end = b[i + 1..]
+                        .iter()
+                        .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+                        .map_or(b.len(), |p| i + 1 + p);
+                    flush(&mut parts, text_start, i);
+                    parts.push(Part::Param(sql[i + 1..end].to_string()));
+                    i = end;
+                    text_start = end;
+                }
+                _ => i += 1,
+            }
+        }
+        flush(&mut parts, text_start, b.len());
+        Ok(Fragment { source: sql.to_string(), parts })
+    }
+
+    /// The names of the parameters it uses, each once, in order of first use.
+    pub fn params(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for p in &self.parts {
+            if let Part::Param(n) = p {
+                if !out.contains(&n.as_str()) {
+                    out.push(n);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn quote_name(q: u8) -> &'static str {
+    match q {
+        b'\'' => "string literal",
+        b'"' => "quoted identifier",
+        _ => "backquoted identifier",
+    }
+}
+
+fn skip_quoted(b: &[u8], start: usize, q: u8, backslash: bool) -> Option<usize> {
+    let mut i = start + 1;
+    while i < b.len() {
+        if backslash && b[i] == b'\\' {
+            i += 2;
+            continue;
+        }
+        if b[i] == q {
+            if b.get(i + 1) == Some(&q) {
+                i += 2;
+                continue;
+            }
+            return Some(i + 1);
+        }
+        i += 1;
+    }
+    None
+}
+
+fn find(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| from + p)
+}
+
+/// A statement being assembled: text plus the values bound to its
+/// placeholders, numbered for the dialect as they are pushed.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub sql: String,
+    pub args: Vec<Value>,
+}
+
+impl Query {
+    pub fn new(sql: impl Into<String>) -> Query {
+        Query { sql: sql.into(), args: Vec::new() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(sql: &str) -> Vec<String> {
+        Fragment::parse(sql, false).unwrap().params().into_iter().map(String::from).collect()
+    }
+
+    #[test]
+    fn finds_named_params_outside_literals_and_casts() {
+        assert_eq!(params("block_id = :block AND x::int > :min_x"), ["block", "min_x"]);
+        assert_eq!(params("note = ':not_a_param' AND \"weird:col\" = 1"), Vec::<String>::new());
+        assert_eq!(params("a = 'it''s :x' -- :comment\n AND b = :b"), ["b"]);
+        assert_eq!(params("/* :c */ $$ :d $$ $t$ :e $t$ = :f"), ["f"]);
+        assert_eq!(params("x = :a OR y = :a"), ["a"]);
+        assert_eq!(params("t.created_at::date = :day"), ["day"]);
+    }
+
+    #[test]
+    fn mysql_backslash_escapes() {
+        let f = Fragment::parse(r"a = 'it\'s :x' AND b = :b", true).unwrap();
+        assert_eq!(f.params(), ["b"]);
+    }
+
+    #[test]
+    fn unterminated_literal_is_an_error() {
+        assert!(Fragment::parse("a = 'open", false).is_err());
+    }
+
+    #[test]
+    fn parts_keep_the_text() {
+        let f = Fragment::parse("a = :x AND b", false).unwrap();
+        assert_eq!(
+            f.parts,
+            vec![Part::Sql("a = ".into()), Part::Param("x".into()), Part::Sql(" AND b".into())]
+        );
+    }
+}

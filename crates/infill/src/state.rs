@@ -1,0 +1,408 @@
+//! The state tables (`infill_runs`, `infill_batches`, `infill_undo`) live in
+//! the target database, so a batch's write, its undo images and its
+//! checkpoint commit in one transaction. The statements here are written
+//! once for all three engines (see `dialect::portable`); only the DDL is
+//! per dialect. `infill_schema` holds the version, so later releases can
+//! migrate the tables in place.
+
+use serde::Serialize;
+
+use crate::dialect::{Db, Exec};
+use crate::error::{Error, Result};
+use crate::value::{Key, Value, key_from_json, key_to_json};
+
+/// The state tables' current version.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Paused,
+    Interrupted,
+    CanaryPassed,
+    CanaryFailed,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Undone,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Paused => "paused",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::CanaryPassed => "canary_passed",
+            RunStatus::CanaryFailed => "canary_failed",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Undone => "undone",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        [
+            RunStatus::Running,
+            RunStatus::Paused,
+            RunStatus::Interrupted,
+            RunStatus::CanaryPassed,
+            RunStatus::CanaryFailed,
+            RunStatus::Succeeded,
+            RunStatus::Failed,
+            RunStatus::Cancelled,
+            RunStatus::Undone,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    /// True while the run can still be continued.
+    pub fn is_unfinished(self) -> bool {
+        matches!(self, RunStatus::Running | RunStatus::Paused | RunStatus::Interrupted | RunStatus::CanaryPassed)
+    }
+}
+
+/// One row of `infill_runs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub job: String,
+    pub status: RunStatus,
+    pub definition_sha256: String,
+    pub spec_sha256: String,
+    pub params: serde_json::Value,
+    pub params_sha256: String,
+    pub env: Option<String>,
+    pub undo_enabled: bool,
+    pub cursor: Option<Key>,
+    pub upper: Option<Key>,
+    pub batch_size: u64,
+    pub batches: u64,
+    pub rows_read: u64,
+    pub rows_changed: u64,
+    pub rows_skipped: u64,
+    pub rows_failed: u64,
+    pub host: String,
+    pub pid: u32,
+    pub os_user: String,
+    pub started_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+    pub message: Option<String>,
+}
+
+const RUN_COLUMNS: &str = "id, job, status, definition_sha256, spec_sha256, params, params_sha256, env, \
+    undo_enabled, cursor_key, upper_key, batch_size, batches, rows_read, rows_changed, rows_skipped, \
+    rows_failed, host, pid, os_user, started_at, updated_at, finished_at, message";
+
+/// Current time in the form state tables and logs use (UTC, microseconds).
+pub fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+fn key_text(k: &Option<Key>) -> Value {
+    match k {
+        Some(k) => Value::Text(key_to_json(k).to_string()),
+        None => Value::Null,
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Text(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.display(),
+    }
+}
+
+fn opt_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        v => Some(text(v)),
+    }
+}
+
+fn int(v: &Value) -> u64 {
+    match v {
+        Value::Int(i) => *i as u64,
+        Value::Text(s) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn parse_key(v: &Value) -> Option<Key> {
+    opt_text(v).and_then(|s| serde_json::from_str(&s).ok()).and_then(|j| key_from_json(&j))
+}
+
+impl RunRecord {
+    fn from_row(r: &[Value]) -> Result<RunRecord> {
+        let status = text(&r[2]);
+        Ok(RunRecord {
+            id: text(&r[0]),
+            job: text(&r[1]),
+            status: RunStatus::parse(&status)
+                .ok_or_else(|| Error::CannotProceed(format!("run {} has an unknown status `{status}`", text(&r[0]))))?,
+            definition_sha256: text(&r[3]),
+            spec_sha256: text(&r[4]),
+            params: serde_json::from_str(&text(&r[5])).unwrap_or(serde_json::Value::Null),
+            params_sha256: text(&r[6]),
+            env: opt_text(&r[7]),
+            undo_enabled: int(&r[8]) != 0,
+            cursor: parse_key(&r[9]),
+            upper: parse_key(&r[10]),
+            batch_size: int(&r[11]),
+            batches: int(&r[12]),
+            rows_read: int(&r[13]),
+            rows_changed: int(&r[14]),
+            rows_skipped: int(&r[15]),
+            rows_failed: int(&r[16]),
+            host: text(&r[17]),
+            pid: int(&r[18]) as u32,
+            os_user: text(&r[19]),
+            started_at: text(&r[20]),
+            updated_at: text(&r[21]),
+            finished_at: opt_text(&r[22]),
+            message: opt_text(&r[23]),
+        })
+    }
+
+    /// True when the process that ran it is known to be gone (same host, pid dead).
+    pub fn process_gone(&self) -> bool {
+        self.host == crate::host::hostname() && !crate::host::pid_alive(self.pid)
+    }
+}
+
+/// Creates the state tables when missing and records the schema version.
+pub async fn ensure_schema(db: &Db, c: &mut impl Exec) -> Result<()> {
+    for ddl in db.dialect.state_schema() {
+        c.execute(&db.q(ddl, vec![])).await.map_err(Error::db("cannot create infill's state tables"))?;
+    }
+    let rows = c
+        .fetch(&db.q("SELECT MAX(version) FROM infill_schema", vec![]))
+        .await
+        .map_err(Error::db("cannot read infill_schema"))?;
+    match rows.first().and_then(|r| r.first()) {
+        Some(Value::Int(v)) if *v > SCHEMA_VERSION => Err(Error::CannotProceed(format!(
+            "the state tables have schema version {v}, newer than this infill knows ({SCHEMA_VERSION}); upgrade infill"
+        ))),
+        Some(Value::Int(_)) => Ok(()),
+        _ => {
+            c.execute(&db.q("INSERT INTO infill_schema (version) VALUES (?)", vec![Value::Int(SCHEMA_VERSION)]))
+                .await
+                .map_err(Error::db("cannot write infill_schema"))?;
+            Ok(())
+        }
+    }
+}
+
+/// True when the state tables exist (read commands must not create them).
+pub async fn exists(db: &Db, c: &mut impl Exec) -> bool {
+    c.fetch(&db.q("SELECT COUNT(*) FROM infill_runs WHERE 1 = 0", vec![])).await.is_ok()
+}
+
+/// Records a new run.
+pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()> {
+    let q = db.q(
+        &format!("INSERT INTO infill_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+        vec![
+            Value::Text(r.id.clone()),
+            Value::Text(r.job.clone()),
+            Value::Text(r.status.as_str().into()),
+            Value::Text(r.definition_sha256.clone()),
+            Value::Text(r.spec_sha256.clone()),
+            Value::Text(r.params.to_string()),
+            Value::Text(r.params_sha256.clone()),
+            r.env.clone().map(Value::Text).unwrap_or(Value::Null),
+            Value::Int(r.undo_enabled as i64),
+            key_text(&r.cursor),
+            key_text(&r.upper),
+            Value::Int(r.batch_size as i64),
+            Value::Int(r.batches as i64),
+            Value::Int(r.rows_read as i64),
+            Value::Int(r.rows_changed as i64),
+            Value::Int(r.rows_skipped as i64),
+            Value::Int(r.rows_failed as i64),
+            Value::Text(r.host.clone()),
+            Value::Int(r.pid as i64),
+            Value::Text(r.os_user.clone()),
+            Value::Text(r.started_at.clone()),
+            Value::Text(r.updated_at.clone()),
+            r.finished_at.clone().map(Value::Text).unwrap_or(Value::Null),
+            r.message.clone().map(Value::Text).unwrap_or(Value::Null),
+        ],
+    );
+    c.execute(&q).await.map_err(Error::db("cannot record the run in infill_runs"))?;
+    Ok(())
+}
+
+/// The newest unfinished run of a job with these params, if any.
+pub async fn find_unfinished(db: &Db, c: &mut impl Exec, job: &str, params_sha256: &str) -> Result<Option<RunRecord>> {
+    let rows = c
+        .fetch(&db.q(
+            &format!(
+                "SELECT {RUN_COLUMNS} FROM infill_runs WHERE job = ? AND params_sha256 = ? \
+                 AND status IN ('running', 'paused', 'interrupted', 'canary_passed') ORDER BY id DESC"
+            ),
+            vec![Value::Text(job.into()), Value::Text(params_sha256.into())],
+        ))
+        .await
+        .map_err(Error::db("cannot read infill_runs"))?;
+    rows.first().map(|r| RunRecord::from_row(r)).transpose()
+}
+
+/// The run whose id starts with `prefix` (8 characters or more).
+pub async fn find_run(db: &Db, c: &mut impl Exec, prefix: &str) -> Result<RunRecord> {
+    if prefix.len() < 8 || !prefix.chars().all(|ch| ch.is_ascii_hexdigit() || ch == '-') {
+        return Err(Error::Usage(format!("`{prefix}` is not a run id: give the id or a prefix of 8 or more characters")));
+    }
+    if !exists(db, c).await {
+        return Err(Error::RunNotFound(format!("no run {prefix}: database `{}` has no infill state yet", db.name)));
+    }
+    let rows = c
+        .fetch(&db.q(
+            &format!("SELECT {RUN_COLUMNS} FROM infill_runs WHERE id LIKE ? ORDER BY id"),
+            vec![Value::Text(format!("{}%", prefix.to_ascii_lowercase()))],
+        ))
+        .await
+        .map_err(Error::db("cannot read infill_runs"))?;
+    match rows.len() {
+        0 => Err(Error::RunNotFound(format!("no run {prefix} in database `{}`", db.name))),
+        1 => RunRecord::from_row(&rows[0]),
+        n => Err(Error::Usage(format!("{n} runs start with {prefix}; give more characters"))),
+    }
+}
+
+/// The most recent runs, newest first.
+pub async fn list_runs(db: &Db, c: &mut impl Exec, limit: u32) -> Result<Vec<RunRecord>> {
+    if !exists(db, c).await {
+        return Ok(Vec::new());
+    }
+    let rows = c
+        .fetch(&db.q(&format!("SELECT {RUN_COLUMNS} FROM infill_runs ORDER BY id DESC LIMIT {limit}"), vec![]))
+        .await
+        .map_err(Error::db("cannot read infill_runs"))?;
+    rows.iter().map(|r| RunRecord::from_row(r)).collect()
+}
+
+/// Sets a run's status (and message), marking it finished when final.
+pub async fn set_status(db: &Db, c: &mut impl Exec, id: &str, status: RunStatus, message: Option<&str>) -> Result<()> {
+    let now = now();
+    let finished = if status.is_unfinished() { Value::Null } else { Value::Text(now.clone()) };
+    c.execute(&db.q(
+        "UPDATE infill_runs SET status = ?, message = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+        vec![
+            Value::Text(status.as_str().into()),
+            message.map(|m| Value::Text(m.into())).unwrap_or(Value::Null),
+            Value::Text(now),
+            finished,
+            Value::Text(id.into()),
+        ],
+    ))
+    .await
+    .map_err(Error::db("cannot update the run's status in infill_runs"))?;
+    Ok(())
+}
+
+/// Marks a run as continued by this process.
+pub async fn claim(db: &Db, c: &mut impl Exec, id: &str, spec_sha256: &str) -> Result<()> {
+    c.execute(&db.q(
+        "UPDATE infill_runs SET status = ?, host = ?, pid = ?, spec_sha256 = ?, updated_at = ?, message = ? WHERE id = ?",
+        vec![
+            Value::Text(RunStatus::Running.as_str().into()),
+            Value::Text(crate::host::hostname()),
+            Value::Int(std::process::id() as i64),
+            Value::Text(spec_sha256.into()),
+            Value::Text(now()),
+            Value::Null,
+            Value::Text(id.into()),
+        ],
+    ))
+    .await
+    .map_err(Error::db("cannot claim the run in infill_runs"))?;
+    Ok(())
+}
+
+/// One committed batch, as the checkpoint records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Checkpoint {
+    pub batch_no: u64,
+    pub lower: Option<Key>,
+    pub upper: Key,
+    pub rows_read: u64,
+    pub rows_changed: u64,
+    pub rows_skipped: u64,
+    pub batch_size: u64,
+    pub duration_ms: u64,
+}
+
+/// Writes a batch's checkpoint and the run's counters (inside the batch's transaction).
+pub async fn checkpoint(db: &Db, c: &mut impl Exec, run_id: &str, cp: &Checkpoint) -> Result<(), sqlx::Error> {
+    let now = now();
+    c.execute(&db.q(
+        "INSERT INTO infill_batches (run_id, batch_no, lower_key, upper_key, rows_read, rows_changed, rows_skipped, batch_size, duration_ms, committed_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        vec![
+            Value::Text(run_id.into()),
+            Value::Int(cp.batch_no as i64),
+            key_text(&cp.lower),
+            key_text(&Some(cp.upper.clone())),
+            Value::Int(cp.rows_read as i64),
+            Value::Int(cp.rows_changed as i64),
+            Value::Int(cp.rows_skipped as i64),
+            Value::Int(cp.batch_size as i64),
+            Value::Int(cp.duration_ms as i64),
+            Value::Text(now.clone()),
+        ],
+    ))
+    .await?;
+    c.execute(&db.q(
+        "UPDATE infill_runs SET cursor_key = ?, batches = batches + 1, rows_read = rows_read + ?, \
+         rows_changed = rows_changed + ?, rows_skipped = rows_skipped + ?, batch_size = ?, updated_at = ? WHERE id = ?",
+        vec![
+            key_text(&Some(cp.upper.clone())),
+            Value::Int(cp.rows_read as i64),
+            Value::Int(cp.rows_changed as i64),
+            Value::Int(cp.rows_skipped as i64),
+            Value::Int(cp.batch_size as i64),
+            Value::Text(now),
+            Value::Text(run_id.into()),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// One undo image: a row's key with the values before and after infill wrote.
+pub struct UndoImage {
+    pub key: serde_json::Value,
+    pub before: serde_json::Value,
+    pub after: serde_json::Value,
+}
+
+/// Stores undo images (inside the batch's transaction), a few hundred rows
+/// per statement.
+pub async fn insert_undo(db: &Db, c: &mut impl Exec, run_id: &str, batch_no: u64, images: &[UndoImage]) -> Result<(), sqlx::Error> {
+    const ROWS_PER_STATEMENT: usize = 500;
+    for (chunk_no, chunk) in images.chunks(ROWS_PER_STATEMENT).enumerate() {
+        let mut sql = String::from("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) VALUES ");
+        let mut args = Vec::with_capacity(chunk.len() * 6);
+        for (i, img) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str("(?, ?, ?, ?, ?, ?)");
+            args.push(Value::Text(run_id.into()));
+            args.push(Value::Int(batch_no as i64));
+            args.push(Value::Int((chunk_no * ROWS_PER_STATEMENT + i) as i64));
+            args.push(Value::Text(img.key.to_string()));
+            args.push(Value::Text(img.before.to_string()));
+            args.push(Value::Text(img.after.to_string()));
+        }
+        c.execute(&db.q(&sql, args)).await?;
+    }
+    Ok(())
+}

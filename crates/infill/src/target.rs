@@ -1,0 +1,298 @@
+//! The target table of an `update` job, inspected once per run: its key and
+//! written columns as the server types them, the spec's fragments parsed for
+//! the dialect, and every statement the run loop sends, composed from the
+//! dialect's pieces. Validation prepares each fragment against the server
+//! (nothing executes), so an unknown table or column fails before any
+//! write, naming the spec field.
+
+use std::collections::BTreeMap;
+
+use crate::dialect::{Column, Db, Dialect, Exec, SqlBuilder};
+use crate::error::{Error, Result};
+use crate::spec::{Location, ResolvedJob, SqlText};
+use crate::sql::{Fragment, Query};
+use crate::value::{Key, Value};
+
+/// The target of a job, ready to compose statements.
+pub struct Target {
+    pub dialect: &'static dyn Dialect,
+    /// Quoted table name.
+    pub table: String,
+    pub keys: Vec<Column>,
+    /// Quoted key column names.
+    pub key_q: Vec<String>,
+    /// Written columns with their expressions.
+    pub sets: Vec<(Column, Fragment)>,
+    pub filter: Option<Fragment>,
+    pub params: BTreeMap<String, Value>,
+}
+
+fn sql_error(db: &Db, location: &Location, field: &str, message: String) -> Error {
+    Error::Sql { location: location.clone(), field: field.into(), database: db.name.clone(), message }
+}
+
+fn find_column(db: &Db, columns: &[Column], name: &str) -> Option<Column> {
+    let cs = db.dialect.case_sensitive_columns();
+    columns.iter().find(|c| if cs { c.name == name } else { c.name.eq_ignore_ascii_case(name) }).cloned()
+}
+
+impl Target {
+    /// Inspects the table and prepares every fragment of the job.
+    pub async fn inspect(db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -> Result<Target> {
+        let job = &r.job;
+        let d = db.dialect;
+        let table_field = format!("jobs.{}.source.table", job.name);
+        let rows = conn.fetch(&d.columns_query(&job.table)).await.map_err(Error::db("cannot read the table's columns"))?;
+        let columns: Vec<Column> = rows
+            .iter()
+            .map(|r| Column { name: r[0].display(), sql_type: r[1].display() })
+            .collect();
+        if columns.is_empty() {
+            return Err(sql_error(db, &job.table_at, &table_field, format!("table `{}` does not exist", job.table.join("."))));
+        }
+        let missing = |name: &str, at: &Location, field: String| {
+            let hint = columns
+                .iter()
+                .find(|c| c.name.eq_ignore_ascii_case(name))
+                .map(|c| format!(" (did you mean `{}`?)", c.name))
+                .unwrap_or_default();
+            sql_error(db, at, &field, format!("column `{name}` does not exist in table `{}`{hint}", job.table.join(".")))
+        };
+        let mut keys = Vec::new();
+        for k in &job.key {
+            keys.push(find_column(db, &columns, k).ok_or_else(|| missing(k, &job.key_at, format!("jobs.{}.source.key", job.name)))?);
+        }
+        let parse = |s: &SqlText| {
+            Fragment::parse(&s.sql, d.backslash_escapes()).map_err(|m| Error::Spec {
+                location: s.location.clone(),
+                field: s.field.clone(),
+                message: m,
+            })
+        };
+        let mut sets = Vec::new();
+        for (col, expr) in &job.updates {
+            let c = find_column(db, &columns, col).ok_or_else(|| missing(col, &expr.location, expr.field.clone()))?;
+            sets.push((c, parse(expr)?));
+        }
+        let filter = job.filter.as_ref().map(parse).transpose()?;
+        let target = Target {
+            dialect: d,
+            table: d.quote_table(&job.table),
+            key_q: keys.iter().map(|k| d.quote_ident(&k.name)).collect(),
+            keys,
+            sets,
+            filter,
+            params: r.params.clone(),
+        };
+        target.prepare_all(db, conn, r).await?;
+        Ok(target)
+    }
+
+    /// Prepares each fragment in a statement of its own, so an error names
+    /// the field that caused it.
+    async fn prepare_all(&self, db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -> Result<()> {
+        let fail = |s: &SqlText, e: sqlx::Error| match e {
+            sqlx::Error::Database(dbe) => sql_error(db, &s.location, &s.field, r.redactor.mask(dbe.message())),
+            other => Error::Database { context: format!("cannot check {}", s.field), source: other },
+        };
+        if let (Some(f), Some(text)) = (&self.filter, &r.job.filter) {
+            let mut b = SqlBuilder::new(self.dialect);
+            b.push("SELECT 1 FROM ").push(&self.table).push(" WHERE (").fragment(f, &self.params).push(")");
+            conn.prepare(&b.finish()).await.map_err(|e| fail(text, e))?;
+        }
+        for ((col, f), (_, text)) in self.sets.iter().zip(&r.job.updates) {
+            let mut b = SqlBuilder::new(self.dialect);
+            b.push("UPDATE ")
+                .push(&self.table)
+                .push(" SET ")
+                .push(&self.dialect.quote_ident(&col.name))
+                .push(" = (")
+                .fragment(f, &self.params)
+                .push(") WHERE 1 = 0");
+            conn.prepare(&b.finish()).await.map_err(|e| fail(text, e))?;
+        }
+        Ok(())
+    }
+
+    fn key_list(&self) -> String {
+        self.key_q.join(", ")
+    }
+
+    fn key_out(&self) -> Vec<String> {
+        self.key_q.iter().map(|k| self.dialect.value_out(k)).collect()
+    }
+
+    fn bind_key(&self, b: &mut SqlBuilder<'_>, key: &Key) -> Vec<String> {
+        key.iter().zip(&self.keys).map(|(v, col)| {
+            let ph = b.arg(v.clone());
+            self.dialect.value_in(&ph, col)
+        }).collect()
+    }
+
+    /// Appends ` WHERE` and the conditions: key after `lo`, key at most
+    /// `hi`, and the filter.
+    fn push_range(&self, b: &mut SqlBuilder<'_>, lo: Option<&Key>, hi: Option<&Key>, with_filter: bool) {
+        let mut conds = Vec::new();
+        if let Some(lo) = lo {
+            let v = self.bind_key(b, lo);
+            conds.push(self.dialect.key_after(&self.key_q, &v));
+        }
+        if let Some(hi) = hi {
+            let v = self.bind_key(b, hi);
+            conds.push(self.dialect.key_at_most(&self.key_q, &v));
+        }
+        // Conditions are pushed in order; the filter's binds come last.
+        if !conds.is_empty() || (with_filter && self.filter.is_some()) {
+            b.push(" WHERE ");
+        }
+        b.push(&conds.join(" AND "));
+        if with_filter {
+            if let Some(f) = &self.filter {
+                if !conds.is_empty() {
+                    b.push(" AND ");
+                }
+                b.push("(").fragment(f, &self.params).push(")");
+            }
+        }
+    }
+
+    fn order_by(&self, desc: bool) -> String {
+        let dir = if desc { " DESC" } else { "" };
+        format!(" ORDER BY {}", self.key_q.iter().map(|k| format!("{k}{dir}")).collect::<Vec<_>>().join(", "))
+    }
+
+    /// The largest key now: the run's frozen upper bound.
+    pub fn max_key(&self) -> Query {
+        Query::new(format!("SELECT {} FROM {}{} LIMIT 1", self.key_out().join(", "), self.table, self.order_by(true)))
+    }
+
+    /// The key `n` rows after `lo` (the batch's upper end), if the range holds that many.
+    pub fn boundary(&self, lo: Option<&Key>, upper: &Key, n: u64) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        b.push("SELECT ").push(&self.key_out().join(", ")).push(" FROM ").push(&self.table);
+        self.push_range(&mut b, lo, Some(upper), false);
+        b.push(&self.order_by(false)).push(&format!(" LIMIT 1 OFFSET {}", n.saturating_sub(1)));
+        b.finish()
+    }
+
+    /// The candidates of a range with the current values of the written
+    /// columns, locked; at most `limit` rows.
+    pub fn candidates(&self, lo: Option<&Key>, hi: &Key, limit: Option<u64>) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        let mut cols = self.key_out();
+        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
+        b.push("SELECT ").push(&cols.join(", ")).push(" FROM ").push(&self.table);
+        self.push_range(&mut b, lo, Some(hi), true);
+        b.push(&self.order_by(false));
+        if let Some(l) = limit {
+            b.push(&format!(" LIMIT {l}"));
+        }
+        b.push(self.dialect.lock_clause());
+        b.finish()
+    }
+
+    fn push_set(&self, b: &mut SqlBuilder<'_>) {
+        b.push("UPDATE ").push(&self.table).push(" SET ");
+        for (i, (col, f)) in self.sets.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            b.push(&self.dialect.quote_ident(&col.name)).push(" = (").fragment(f, &self.params).push(")");
+        }
+    }
+
+    fn returning(&self) -> String {
+        let mut cols = self.key_out();
+        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
+        format!(" RETURNING {}", cols.join(", "))
+    }
+
+    fn push_in_list(&self, b: &mut SqlBuilder<'_>, keys: &[Key]) {
+        let items: Vec<String> = keys
+            .iter()
+            .map(|k| {
+                let v = self.bind_key(b, k);
+                if v.len() == 1 { v.into_iter().next().expect("one") } else { format!("({})", v.join(", ")) }
+            })
+            .collect();
+        if self.key_q.len() == 1 {
+            b.push(&self.key_q[0]);
+        } else {
+            b.push(&format!("({})", self.key_list()));
+        }
+        b.push(" IN (").push(&items.join(", ")).push(")");
+    }
+
+    /// The guarded write of the given (locked) keys; the filter is checked
+    /// again so a row changed since it was read is skipped.
+    pub fn update_keys(&self, keys: &[Key]) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        self.push_set(&mut b);
+        b.push(" WHERE ");
+        self.push_in_list(&mut b, keys);
+        if let Some(f) = &self.filter {
+            b.push(" AND (").fragment(f, &self.params).push(")");
+        }
+        if self.dialect.update_returning() {
+            b.push(&self.returning());
+        }
+        b.finish()
+    }
+
+    /// The guarded write of a whole range (engines whose write lock is
+    /// exclusive, so the range holds exactly the rows just read).
+    pub fn update_range(&self, lo: Option<&Key>, hi: &Key) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        self.push_set(&mut b);
+        self.push_range(&mut b, lo, Some(hi), true);
+        if self.dialect.update_returning() {
+            b.push(&self.returning());
+        }
+        b.finish()
+    }
+
+    /// The values of the written columns after the write, for engines
+    /// without RETURNING.
+    pub fn after_values(&self, keys: &[Key]) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        let mut cols = self.key_out();
+        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
+        b.push("SELECT ").push(&cols.join(", ")).push(" FROM ").push(&self.table).push(" WHERE ");
+        self.push_in_list(&mut b, keys);
+        b.finish()
+    }
+
+    /// How many candidates lie after `lo` up to `upper`.
+    pub fn count_candidates(&self, lo: Option<&Key>, upper: &Key) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        b.push("SELECT COUNT(*) FROM ").push(&self.table);
+        self.push_range(&mut b, lo, Some(upper), true);
+        b.finish()
+    }
+
+    /// How many keys lie after `lo` up to `upper` (candidates or not).
+    pub fn count_keys(&self, lo: Option<&Key>, upper: &Key) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        b.push("SELECT COUNT(*) FROM ").push(&self.table);
+        self.push_range(&mut b, lo, Some(upper), false);
+        b.finish()
+    }
+
+    /// The first `n` candidates with their current and computed values.
+    pub fn sample(&self, upper: &Key, n: u64) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        let mut cols = self.key_out();
+        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
+        b.push("SELECT ").push(&cols.join(", "));
+        for (_, f) in &self.sets {
+            b.push(", ");
+            let mark = b.mark();
+            b.push("(").fragment(f, &self.params).push(")");
+            b.wrap_since(mark, |expr| self.dialect.value_out(expr));
+        }
+        b.push(" FROM ").push(&self.table);
+        self.push_range(&mut b, None, Some(upper), true);
+        b.push(&self.order_by(false)).push(&format!(" LIMIT {n}"));
+        b.finish()
+    }
+}

@@ -1,0 +1,309 @@
+//! Argument definitions (the `--help` text comes from these doc comments)
+//! and the dispatch from a command to the engine. Errors are mapped to exit
+//! codes here and nowhere else.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use infill::run::{Outcome, RunRequest, Stop};
+use infill::spec::{Overrides, Spec};
+use infill::{Error, ExitCode};
+
+use crate::output;
+use crate::progress::Progress;
+
+/// infill runs data backfills safely: guarded, throttled, resumable batches
+/// with an audit log, against PostgreSQL, MySQL/MariaDB and SQLite.
+///
+/// Exit codes: 0 done; 1 rows or a check failed; 2 bad usage, bad spec,
+/// unknown table or column; 3 approval missing; 4 cannot proceed (target
+/// unreachable, job held by another run, definition changed); 130 interrupted.
+#[derive(Debug, Parser)]
+#[command(name = "infill", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a job's backfill in guarded, checkpointed batches.
+    ///
+    /// Running the same job again after an interruption continues the
+    /// unfinished run. With no --job, every job of the spec runs in
+    /// dependency order.
+    Run(RunArgs),
+    /// Continue an interrupted run after its last committed batch.
+    Resume(ResumeArgs),
+    /// Show recent runs, or one run in detail.
+    Status(StatusArgs),
+    /// Create a demo SQLite database and spec, and run the backfill (no server needed).
+    Quickstart(QuickstartArgs),
+}
+
+#[derive(Debug, Args)]
+struct SpecArg {
+    /// The spec file [default: ./infill.toml].
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// The environment ([env.NAME] in the spec) whose databases and settings apply.
+    #[arg(long, value_name = "NAME")]
+    env: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The spec file [default: ./infill.toml].
+    #[arg(value_name = "SPEC")]
+    spec_file: Option<PathBuf>,
+    #[command(flatten)]
+    spec: SpecArg,
+    /// The job to run (required only when the spec has several and you want one).
+    #[arg(long, value_name = "JOB")]
+    job: Option<String>,
+    /// A value for one of the job's params, e.g. --param block=7 (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    /// Write nothing: count the candidates and batches, and show a sample of
+    /// rows with their values before and after, in a read-only transaction.
+    #[arg(long)]
+    dry_run: bool,
+    /// Process at most N candidate rows now; the run stays resumable.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Fix the batch size (keys per batch) instead of adapting it.
+    #[arg(long, value_name = "N")]
+    batch_size: Option<usize>,
+    /// Limit rows written per second or minute, e.g. 500/s or 20/min.
+    #[arg(long, value_name = "RATE")]
+    rate: Option<String>,
+    /// Print each written row's key and new values.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Do not ask for confirmation on a terminal.
+    #[arg(long, short)]
+    yes: bool,
+    /// Print the outcome as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ResumeArgs {
+    /// The run id, or a prefix of 8 or more characters.
+    run: String,
+    #[command(flatten)]
+    spec: SpecArg,
+    /// Print each written row's key and new values.
+    #[arg(long, short)]
+    verbose: bool,
+    /// Do not ask for confirmation on a terminal.
+    #[arg(long, short)]
+    yes: bool,
+    /// Print the outcome as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// A run id or prefix (8+ characters); without it, the 20 most recent runs.
+    run: Option<String>,
+    #[command(flatten)]
+    spec: SpecArg,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct QuickstartArgs {
+    /// Where to create the demo (re-created if it exists).
+    #[arg(long, value_name = "DIR", default_value = "infill-quickstart")]
+    dir: PathBuf,
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}`: write it as NAME=VALUE"))?;
+    if k.trim().is_empty() {
+        return Err(format!("`{s}`: the name is empty"));
+    }
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+/// Runs a command and returns the process exit code.
+pub fn main(cli: Cli) -> u8 {
+    let level = std::env::var("INFILL_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::CannotProceed as u8;
+        }
+    };
+    let stop = Arc::new(Stop::new());
+    let result = runtime.block_on(async {
+        watch_signals(stop.clone());
+        dispatch(cli.command, &stop).await
+    });
+    match result {
+        Ok(code) => code as u8,
+        Err(e) => {
+            eprintln!("error: {}", output::error_chain(&e));
+            e.exit_code() as u8
+        }
+    }
+}
+
+fn watch_signals(stop: Arc<Stop>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    for kind in [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()] {
+        let stop = stop.clone();
+        if let Ok(mut s) = signal(kind) {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    if stop.requested() {
+                        eprintln!("\nsecond signal: rolling back the batch in flight");
+                    } else {
+                        eprintln!("\nstopping after the batch in flight (signal again to roll it back)");
+                    }
+                    stop.request();
+                }
+            });
+        }
+    }
+}
+
+fn spec_path(positional: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf, Error> {
+    match (positional, flag) {
+        (Some(a), Some(b)) if a != b => Err(Error::Usage(format!(
+            "two specs given ({} and --spec {}); give one",
+            a.display(),
+            b.display()
+        ))),
+        (Some(p), _) | (None, Some(p)) => Ok(p.to_path_buf()),
+        (None, None) => Ok(PathBuf::from("infill.toml")),
+    }
+}
+
+async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
+    match command {
+        Command::Run(a) => run(a, stop).await,
+        Command::Resume(a) => resume(a, stop).await,
+        Command::Status(a) => status(a).await,
+        Command::Quickstart(a) => quickstart(a, stop).await,
+    }
+}
+
+async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
+    let spec = Spec::load(spec_path(a.spec_file.as_deref(), a.spec.spec.as_deref())?)?;
+    let jobs = match &a.job {
+        Some(j) => {
+            spec.pick_job(Some(j))?;
+            vec![j.clone()]
+        }
+        None => spec.job_order(spec.jobs.keys().cloned().collect())?,
+    };
+    let overrides = Overrides { env: a.spec.env.clone(), params: a.params.clone(), batch_size: a.batch_size, rate: a.rate.clone() };
+    // Resolve every job before touching any database: a bad param fails first.
+    let resolved = jobs.iter().map(|j| spec.resolve(j, &overrides)).collect::<Result<Vec<_>, _>>()?;
+    for r in resolved {
+        let req = RunRequest {
+            job: r,
+            spec_sha256: spec.sha256.clone(),
+            dry_run: a.dry_run,
+            limit: a.limit,
+            verbose: a.verbose,
+            confirm: !a.yes && !a.dry_run && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
+            continue_run: None,
+        };
+        let code = execute(req, a.json, stop).await?;
+        if code != ExitCode::Success {
+            return Ok(code);
+        }
+    }
+    Ok(ExitCode::Success)
+}
+
+async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, Error> {
+    let progress = Progress::new(req.verbose);
+    let outcome = infill::run::run(req, &progress, stop).await;
+    progress.finish();
+    match outcome? {
+        Outcome::DryRun(report) => output::dry_run(&report, json),
+        Outcome::Ran(summary) => output::summary(&summary, json),
+    }
+    Ok(ExitCode::Success)
+}
+
+async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
+    let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
+    let (record, overrides) = infill::ops::find_for_resume(&spec, a.spec.env.as_deref(), &a.run).await?;
+    let r = spec.resolve(&record.job, &overrides)?;
+    let req = RunRequest {
+        job: r,
+        spec_sha256: spec.sha256.clone(),
+        dry_run: false,
+        limit: None,
+        verbose: a.verbose,
+        confirm: !a.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
+        continue_run: Some(record.id.clone()),
+    };
+    execute(req, a.json, stop).await
+}
+
+async fn status(a: StatusArgs) -> Result<ExitCode, Error> {
+    let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
+    let runs = infill::ops::status(&spec, a.spec.env.as_deref(), a.run.as_deref()).await?;
+    output::status(&runs, a.run.is_some(), a.json);
+    Ok(ExitCode::Success)
+}
+
+async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
+    let demo = infill::quickstart::create(&a.dir).await?;
+    let before = infill::quickstart::counts(&demo.database).await?;
+    println!("Created a demo database {} with {} answers;", demo.database.display(), before.rows);
+    println!(
+        "{} of them have no syllabus though their cohort has one, and {} belong to a cohort without one.",
+        before.missing, before.unfillable
+    );
+    println!("The spec {} fills them:\n", demo.spec.display());
+    for line in infill::quickstart::DEMO_SPEC.lines().filter(|l| l.starts_with("source") || l.starts_with("action")) {
+        println!("    {line}");
+    }
+    println!();
+    let spec = Spec::load(&demo.spec)?;
+    let r = spec.resolve("fill_syllabus", &Overrides::default())?;
+    let req = RunRequest {
+        job: r,
+        spec_sha256: spec.sha256.clone(),
+        dry_run: false,
+        limit: None,
+        verbose: false,
+        confirm: false,
+        continue_run: None,
+    };
+    let progress = Progress::new(false);
+    let outcome = infill::run::run(req, &progress, stop).await;
+    progress.finish();
+    let Outcome::Ran(summary) = outcome? else { unreachable!("the quickstart does not dry-run") };
+    output::summary(&summary, false);
+    let after = infill::quickstart::counts(&demo.database).await?;
+    println!(
+        "\nNow {} answers lack a syllabus their cohort has (was {}); the {} without a cohort syllabus were left alone by the guard.",
+        after.missing, before.missing, after.unfillable
+    );
+    let spec_arg = demo.spec.display();
+    println!("\nTry next:");
+    println!("  infill run {spec_arg} --dry-run        # read-only: nothing left to do, and a sample");
+    println!("  infill status --spec {spec_arg}        # the run, its batches and counters");
+    println!("  less {}                                # the audit log, one JSON line per batch", summary.audit_log);
+    println!("  infill run --help                       # every option, and the exit codes");
+    Ok(ExitCode::Success)
+}
