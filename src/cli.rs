@@ -168,6 +168,10 @@ fn watch_signals(stop: Arc<Stop>) {
         if let Ok(mut s) = signal(kind) {
             tokio::spawn(async move {
                 while s.recv().await.is_some() {
+                    if stop.aborted() {
+                        eprintln!("\nthird signal: exiting now; the run stays resumable");
+                        std::process::exit(ExitCode::Interrupted as i32);
+                    }
                     if stop.requested() {
                         eprintln!("\nsecond signal: rolling back the batch in flight");
                     } else {

@@ -114,12 +114,23 @@ impl Target {
         Ok(())
     }
 
+    /// A select list with every item aliased `infill_cN`, so output names
+    /// never shadow the table's columns in ORDER BY.
+    fn select_list(items: &[String]) -> String {
+        items.iter().enumerate().map(|(i, e)| format!("{e} AS infill_c{i}")).collect::<Vec<_>>().join(", ")
+    }
+
     fn key_list(&self) -> String {
         self.key_q.join(", ")
     }
 
     fn key_out(&self) -> Vec<String> {
         self.key_q.iter().map(|k| self.dialect.value_out(k)).collect()
+    }
+
+    fn bind_one(&self, b: &mut SqlBuilder<'_>, key: &Key, i: usize) -> String {
+        let ph = b.arg(key[i].clone());
+        self.dialect.value_in(&ph, &self.keys[i])
     }
 
     fn bind_key(&self, b: &mut SqlBuilder<'_>, key: &Key) -> Vec<String> {
@@ -134,12 +145,10 @@ impl Target {
     fn push_range(&self, b: &mut SqlBuilder<'_>, lo: Option<&Key>, hi: Option<&Key>, with_filter: bool) {
         let mut conds = Vec::new();
         if let Some(lo) = lo {
-            let v = self.bind_key(b, lo);
-            conds.push(self.dialect.key_after(&self.key_q, &v));
+            conds.push(self.dialect.key_after(&self.key_q, &mut |i| self.bind_one(b, lo, i)));
         }
         if let Some(hi) = hi {
-            let v = self.bind_key(b, hi);
-            conds.push(self.dialect.key_at_most(&self.key_q, &v));
+            conds.push(self.dialect.key_at_most(&self.key_q, &mut |i| self.bind_one(b, hi, i)));
         }
         // Conditions are pushed in order; the filter's binds come last.
         if !conds.is_empty() || (with_filter && self.filter.is_some()) {
@@ -163,13 +172,13 @@ impl Target {
 
     /// The largest key now: the run's frozen upper bound.
     pub fn max_key(&self) -> Query {
-        Query::new(format!("SELECT {} FROM {}{} LIMIT 1", self.key_out().join(", "), self.table, self.order_by(true)))
+        Query::new(format!("SELECT {} FROM {}{} LIMIT 1", Self::select_list(&self.key_out()), self.table, self.order_by(true)))
     }
 
     /// The key `n` rows after `lo` (the batch's upper end), if the range holds that many.
     pub fn boundary(&self, lo: Option<&Key>, upper: &Key, n: u64) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
-        b.push("SELECT ").push(&self.key_out().join(", ")).push(" FROM ").push(&self.table);
+        b.push("SELECT ").push(&Self::select_list(&self.key_out())).push(" FROM ").push(&self.table);
         self.push_range(&mut b, lo, Some(upper), false);
         b.push(&self.order_by(false)).push(&format!(" LIMIT 1 OFFSET {}", n.saturating_sub(1)));
         b.finish()
@@ -181,7 +190,7 @@ impl Target {
         let mut b = SqlBuilder::new(self.dialect);
         let mut cols = self.key_out();
         cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
-        b.push("SELECT ").push(&cols.join(", ")).push(" FROM ").push(&self.table);
+        b.push("SELECT ").push(&Self::select_list(&cols)).push(" FROM ").push(&self.table);
         self.push_range(&mut b, lo, Some(hi), true);
         b.push(&self.order_by(false));
         if let Some(l) = limit {
@@ -257,7 +266,7 @@ impl Target {
         let mut b = SqlBuilder::new(self.dialect);
         let mut cols = self.key_out();
         cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
-        b.push("SELECT ").push(&cols.join(", ")).push(" FROM ").push(&self.table).push(" WHERE ");
+        b.push("SELECT ").push(&Self::select_list(&cols)).push(" FROM ").push(&self.table).push(" WHERE ");
         self.push_in_list(&mut b, keys);
         b.finish()
     }
@@ -283,12 +292,13 @@ impl Target {
         let mut b = SqlBuilder::new(self.dialect);
         let mut cols = self.key_out();
         cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
-        b.push("SELECT ").push(&cols.join(", "));
-        for (_, f) in &self.sets {
+        b.push("SELECT ").push(&Self::select_list(&cols));
+        for (i, (_, f)) in self.sets.iter().enumerate() {
             b.push(", ");
             let mark = b.mark();
             b.push("(").fragment(f, &self.params).push(")");
             b.wrap_since(mark, |expr| self.dialect.value_out(expr));
+            b.push(&format!(" AS infill_e{i}"));
         }
         b.push(" FROM ").push(&self.table);
         self.push_range(&mut b, None, Some(upper), true);

@@ -79,13 +79,14 @@ pub trait Dialect: Send + Sync {
     /// as the column's own type.
     fn value_in(&self, placeholder: &str, column: &Column) -> String;
     /// `keys > values` in key order. Row comparison unless the engine's
-    /// optimizer needs the expanded form.
-    fn key_after(&self, keys: &[String], values: &[String]) -> String {
-        row_compare(keys, values, ">")
+    /// optimizer needs the expanded form. `value(i)` binds the i-th key
+    /// value and returns its placeholder; it is called once per use.
+    fn key_after(&self, keys: &[String], value: &mut dyn FnMut(usize) -> String) -> String {
+        row_compare(keys, value, ">")
     }
     /// `keys <= values` in key order.
-    fn key_at_most(&self, keys: &[String], values: &[String]) -> String {
-        row_compare(keys, values, "<=")
+    fn key_at_most(&self, keys: &[String], value: &mut dyn FnMut(usize) -> String) -> String {
+        row_compare(keys, value, "<=")
     }
     /// The weakest row lock that keeps a concurrent writer out until commit.
     fn lock_clause(&self) -> &'static str;
@@ -124,7 +125,8 @@ pub trait Dialect: Send + Sync {
     }
 }
 
-fn row_compare(keys: &[String], values: &[String], op: &str) -> String {
+fn row_compare(keys: &[String], value: &mut dyn FnMut(usize) -> String, op: &str) -> String {
+    let values: Vec<String> = (0..keys.len()).map(value).collect();
     if keys.len() == 1 {
         format!("{} {op} {}", keys[0], values[0])
     } else {
@@ -134,12 +136,12 @@ fn row_compare(keys: &[String], values: &[String], op: &str) -> String {
 
 /// Expanded keyset comparison, `a > ? OR (a = ? AND b > ?)`, for optimizers
 /// that do not use an index for row comparisons.
-pub(crate) fn expanded_compare(keys: &[String], values: &[String], strict: &str, last: &str) -> String {
+pub(crate) fn expanded_compare(keys: &[String], value: &mut dyn FnMut(usize) -> String, strict: &str, last: &str) -> String {
     let mut ors = Vec::new();
     for i in 0..keys.len() {
         let op = if i + 1 == keys.len() { last } else { strict };
-        let mut ands: Vec<String> = (0..i).map(|j| format!("{} = {}", keys[j], values[j])).collect();
-        ands.push(format!("{} {op} {}", keys[i], values[i]));
+        let mut ands: Vec<String> = (0..i).map(|j| format!("{} = {}", keys[j], value(j))).collect();
+        ands.push(format!("{} {op} {}", keys[i], value(i)));
         ors.push(if ands.len() == 1 { ands.remove(0) } else { format!("({})", ands.join(" AND ")) });
     }
     if ors.len() == 1 { ors.remove(0) } else { format!("({})", ors.join(" OR ")) }
@@ -466,13 +468,17 @@ impl Db {
         portable(self.dialect, sql, args)
     }
 
-    /// Closes the pool.
+    /// Closes the pool, waiting a few seconds at most for connections in
+    /// use (a connection left broken by an error must not hang the exit).
     pub async fn close(&self) {
-        match &self.pool {
-            Pool::Pg(p) => p.close().await,
-            Pool::My(p) => p.close().await,
-            Pool::Lite(p) => p.close().await,
-        }
+        let close = async {
+            match &self.pool {
+                Pool::Pg(p) => p.close().await,
+                Pool::My(p) => p.close().await,
+                Pool::Lite(p) => p.close().await,
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
     }
 }
 

@@ -51,11 +51,11 @@ impl Dialect for MySqlDialect {
             _ => placeholder.to_string(),
         }
     }
-    fn key_after(&self, keys: &[String], values: &[String]) -> String {
-        expanded_compare(keys, values, ">", ">")
+    fn key_after(&self, keys: &[String], value: &mut dyn FnMut(usize) -> String) -> String {
+        expanded_compare(keys, value, ">", ">")
     }
-    fn key_at_most(&self, keys: &[String], values: &[String]) -> String {
-        expanded_compare(keys, values, "<", "<=")
+    fn key_at_most(&self, keys: &[String], value: &mut dyn FnMut(usize) -> String) -> String {
+        expanded_compare(keys, value, "<", "<=")
     }
     fn lock_clause(&self) -> &'static str {
         " FOR UPDATE"
