@@ -124,6 +124,17 @@ impl TestDb {
         r.unwrap_or_else(|e| panic!("{e}\n in: {sql}")).unwrap_or(0)
     }
 
+    /// Like [`TestDb::int`], but None when the query fails (a table not created yet).
+    pub async fn try_int(&self, sql: &str) -> Option<i64> {
+        let q = AssertSqlSafe(sql.to_string());
+        let r: Result<Option<i64>, sqlx::Error> = match &self.pool {
+            Pool::Pg(p) => sqlx::query(q).fetch_one(p).await.and_then(|r| r.try_get(0)),
+            Pool::My(p) => sqlx::query(q).fetch_one(p).await.and_then(|r| r.try_get(0)),
+            Pool::Lite(p) => sqlx::query(q).fetch_one(p).await.and_then(|r| r.try_get(0)),
+        };
+        r.ok().map(|v| v.unwrap_or(0))
+    }
+
     /// Rows of a query whose columns are all text (or NULL), as strings.
     pub async fn texts(&self, sql: &str) -> Vec<Vec<Option<String>>> {
         let q = AssertSqlSafe(sql.to_string());

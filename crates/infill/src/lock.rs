@@ -90,13 +90,13 @@ impl JobLock {
 
         let lost = Arc::new(AtomicBool::new(false));
         let heartbeat = tokio::spawn({
-            let (db, name, run_id, lost) = (db.clone(), name.to_string(), run_id.to_string(), lost.clone());
+            let (db, name, lost) = (db.clone(), name.to_string(), lost.clone());
             async move {
                 loop {
                     tokio::time::sleep(HEARTBEAT).await;
                     let q = db.q(
-                        "UPDATE infill_locks SET heartbeat = ? WHERE name = ? AND run_id = ?",
-                        vec![Value::Text(chrono::Utc::now().to_rfc3339()), Value::Text(name.clone()), Value::Text(run_id.clone())],
+                        "UPDATE infill_locks SET heartbeat = ? WHERE name = ? AND host = ? AND pid = ?",
+                        vec![Value::Text(chrono::Utc::now().to_rfc3339()), Value::Text(name.clone()), Value::Text(host::hostname()), Value::Int(std::process::id() as i64)],
                     );
                     let Ok(mut c) = db.conn().await else { continue };
                     match c.execute(&q).await {
@@ -116,7 +116,10 @@ impl JobLock {
     pub async fn set_run(&mut self, id: &str) -> Result<()> {
         if let Kind::Row { db, name, run_id, .. } = &mut self.kind {
             let mut c = db.conn().await?;
-            c.execute(&db.q("UPDATE infill_locks SET run_id = ? WHERE name = ? AND run_id = ?", vec![Value::Text(id.into()), Value::Text(name.clone()), Value::Text(run_id.clone())]))
+            c.execute(&db.q(
+                "UPDATE infill_locks SET run_id = ? WHERE name = ? AND host = ? AND pid = ?",
+                vec![Value::Text(id.into()), Value::Text(name.clone()), Value::Text(host::hostname()), Value::Int(std::process::id() as i64)],
+            ))
                 .await
                 .map_err(Error::db("cannot update infill_locks"))?;
             *run_id = id.into();
@@ -145,11 +148,14 @@ impl JobLock {
             Kind::Session { mut conn, unlock } => {
                 let _ = conn.fetch(&unlock).await;
             }
-            Kind::Row { db, name, run_id, heartbeat, .. } => {
+            Kind::Row { db, name, heartbeat, .. } => {
                 heartbeat.abort();
                 if let Ok(mut c) = db.conn().await {
                     let _ = c
-                        .execute(&db.q("DELETE FROM infill_locks WHERE name = ? AND run_id = ?", vec![Value::Text(name), Value::Text(run_id)]))
+                        .execute(&db.q(
+                            "DELETE FROM infill_locks WHERE name = ? AND host = ? AND pid = ?",
+                            vec![Value::Text(name), Value::Text(host::hostname()), Value::Int(std::process::id() as i64)],
+                        ))
                         .await;
                 }
             }

@@ -490,7 +490,8 @@ impl Spec {
                     let mut cycle: Vec<&str> = path[start..].to_vec();
                     cycle.push(name);
                     let job = &spec.raw.jobs[name];
-                    return Err(spec.err(job.span(), format!("jobs.{name}.depends_on"), format!("dependency cycle: {}", cycle.join(" -> "))));
+                    let at = job.get_ref().depends_on.iter().find(|d| d.get_ref() == cycle[1]).map_or(job.span(), |d| d.span());
+                    return Err(spec.err(at, format!("jobs.{name}.depends_on"), format!("dependency cycle: {}", cycle.join(" -> "))));
                 }
                 _ => {}
             }
