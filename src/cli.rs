@@ -39,6 +39,11 @@ enum Command {
     Resume(ResumeArgs),
     /// Show recent runs, or one run in detail.
     Status(StatusArgs),
+    /// Give up an unfinished run, so the next `infill run` starts afresh.
+    ///
+    /// The run's process must be gone (killed, interrupted); what it wrote
+    /// stays written.
+    Cancel(CancelArgs),
     /// Create a demo SQLite database and spec, and run the backfill (no server needed).
     Quickstart(QuickstartArgs),
 }
@@ -116,6 +121,14 @@ struct StatusArgs {
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct CancelArgs {
+    /// The run id, or a prefix of 8 or more characters.
+    run: String,
+    #[command(flatten)]
+    spec: SpecArg,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +214,12 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
         Command::Run(a) => run(a, stop).await,
         Command::Resume(a) => resume(a, stop).await,
         Command::Status(a) => status(a).await,
+        Command::Cancel(a) => {
+            let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
+            let run = infill::ops::cancel(&spec, a.spec.env.as_deref(), &a.run).await?;
+            println!("run {} of job {} is cancelled; the next `infill run` starts a new run", infill::run::short(&run.id), run.job);
+            Ok(ExitCode::Success)
+        }
         Command::Quickstart(a) => quickstart(a, stop).await,
     }
 }

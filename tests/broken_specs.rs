@@ -244,7 +244,7 @@ async fn required_param_not_given() {
     let err = refused(&db, &spec, &[], &before).await;
     assert!(err.contains("job `fill` needs --param grp=<int>"), "{err}");
     // It says where the param is declared.
-    let (line, column) = position_of(&spec, "params.grp");
+    let (line, column) = position_of(&spec, "{ type = \"int\" }");
     assert!(err.contains(&format!("(declared at {}:{line}:{column})", spec.display())), "{err}");
 }
 

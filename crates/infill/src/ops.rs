@@ -75,3 +75,35 @@ pub async fn find_for_resume(spec: &Spec, env: Option<&str>, run: &str) -> Resul
     let overrides = Overrides { env: env.map(String::from).or(record.env.clone()), params, ..Default::default() };
     Ok((record, overrides))
 }
+
+/// Marks an unfinished run cancelled, so the next `infill run` starts a new
+/// one. A run whose process is alive must be stopped first (Ctrl-C): a live
+/// cancel through the state tables comes with `infill pause`/`cancel` control.
+pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunRecord> {
+    for url in targets(spec, env)? {
+        let db = Db::connect(&url, &ConnectOptions::default()).await?;
+        let mut c = db.conn().await?;
+        let found = match state::find_run(&db, &mut c, run).await {
+            Ok(r) => r,
+            Err(Error::RunNotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        if !found.status.is_unfinished() {
+            return Err(Error::CannotProceed(format!("run {} is already {}", &found.id[..8], found.status.as_str())));
+        }
+        if found.status == state::RunStatus::Running && !found.process_gone() {
+            return Err(Error::CannotProceed(format!(
+                "run {} is running (pid {} on {}); stop it with Ctrl-C (SIGINT) first, then cancel it",
+                &found.id[..8],
+                found.pid,
+                found.host
+            )));
+        }
+        state::set_status(&db, &mut c, &found.id, state::RunStatus::Cancelled, Some("cancelled by infill cancel")).await?;
+        let record = state::find_run(&db, &mut c, &found.id).await?;
+        drop(c);
+        db.close().await;
+        return Ok(record);
+    }
+    Err(Error::RunNotFound(format!("no run {run} in the databases of {}", spec.path.display())))
+}
