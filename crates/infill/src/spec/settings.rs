@@ -132,7 +132,7 @@ impl Settings {
             None => last!(rate).map(|r| Rate::parse(&r).expect("checked at load")),
         };
         let min_batch = last!(min_batch).unwrap_or(100) as u64;
-        let max_batch = last!(max_batch).unwrap_or(50_000) as u64;
+        let max_batch = last!(max_batch).unwrap_or(20_000) as u64;
         if min_batch > max_batch {
             return Err(Error::Usage(format!("min_batch ({min_batch}) is larger than max_batch ({max_batch})")));
         }
