@@ -139,7 +139,9 @@ struct QuickstartArgs {
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}`: write it as NAME=VALUE"))?;
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: write it as NAME=VALUE"))?;
     if k.trim().is_empty() {
         return Err(format!("`{s}`: the name is empty"));
     }
@@ -153,7 +155,11 @@ pub fn main(cli: Cli) -> u8 {
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -217,7 +223,11 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
         Command::Cancel(a) => {
             let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
             let run = infill::ops::cancel(&spec, a.spec.env.as_deref(), &a.run).await?;
-            println!("run {} of job {} is cancelled; the next `infill run` starts a new run", infill::run::short(&run.id), run.job);
+            println!(
+                "run {} of job {} is cancelled; the next `infill run` starts a new run",
+                infill::run::short(&run.id),
+                run.job
+            );
             Ok(ExitCode::Success)
         }
         Command::Quickstart(a) => quickstart(a, stop).await,
@@ -233,9 +243,17 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
         }
         None => spec.job_order(spec.jobs.keys().cloned().collect())?,
     };
-    let overrides = Overrides { env: a.spec.env.clone(), params: a.params.clone(), batch_size: a.batch_size, rate: a.rate.clone() };
+    let overrides = Overrides {
+        env: a.spec.env.clone(),
+        params: a.params.clone(),
+        batch_size: a.batch_size,
+        rate: a.rate.clone(),
+    };
     // Resolve every job before touching any database: a bad param fails first.
-    let resolved = jobs.iter().map(|j| spec.resolve(j, &overrides)).collect::<Result<Vec<_>, _>>()?;
+    let resolved = jobs
+        .iter()
+        .map(|j| spec.resolve(j, &overrides))
+        .collect::<Result<Vec<_>, _>>()?;
     for r in resolved {
         let req = RunRequest {
             job: r,
@@ -291,13 +309,20 @@ async fn status(a: StatusArgs) -> Result<ExitCode, Error> {
 async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
     let demo = infill::quickstart::create(&a.dir).await?;
     let before = infill::quickstart::counts(&demo.database).await?;
-    println!("Created a demo database {} with {} answers;", demo.database.display(), before.rows);
+    println!(
+        "Created a demo database {} with {} answers;",
+        demo.database.display(),
+        before.rows
+    );
     println!(
         "{} of them have no syllabus though their cohort has one, and {} belong to a cohort without one.",
         before.missing, before.unfillable
     );
     println!("The spec {} fills them:\n", demo.spec.display());
-    for line in infill::quickstart::DEMO_SPEC.lines().filter(|l| l.starts_with("source") || l.starts_with("action")) {
+    for line in infill::quickstart::DEMO_SPEC
+        .lines()
+        .filter(|l| l.starts_with("source") || l.starts_with("action"))
+    {
         println!("    {line}");
     }
     println!();
@@ -315,7 +340,9 @@ async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
     let progress = Progress::new(false);
     let outcome = infill::run::run(req, &progress, stop).await;
     progress.finish();
-    let Outcome::Ran(summary) = outcome? else { unreachable!("the quickstart does not dry-run") };
+    let Outcome::Ran(summary) = outcome? else {
+        unreachable!("the quickstart does not dry-run")
+    };
     output::summary(&summary, false);
     let after = infill::quickstart::counts(&demo.database).await?;
     println!(
@@ -326,7 +353,10 @@ async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
     println!("\nTry next:");
     println!("  infill run {spec_arg} --dry-run        # read-only: nothing left to do, and a sample");
     println!("  infill status --spec {spec_arg}        # the run, its batches and counters");
-    println!("  less {}                                # the audit log, one JSON line per batch", summary.audit_log);
+    println!(
+        "  less {}                                # the audit log, one JSON line per batch",
+        summary.audit_log
+    );
     println!("  infill run --help                       # every option, and the exit codes");
     Ok(ExitCode::Success)
 }

@@ -22,7 +22,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -36,7 +36,11 @@ pub fn summary(s: &RunSummary, json: bool) {
         println!("{}", serde_json::to_string_pretty(s).expect("serialisable"));
         return;
     }
-    let mark = if s.status == RunStatus::Succeeded { "done" } else { s.status.as_str() };
+    let mark = if s.status == RunStatus::Succeeded {
+        "done"
+    } else {
+        s.status.as_str()
+    };
     println!(
         "{mark}: job {} wrote {} rows in {} batches ({} skipped by the guard), {:.1}s; run {}",
         s.job,
@@ -85,8 +89,15 @@ pub fn dry_run(r: &DryRunReport, json: bool) {
 /// `infill status`.
 pub fn status(runs: &[RunRecord], one: bool, json: bool) {
     if json {
-        let v = if one && runs.len() == 1 { serde_json::to_value(&runs[0]) } else { serde_json::to_value(runs) };
-        println!("{}", serde_json::to_string_pretty(&v.expect("serialisable")).expect("serialisable"));
+        let v = if one && runs.len() == 1 {
+            serde_json::to_value(&runs[0])
+        } else {
+            serde_json::to_value(runs)
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v.expect("serialisable")).expect("serialisable")
+        );
         return;
     }
     if runs.is_empty() {
@@ -118,11 +129,24 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool) {
         );
         println!(
             "cursor    {} of {}",
-            r.cursor.as_ref().map(|k| key_display(k)).unwrap_or_else(|| "(start)".into()),
-            r.upper.as_ref().map(|k| key_display(k)).unwrap_or_else(|| "(empty table)".into())
+            r.cursor
+                .as_ref()
+                .map(|k| key_display(k))
+                .unwrap_or_else(|| "(start)".into()),
+            r.upper
+                .as_ref()
+                .map(|k| key_display(k))
+                .unwrap_or_else(|| "(empty table)".into())
         );
         println!("batch     {} keys", thousands(r.batch_size));
-        println!("undo      {}", if r.undo_enabled { "images kept" } else { "off (undo = false)" });
+        println!(
+            "undo      {}",
+            if r.undo_enabled {
+                "images kept"
+            } else {
+                "off (undo = false)"
+            }
+        );
         println!("by        {} on {} (pid {})", r.os_user, r.host, r.pid);
         println!("started   {}", r.started_at);
         println!("updated   {}", r.updated_at);
@@ -134,7 +158,10 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool) {
         }
         return;
     }
-    println!("{:<10} {:<24} {:<27} {:>9} {:>12}  {}", "RUN", "JOB", "STATUS", "BATCHES", "WRITTEN", "UPDATED");
+    println!(
+        "{:<10} {:<24} {:<27} {:>9} {:>12}  UPDATED",
+        "RUN", "JOB", "STATUS", "BATCHES", "WRITTEN"
+    );
     for r in runs {
         println!(
             "{:<10} {:<24} {:<27} {:>9} {:>12}  {}",

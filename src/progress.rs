@@ -31,7 +31,13 @@ impl Progress {
         Progress {
             verbose,
             terminal: std::io::stderr().is_terminal(),
-            state: Mutex::new(State { bar: None, scanned: 0, written: 0, last_line: Instant::now(), started: Instant::now() }),
+            state: Mutex::new(State {
+                bar: None,
+                scanned: 0,
+                written: 0,
+                last_line: Instant::now(),
+                started: Instant::now(),
+            }),
         }
     }
 
@@ -54,15 +60,21 @@ impl Observer for Progress {
         let mut st = self.state.lock().expect("progress lock");
         match event {
             Event::Notice(text) => self.println(&st, text),
-            Event::Started { estimated_keys, scanned_keys, .. } => {
+            Event::Started {
+                estimated_keys,
+                scanned_keys,
+                ..
+            } => {
                 st.scanned = *scanned_keys;
                 st.started = Instant::now();
                 if self.terminal {
                     let bar = ProgressBar::with_draw_target(*estimated_keys, ProgressDrawTarget::stderr());
                     bar.set_style(
-                        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} keys  {msg}  ETA {eta}")
-                            .expect("valid template")
-                            .progress_chars("=> "),
+                        ProgressStyle::with_template(
+                            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} keys  {msg}  ETA {eta}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
                     );
                     bar.set_position(*scanned_keys);
                     bar.enable_steady_tick(Duration::from_millis(200));
@@ -106,7 +118,10 @@ impl Observer for Progress {
     }
 
     fn confirm(&self, c: &Confirmation<'_>) -> bool {
-        eprint!("Write {} candidate rows of job {} on {}? [y/N] ", c.candidates, c.job, c.target);
+        eprint!(
+            "Write {} candidate rows of job {} on {}? [y/N] ",
+            c.candidates, c.job, c.target
+        );
         let _ = std::io::stderr().flush();
         let mut answer = String::new();
         if std::io::stdin().lock().read_line(&mut answer).is_err() {

@@ -23,8 +23,17 @@ params.label = { type = "text", default = "filled" }
 "#;
 
 /// Fields whose values change from run to run; masked in the snapshot.
-const PER_RUN: &[&str] =
-    &["ts", "run_id", "duration_ms", "pid", "host", "user", "spec_sha256", "definition_sha256", "infill_version"];
+const PER_RUN: &[&str] = &[
+    "ts",
+    "run_id",
+    "duration_ms",
+    "pid",
+    "host",
+    "user",
+    "spec_sha256",
+    "definition_sha256",
+    "infill_version",
+];
 
 /// The fields of every batch line, exactly.
 const BATCH_FIELDS: &[&str] = &[
@@ -43,7 +52,8 @@ const BATCH_FIELDS: &[&str] = &[
 ];
 
 async fn fixture(db: &TestDb) {
-    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, grp INTEGER NOT NULL, note VARCHAR(40))").await;
+    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, grp INTEGER NOT NULL, note VARCHAR(40))")
+        .await;
     db.exec(&format!(
         "INSERT INTO items (id, grp, note) SELECT i, i % 4, CASE WHEN i % 10 = 0 THEN 'kept' ELSE NULL END FROM ({}) s",
         db.series(ROWS as u64)
@@ -53,7 +63,10 @@ async fn fixture(db: &TestDb) {
 
 /// Candidates with keys in `(lo, hi]`, counted by the test itself.
 async fn candidates(db: &TestDb, lo: i64, hi: i64) -> i64 {
-    db.int(&format!("SELECT COUNT(*) FROM items WHERE note IS NULL AND grp <> 3 AND id > {lo} AND id <= {hi}")).await
+    db.int(&format!(
+        "SELECT COUNT(*) FROM items WHERE note IS NULL AND grp <> 3 AND id > {lo} AND id <= {hi}"
+    ))
+    .await
 }
 
 /// A one-column key as an integer: SQLite keys are JSON numbers, PostgreSQL
@@ -69,7 +82,8 @@ fn key_int(key: &Value) -> i64 {
 }
 
 fn is_sha256(v: &Value) -> bool {
-    v.as_str().is_some_and(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+    v.as_str()
+        .is_some_and(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Runs the job (1000 rows, fixed batches of 250) and checks the whole log
@@ -84,7 +98,15 @@ async fn run_and_check(db: &TestDb) -> Vec<Value> {
     assert!(want.iter().all(|&n| n > 100), "{want:?}");
 
     let spec = db.spec(SPEC);
-    let out = db.run(&["run", spec.to_str().unwrap(), "--param", "skip=3", "--batch-size", "250", "--json"]);
+    let out = db.run(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--param",
+        "skip=3",
+        "--batch-size",
+        "250",
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["status"], "succeeded");
@@ -110,7 +132,10 @@ async fn run_and_check(db: &TestDb) -> Vec<Value> {
         assert_eq!(l["run_id"], run_id.as_str(), "{l}");
         let ts = l["ts"].as_str().unwrap_or_else(|| panic!("ts in {l}"));
         assert!(chrono_like(ts), "{ts}");
-        assert!(ts >= last_ts.as_str(), "timestamps do not go back: {ts} after {last_ts}");
+        assert!(
+            ts >= last_ts.as_str(),
+            "timestamps do not go back: {ts} after {last_ts}"
+        );
         last_ts = ts.to_string();
     }
 
@@ -126,15 +151,29 @@ async fn run_and_check(db: &TestDb) -> Vec<Value> {
     assert_eq!(start["undo"], true);
     assert_eq!(start["limit"], Value::Null);
     assert_eq!(start["infill_version"], env!("CARGO_PKG_VERSION"));
-    assert!(start["pid"].as_u64().is_some_and(|p| p > 0 && p != u64::from(std::process::id())), "the infill process: {start}");
+    assert!(
+        start["pid"]
+            .as_u64()
+            .is_some_and(|p| p > 0 && p != u64::from(std::process::id())),
+        "the infill process: {start}"
+    );
     assert!(start["host"].as_str().is_some_and(|h| !h.is_empty()), "{start}");
     assert!(start["user"].as_str().is_some_and(|u| !u.is_empty()), "{start}");
-    assert!(is_sha256(&start["spec_sha256"]) && is_sha256(&start["definition_sha256"]), "{start}");
+    assert!(
+        is_sha256(&start["spec_sha256"]) && is_sha256(&start["definition_sha256"]),
+        "{start}"
+    );
     let state = db
-        .texts(&format!("SELECT spec_sha256, definition_sha256, job, status FROM infill_runs WHERE id = '{run_id}'"))
+        .texts(&format!(
+            "SELECT spec_sha256, definition_sha256, job, status FROM infill_runs WHERE id = '{run_id}'"
+        ))
         .await;
     assert_eq!(state.len(), 1);
-    assert_eq!(start["spec_sha256"].as_str(), state[0][0].as_deref(), "the same spec digest as the state row");
+    assert_eq!(
+        start["spec_sha256"].as_str(),
+        state[0][0].as_deref(),
+        "the same spec digest as the state row"
+    );
     assert_eq!(start["definition_sha256"].as_str(), state[0][1].as_deref());
     assert_eq!(state[0][3].as_deref(), Some("succeeded"));
 
@@ -159,7 +198,11 @@ async fn run_and_check(db: &TestDb) -> Vec<Value> {
         if lower.is_null() {
             assert_eq!(b["lower"], Value::Null, "the first batch starts at the beginning");
         } else {
-            assert_eq!(key_int(&b["lower"]), key_int(&lower), "each batch starts where the last ended");
+            assert_eq!(
+                key_int(&b["lower"]),
+                key_int(&lower),
+                "each batch starts where the last ended"
+            );
         }
         assert_eq!(key_int(&b["upper"]), n * BATCH);
         assert_eq!(b["rows_read"], want[i], "batch {n}");
@@ -170,8 +213,16 @@ async fn run_and_check(db: &TestDb) -> Vec<Value> {
         assert_eq!(b["retries"], 0);
         let row = &stored[i];
         assert_eq!(row[0].as_deref(), Some(n.to_string().as_str()));
-        assert_eq!(row[1].as_deref(), Some(want[i].to_string().as_str()), "infill_batches agrees");
-        assert_eq!(row[2].as_deref(), Some(want[i].to_string().as_str()), "infill_batches agrees");
+        assert_eq!(
+            row[1].as_deref(),
+            Some(want[i].to_string().as_str()),
+            "infill_batches agrees"
+        );
+        assert_eq!(
+            row[2].as_deref(),
+            Some(want[i].to_string().as_str()),
+            "infill_batches agrees"
+        );
         lower = b["upper"].clone();
     }
 
@@ -236,7 +287,17 @@ async fn continued_run_appends_to_the_same_log(db: TestDb) {
     let total = candidates(&db, 0, ROWS).await;
     let spec = db.spec(SPEC);
     let spec = spec.to_str().unwrap();
-    let first = db.run(&["run", spec, "--param", "skip=3", "--batch-size", "250", "--limit", "300", "--json"]);
+    let first = db.run(&[
+        "run",
+        spec,
+        "--param",
+        "skip=3",
+        "--batch-size",
+        "250",
+        "--limit",
+        "300",
+        "--json",
+    ]);
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     let first: Value = serde_json::from_slice(&first.stdout).unwrap();
     assert_eq!(first["status"], "interrupted");
@@ -250,7 +311,12 @@ async fn continued_run_appends_to_the_same_log(db: TestDb) {
 
     let lines = db.audit(None);
     let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
-    let ends: Vec<usize> = events.iter().enumerate().filter(|(_, e)| **e == "run_end").map(|(i, _)| i).collect();
+    let ends: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e == "run_end")
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(ends.len(), 2, "{events:?}");
     let (one, two) = lines.split_at(ends[0] + 1);
     assert_eq!(one[0]["event"], "run_start");
@@ -259,7 +325,10 @@ async fn continued_run_appends_to_the_same_log(db: TestDb) {
     let end1 = one.last().unwrap();
     assert_eq!(end1["status"], "interrupted");
     assert_eq!(end1["rows_changed"], 300);
-    assert!(end1["message"].as_str().is_some_and(|m| m.contains("--limit 300")), "{end1}");
+    assert!(
+        end1["message"].as_str().is_some_and(|m| m.contains("--limit 300")),
+        "{end1}"
+    );
     assert_eq!(two[0]["event"], "run_start");
     assert_eq!(two[0]["resumed"], true);
     // The second process starts from the last committed batch's upper key.
@@ -267,13 +336,23 @@ async fn continued_run_appends_to_the_same_log(db: TestDb) {
     assert_eq!(key_int(&two[0]["cursor"]), key_int(&last_batch["upper"]));
     assert_eq!(key_int(&two[0]["upper"]), ROWS, "the same frozen upper bound");
     assert_eq!(two.last().unwrap()["status"], "succeeded");
-    assert_eq!(two.last().unwrap()["rows_changed"], total, "run_end counts the whole run");
+    assert_eq!(
+        two.last().unwrap()["rows_changed"],
+        total,
+        "run_end counts the whole run"
+    );
     // Batch numbers continue; the batch lines add up to the total.
     let batches: Vec<&Value> = lines.iter().filter(|l| l["event"] == "batch").collect();
     for (i, b) in batches.iter().enumerate() {
         assert_eq!(b["batch_no"], i as i64 + 1, "{b}");
     }
-    assert_eq!(batches.iter().map(|b| b["rows_changed"].as_i64().unwrap()).sum::<i64>(), total);
+    assert_eq!(
+        batches.iter().map(|b| b["rows_changed"].as_i64().unwrap()).sum::<i64>(),
+        total
+    );
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE note = 'filled'").await, total);
 }
-on_all_backends!(continued_run_appends_to_the_same_log, continued_run_appends_to_the_same_log);
+on_all_backends!(
+    continued_run_appends_to_the_same_log,
+    continued_run_appends_to_the_same_log
+);

@@ -8,7 +8,8 @@ use common::{TestDb, text};
 
 async fn sparse_where_keeps_batches_bounded(db: TestDb) {
     const ROWS: u64 = 2_000_000;
-    db.exec("CREATE TABLE events (id BIGINT NOT NULL PRIMARY KEY, kind INTEGER NOT NULL, fixed INTEGER)").await;
+    db.exec("CREATE TABLE events (id BIGINT NOT NULL PRIMARY KEY, kind INTEGER NOT NULL, fixed INTEGER)")
+        .await;
     db.exec(&format!(
         "INSERT INTO events (id, kind, fixed) SELECT i, i % 100000, CASE WHEN i % 100000 = 0 THEN NULL ELSE 1 END FROM ({}) s",
         db.series(ROWS)
@@ -25,13 +26,22 @@ action.update.fixed = "kind + 2"
     );
     let out = db.run(&["run", spec.to_str().unwrap(), "--batch-size", "10000", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(db.int("SELECT COUNT(*) FROM events WHERE fixed IS NULL OR (id % 100000 = 0 AND fixed <> 2)").await, 0);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM events WHERE fixed IS NULL OR (id % 100000 = 0 AND fixed <> 2)")
+            .await,
+        0
+    );
 
     let log = db.audit(None);
     let batches: Vec<&serde_json::Value> = log.iter().filter(|l| l["event"] == "batch").collect();
     // Every batch covers exactly the next 10,000 keys, whether or not they hold candidates.
     assert_eq!(batches.len() as u64, ROWS / 10_000);
-    let key = |v: &serde_json::Value| v[0].as_str().map(|s| s.parse::<i64>().unwrap()).or(v[0].as_i64()).unwrap();
+    let key = |v: &serde_json::Value| {
+        v[0].as_str()
+            .map(|s| s.parse::<i64>().unwrap())
+            .or(v[0].as_i64())
+            .unwrap()
+    };
     for (i, b) in batches.iter().enumerate() {
         let upper = key(&b["upper"]);
         assert_eq!(upper, (i as i64 + 1) * 10_000, "batch {} ends after 10,000 keys", i + 1);
@@ -47,9 +57,18 @@ action.update.fixed = "kind + 2"
 on_all_backends!(sparse_where_keeps_batches_bounded, sparse_where_keeps_batches_bounded);
 
 async fn changed_definition_refuses_to_continue(db: TestDb) {
-    db.exec("CREATE TABLE t (id BIGINT NOT NULL PRIMARY KEY, v INTEGER)").await;
-    db.exec(&format!("INSERT INTO t (id, v) SELECT i, NULL FROM ({}) s", db.series(1000))).await;
-    let body = |expr: &str| format!("[jobs.fill]\nsource.table = \"t\"\nsource.key = \"id\"\nsource.where = \"v IS NULL\"\naction.update.v = \"{expr}\"\n");
+    db.exec("CREATE TABLE t (id BIGINT NOT NULL PRIMARY KEY, v INTEGER)")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO t (id, v) SELECT i, NULL FROM ({}) s",
+        db.series(1000)
+    ))
+    .await;
+    let body = |expr: &str| {
+        format!(
+            "[jobs.fill]\nsource.table = \"t\"\nsource.key = \"id\"\nsource.where = \"v IS NULL\"\naction.update.v = \"{expr}\"\n"
+        )
+    };
     let spec = db.spec(&body("1"));
     let out = db.run(&["run", spec.to_str().unwrap(), "--limit", "100", "--batch-size", "50"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -59,7 +78,13 @@ async fn changed_definition_refuses_to_continue(db: TestDb) {
     let out = db.run(&["run", spec.to_str().unwrap(), "--batch-size", "50"]);
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("run {} of job `fill` is unfinished and the job's definition changed", &id[..8])), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "run {} of job `fill` is unfinished and the job's definition changed",
+            &id[..8]
+        )),
+        "{stderr}"
+    );
     assert!(stderr.contains("infill cancel"), "names the way out: {stderr}");
     assert_eq!(db.int("SELECT COUNT(*) FROM t WHERE v = 2").await, 0, "nothing written");
 
@@ -76,8 +101,19 @@ async fn changed_definition_refuses_to_continue(db: TestDb) {
     db.spec(&body("2"));
     let out = db.run(&["run", spec.to_str().unwrap(), "--batch-size", "50"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(db.int("SELECT COUNT(*) FROM t WHERE v = 1").await, 200, "written rows stay");
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM t WHERE v = 1").await,
+        200,
+        "written rows stay"
+    );
     assert_eq!(db.int("SELECT COUNT(*) FROM t WHERE v = 2").await, 800);
-    assert_eq!(db.int("SELECT COUNT(*) FROM infill_runs WHERE status = 'cancelled'").await, 1);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs WHERE status = 'cancelled'")
+            .await,
+        1
+    );
 }
-on_all_backends!(changed_definition_refuses_to_continue, changed_definition_refuses_to_continue);
+on_all_backends!(
+    changed_definition_refuses_to_continue,
+    changed_definition_refuses_to_continue
+);

@@ -36,7 +36,8 @@ async fn sqlite() -> TestDb {
 
 /// The target table, 100 rows, a third of them candidates; returns its checksum.
 async fn fixture(db: &TestDb) -> String {
-    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, grp INTEGER NOT NULL, note VARCHAR(40))").await;
+    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, grp INTEGER NOT NULL, note VARCHAR(40))")
+        .await;
     db.exec(&format!(
         "INSERT INTO items (id, grp, note) SELECT i, i % 3, CASE WHEN i % 10 = 0 THEN 'kept' ELSE NULL END FROM ({}) s",
         db.series(100)
@@ -54,7 +55,11 @@ async fn refused_by(db: &TestDb, cmd: &mut Command, before: &str) -> String {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.starts_with("error: "), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(db.checksum("items", COLS, "id").await, before, "the target table is unchanged");
+    assert_eq!(
+        db.checksum("items", COLS, "id").await,
+        before,
+        "the target table is unchanged"
+    );
     assert!(!db.table_exists("infill_runs").await, "no state table was created");
     assert!(!db.path().join("infill_logs").exists(), "no audit log was written");
     stderr
@@ -79,13 +84,17 @@ struct Pointed {
 fn pointed(stderr: &str, spec: &Path) -> Pointed {
     let first = stderr.lines().next().unwrap_or_default();
     let prefix = format!("error: {}:", spec.display());
-    let rest = first.strip_prefix(&prefix).unwrap_or_else(|| panic!("the error does not start with `{prefix}`:\n{stderr}"));
+    let rest = first
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("the error does not start with `{prefix}`:\n{stderr}"));
     let (line, rest) = rest.split_once(':').unwrap_or_else(|| panic!("no line in {stderr}"));
     let (column, rest) = rest.split_once(": ").unwrap_or_else(|| panic!("no column in {stderr}"));
     let (field, message) = rest.split_once(": ").unwrap_or_else(|| panic!("no field in {stderr}"));
     Pointed {
         line: line.parse().unwrap_or_else(|_| panic!("line `{line}` in {stderr}")),
-        column: column.parse().unwrap_or_else(|_| panic!("column `{column}` in {stderr}")),
+        column: column
+            .parse()
+            .unwrap_or_else(|_| panic!("column `{column}` in {stderr}")),
         field: field.to_string(),
         message: message.to_string(),
     }
@@ -95,17 +104,29 @@ fn pointed(stderr: &str, spec: &Path) -> Pointed {
 /// `needle` must occur once.
 fn position_of(spec: &Path, needle: &str) -> (usize, usize) {
     let text = std::fs::read_to_string(spec).unwrap();
-    assert_eq!(text.matches(needle).count(), 1, "`{needle}` must occur once in:\n{text}");
+    assert_eq!(
+        text.matches(needle).count(),
+        1,
+        "`{needle}` must occur once in:\n{text}"
+    );
     let offset = text.find(needle).unwrap();
     let before = &text[..offset];
-    (before.matches('\n').count() + 1, before.rsplit('\n').next().unwrap().chars().count() + 1)
+    (
+        before.matches('\n').count() + 1,
+        before.rsplit('\n').next().unwrap().chars().count() + 1,
+    )
 }
 
 impl Pointed {
     /// Asserts the error points at where `needle` starts and names `field`.
     fn at(&self, spec: &Path, needle: &str, field: &str) -> &Self {
         let (line, column) = position_of(spec, needle);
-        assert_eq!((self.line, self.column), (line, column), "points at `{}`: {self:?}", needle.escape_debug());
+        assert_eq!(
+            (self.line, self.column),
+            (line, column),
+            "points at `{}`: {self:?}",
+            needle.escape_debug()
+        );
         assert_eq!(self.field, field, "{self:?}");
         self
     }
@@ -122,7 +143,9 @@ fn masked(db: &TestDb, stderr: &str) -> String {
 
 async fn the_unbroken_spec_runs(db: TestDb) {
     fixture(&db).await;
-    let want = db.int("SELECT COUNT(*) FROM items WHERE note IS NULL AND grp = 1").await;
+    let want = db
+        .int("SELECT COUNT(*) FROM items WHERE note IS NULL AND grp = 1")
+        .await;
     assert!(want > 20, "{want}");
     let spec = db.spec(GOOD);
     let out = db.run(&["run", spec.to_str().unwrap(), "--json"]);
@@ -146,7 +169,9 @@ async fn bad_toml_syntax() {
     let spec = db.spec(&broken("grp = :grp\"", "grp = :grp"));
     let err = refused(&db, &spec, &[], &before).await;
     // Points at the end of the line where the string should have closed.
-    pointed(&err, &spec).at(&spec, "\naction.update.note", "jobs.fill.source.where").says("invalid basic string");
+    pointed(&err, &spec)
+        .at(&spec, "\naction.update.note", "jobs.fill.source.where")
+        .says("invalid basic string");
     insta::assert_snapshot!("bad_toml_syntax", masked(&db, &err));
 }
 
@@ -156,7 +181,10 @@ async fn unknown_top_level_field() {
     let before = fixture(&db).await;
     let spec = db.spec(&format!("{GOOD}\n[defaultz]\nbatch_size = 500\n"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "defaultz]", "defaultz").says("unknown field `defaultz`").says("`defaults`");
+    pointed(&err, &spec)
+        .at(&spec, "defaultz]", "defaultz")
+        .says("unknown field `defaultz`")
+        .says("`defaults`");
     insta::assert_snapshot!("unknown_top_level_field", masked(&db, &err));
 }
 
@@ -166,7 +194,10 @@ async fn unknown_field_inside_a_job() {
     let before = fixture(&db).await;
     let spec = db.spec(&broken("source.key", "source.kee"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "kee", "jobs.fill.source.kee").says("unknown field `kee`").says("`key`");
+    pointed(&err, &spec)
+        .at(&spec, "kee", "jobs.fill.source.kee")
+        .says("unknown field `kee`")
+        .says("`key`");
     insta::assert_snapshot!("unknown_field_inside_a_job", masked(&db, &err));
 }
 
@@ -177,7 +208,9 @@ async fn missing_source_table() {
     let spec = db.spec(&broken("source.table = \"items\"\n", ""));
     let err = refused(&db, &spec, &[], &before).await;
     // The `source` table starts at its first dotted key.
-    pointed(&err, &spec).at(&spec, "source.key", "jobs.fill.source.table").says("missing");
+    pointed(&err, &spec)
+        .at(&spec, "source.key", "jobs.fill.source.table")
+        .says("missing");
 }
 
 #[tokio::test]
@@ -186,7 +219,9 @@ async fn missing_source_key() {
     let before = fixture(&db).await;
     let spec = db.spec(&broken("source.key = \"id\"\n", ""));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "source.table", "jobs.fill.source.key").says("missing");
+    pointed(&err, &spec)
+        .at(&spec, "source.table", "jobs.fill.source.key")
+        .says("missing");
 }
 
 #[tokio::test]
@@ -195,7 +230,10 @@ async fn missing_action() {
     let before = fixture(&db).await;
     let spec = db.spec(&broken("action.update.note = \"'filled'\"\n", ""));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "[jobs.fill]", "jobs.fill.action").says("missing").says("action.update");
+    pointed(&err, &spec)
+        .at(&spec, "[jobs.fill]", "jobs.fill.action")
+        .says("missing")
+        .says("action.update");
     insta::assert_snapshot!("missing_action", masked(&db, &err));
 }
 
@@ -205,7 +243,9 @@ async fn unknown_param_type() {
     let before = fixture(&db).await;
     let spec = db.spec(&broken("type = \"int\"", "type = \"integer64\""));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"integer64\"", "jobs.fill.params.grp.type").says("unknown type `integer64`");
+    pointed(&err, &spec)
+        .at(&spec, "\"integer64\"", "jobs.fill.params.grp.type")
+        .says("unknown type `integer64`");
 }
 
 #[tokio::test]
@@ -214,7 +254,9 @@ async fn bad_param_default() {
     let before = fixture(&db).await;
     let spec = db.spec(&broken("default = 1", "default = \"one\""));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"one\"", "jobs.fill.params.grp.default").says("`one` is not an int");
+    pointed(&err, &spec)
+        .at(&spec, "\"one\"", "jobs.fill.params.grp.default")
+        .says("`one` is not an int");
 }
 
 #[tokio::test]
@@ -240,12 +282,18 @@ async fn param_not_declared_by_the_job() {
 async fn required_param_not_given() {
     let db = sqlite().await;
     let before = fixture(&db).await;
-    let spec = db.spec(&broken("params.grp = { type = \"int\", default = 1 }", "params.grp = { type = \"int\" }"));
+    let spec = db.spec(&broken(
+        "params.grp = { type = \"int\", default = 1 }",
+        "params.grp = { type = \"int\" }",
+    ));
     let err = refused(&db, &spec, &[], &before).await;
     assert!(err.contains("job `fill` needs --param grp=<int>"), "{err}");
     // It says where the param is declared.
     let (line, column) = position_of(&spec, "{ type = \"int\" }");
-    assert!(err.contains(&format!("(declared at {}:{line}:{column})", spec.display())), "{err}");
+    assert!(
+        err.contains(&format!("(declared at {}:{line}:{column})", spec.display())),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -254,7 +302,9 @@ async fn undeclared_param_in_where() {
     let before = fixture(&db).await;
     let spec = db.spec(&broken("params.grp = { type = \"int\", default = 1 }\n", ""));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"note IS NULL", "jobs.fill.source.where").says("uses :grp, which is not declared");
+    pointed(&err, &spec)
+        .at(&spec, "\"note IS NULL", "jobs.fill.source.where")
+        .says("uses :grp, which is not declared");
     insta::assert_snapshot!("undeclared_param_in_where", masked(&db, &err));
 }
 
@@ -267,7 +317,9 @@ async fn undefined_variable_in_the_database_url() {
     let mut cmd = db.infill();
     cmd.env_remove(var).arg("run").arg(&spec);
     let err = refused_by(&db, &mut cmd, &before).await;
-    pointed(&err, &spec).at(&spec, "\"sqlite://", "databases.target").says(&format!("${{{var}}} is not set"));
+    pointed(&err, &spec)
+        .at(&spec, "\"sqlite://", "databases.target")
+        .says(&format!("${{{var}}} is not set"));
     insta::assert_snapshot!("undefined_variable_in_the_database_url", masked(&db, &err));
 }
 
@@ -278,7 +330,10 @@ async fn unknown_job() {
     let spec = db.spec(GOOD);
     let err = refused(&db, &spec, &["--job", "nope"], &before).await;
     // No position to point at: the job is not in the file. The file and its jobs are named.
-    assert_eq!(err, format!("error: {}: no job named `nope` (jobs: fill)\n", spec.display()));
+    assert_eq!(
+        err,
+        format!("error: {}: no job named `nope` (jobs: fill)\n", spec.display())
+    );
 }
 
 #[tokio::test]
@@ -287,7 +342,9 @@ async fn unknown_dependency() {
     let before = fixture(&db).await;
     let spec = db.spec(&format!("{GOOD}depends_on = [\"ghost\"]\n"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"ghost\"", "jobs.fill.depends_on").says("unknown job `ghost`");
+    pointed(&err, &spec)
+        .at(&spec, "\"ghost\"", "jobs.fill.depends_on")
+        .says("unknown job `ghost`");
 }
 
 #[tokio::test]
@@ -311,7 +368,9 @@ depends_on = ["a"]
     );
     let err = refused(&db, &spec, &[], &before).await;
     // Points at the dependency that closes the cycle, in the job the message names.
-    pointed(&err, &spec).at(&spec, "\"b\"]", "jobs.a.depends_on").says("dependency cycle: a -> b -> a");
+    pointed(&err, &spec)
+        .at(&spec, "\"b\"]", "jobs.a.depends_on")
+        .says("dependency cycle: a -> b -> a");
     insta::assert_snapshot!("dependency_cycle", masked(&db, &err));
     // Running one job of the cycle is refused the same way.
     let again = refused(&db, &spec, &["--job", "b"], &before).await;
@@ -324,7 +383,9 @@ async fn key_column_in_action_update() {
     let before = fixture(&db).await;
     let spec = db.spec(&format!("{GOOD}action.update.id = \"id + 1\"\n"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"id + 1\"", "jobs.fill.action.update.id").says("a key column cannot be updated");
+    pointed(&err, &spec)
+        .at(&spec, "\"id + 1\"", "jobs.fill.action.update.id")
+        .says("a key column cannot be updated");
 }
 
 #[tokio::test]
@@ -333,7 +394,9 @@ async fn bad_duration() {
     let before = fixture(&db).await;
     let spec = db.spec(&format!("{GOOD}batch_time = \"fast\"\n"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"fast\"", "jobs.fill.batch_time").says("`fast` is not a duration");
+    pointed(&err, &spec)
+        .at(&spec, "\"fast\"", "jobs.fill.batch_time")
+        .says("`fast` is not a duration");
 }
 
 #[tokio::test]
@@ -342,11 +405,15 @@ async fn bad_rate() {
     let before = fixture(&db).await;
     let spec = db.spec(&format!("{GOOD}rate = \"lots\"\n"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"lots\"", "jobs.fill.rate").says("`lots` is not a rate");
+    pointed(&err, &spec)
+        .at(&spec, "\"lots\"", "jobs.fill.rate")
+        .says("`lots` is not a rate");
     // The unit is checked too.
     let spec = db.spec(&format!("{GOOD}rate = \"500/fortnight\"\n"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "\"500/fortnight\"", "jobs.fill.rate").says("unknown unit `fortnight`");
+    pointed(&err, &spec)
+        .at(&spec, "\"500/fortnight\"", "jobs.fill.rate")
+        .says("unknown unit `fortnight`");
 }
 
 #[tokio::test]
@@ -355,7 +422,10 @@ async fn bad_rate_on_the_command_line() {
     let before = fixture(&db).await;
     let spec = db.spec(GOOD);
     let err = refused(&db, &spec, &["--rate", "fast"], &before).await;
-    assert_eq!(err, "error: --rate: `fast` is not a rate (write it as 500/s or 20/min)\n");
+    assert_eq!(
+        err,
+        "error: --rate: `fast` is not a rate (write it as 500/s or 20/min)\n"
+    );
 }
 
 #[tokio::test]
@@ -364,7 +434,9 @@ async fn bad_setting_in_defaults() {
     let before = fixture(&db).await;
     let spec = db.spec(&format!("\n[defaults]\nmin_batch = -5\n{GOOD}"));
     let err = refused(&db, &spec, &[], &before).await;
-    pointed(&err, &spec).at(&spec, "-5", "defaults.min_batch").says("must be at least 1, not -5");
+    pointed(&err, &spec)
+        .at(&spec, "-5", "defaults.min_batch")
+        .says("must be at least 1, not -5");
 }
 
 // ---------------------------------------------------------------------------
@@ -375,7 +447,8 @@ async fn bad_setting_in_defaults() {
 /// The first line of an error from preparing `field` against the target.
 fn does_not_prepare(err: &str, spec: &Path, needle: &str, field: &str) -> String {
     let p = pointed(err, spec);
-    p.at(spec, needle, field).says("does not prepare against database `target`: ");
+    p.at(spec, needle, field)
+        .says("does not prepare against database `target`: ");
     assert_eq!(err.lines().count(), 1, "one line, no stack trace: {err}");
     p.message
 }
@@ -424,7 +497,10 @@ async fn unknown_column_set(db: TestDb) {
     let spec = db.spec(&broken("action.update.note", "action.update.notes"));
     let err = refused(&db, &spec, &[], &before).await;
     let message = does_not_prepare(&err, &spec, "\"'filled'\"", "jobs.fill.action.update.notes");
-    assert_eq!(message, "does not prepare against database `target`: column `notes` does not exist in table `items`");
+    assert_eq!(
+        message,
+        "does not prepare against database `target`: column `notes` does not exist in table `items`"
+    );
 }
 on_all_backends!(unknown_column_set, unknown_column_set);
 
@@ -443,7 +519,9 @@ async fn column_differing_in_case(db: TestDb) {
         // SQLite and MariaDB match column names case-insensitively: it runs.
         let out = db.run(&["run", spec.to_str().unwrap(), "--json"]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-        let want = db.int("SELECT COUNT(*) FROM items WHERE grp = 1 AND (note IS NULL OR note = 'filled')").await;
+        let want = db
+            .int("SELECT COUNT(*) FROM items WHERE grp = 1 AND (note IS NULL OR note = 'filled')")
+            .await;
         assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE note = 'filled'").await, want);
     }
 }
@@ -454,6 +532,9 @@ async fn unknown_key_column(db: TestDb) {
     let spec = db.spec(&broken("source.key = \"id\"", "source.key = \"idd\""));
     let err = refused(&db, &spec, &[], &before).await;
     let message = does_not_prepare(&err, &spec, "\"idd\"", "jobs.fill.source.key");
-    assert_eq!(message, "does not prepare against database `target`: column `idd` does not exist in table `items`");
+    assert_eq!(
+        message,
+        "does not prepare against database `target`: column `idd` does not exist in table `items`"
+    );
 }
 on_all_backends!(unknown_key_column, unknown_key_column);

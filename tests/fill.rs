@@ -32,7 +32,11 @@ async fn schema(db: &TestDb, rows: u64) {
         db.series(rows)
     ))
     .await;
-    db.exec(&format!("INSERT INTO activities (id, run_id) SELECT 100000 + i, i FROM ({}) s WHERE i % 2 = 0", db.series(rows))).await;
+    db.exec(&format!(
+        "INSERT INTO activities (id, run_id) SELECT 100000 + i, i FROM ({}) s WHERE i % 2 = 0",
+        db.series(rows)
+    ))
+    .await;
     db.exec("CREATE INDEX activities_run ON activities (run_id)").await;
 }
 
@@ -60,7 +64,15 @@ async fn fills_holes_and_nothing_else(db: TestDb) {
     assert!(candidates > 300, "{candidates}");
 
     let spec = db.spec(SPEC);
-    let out = db.run(&["run", spec.to_str().unwrap(), "--param", "block=2", "--batch-size", "250", "--json"]);
+    let out = db.run(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--param",
+        "block=2",
+        "--batch-size",
+        "250",
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["status"], "succeeded");
@@ -68,11 +80,30 @@ async fn fills_holes_and_nothing_else(db: TestDb) {
     assert_eq!(summary["rows_skipped"], 0);
     assert_eq!(summary["batches"], 6000 / 250);
 
-    assert_eq!(db.checksum("runs", COLS, "tenant, id").await, want, "every hole filled, every other row unchanged");
+    assert_eq!(
+        db.checksum("runs", COLS, "tenant, id").await,
+        want,
+        "every hole filled, every other row unchanged"
+    );
     let run_id = summary["run_id"].as_str().unwrap();
-    assert_eq!(db.int(&format!("SELECT COUNT(*) FROM infill_undo WHERE run_id = '{run_id}'")).await, candidates, "one undo image per written row");
-    assert_eq!(db.int(&format!("SELECT COUNT(*) FROM infill_batches WHERE run_id = '{run_id}'")).await, 6000 / 250);
-    let image = db.texts(&format!("SELECT before_image, after_image FROM infill_undo WHERE run_id = '{run_id}' ORDER BY batch_no, seq LIMIT 1")).await;
+    assert_eq!(
+        db.int(&format!("SELECT COUNT(*) FROM infill_undo WHERE run_id = '{run_id}'"))
+            .await,
+        candidates,
+        "one undo image per written row"
+    );
+    assert_eq!(
+        db.int(&format!(
+            "SELECT COUNT(*) FROM infill_batches WHERE run_id = '{run_id}'"
+        ))
+        .await,
+        6000 / 250
+    );
+    let image = db
+        .texts(&format!(
+            "SELECT before_image, after_image FROM infill_undo WHERE run_id = '{run_id}' ORDER BY batch_no, seq LIMIT 1"
+        ))
+        .await;
     let before_img: serde_json::Value = serde_json::from_str(image[0][0].as_deref().unwrap()).unwrap();
     let after_img: serde_json::Value = serde_json::from_str(image[0][1].as_deref().unwrap()).unwrap();
     assert_eq!(before_img["activity_id"], serde_json::Value::Null);
@@ -92,7 +123,16 @@ async fn dry_run_writes_nothing(db: TestDb) {
     schema(&db, 2000).await;
     let before = db.checksum("runs", COLS, "tenant, id").await;
     let spec = db.spec(SPEC);
-    let out = db.run(&["run", spec.to_str().unwrap(), "--param", "block=2", "--dry-run", "--batch-size", "500", "--json"]);
+    let out = db.run(&[
+        "run",
+        spec.to_str().unwrap(),
+        "--param",
+        "block=2",
+        "--dry-run",
+        "--batch-size",
+        "500",
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let candidates = db
@@ -105,13 +145,21 @@ async fn dry_run_writes_nothing(db: TestDb) {
     assert_eq!(sample.len(), 10);
     // The sample shows the computed values: activity id = 100000 + run id.
     let first = &sample[0];
-    let id: i64 = first["key"][1].as_str().map(|s| s.parse().unwrap()).or(first["key"][1].as_i64()).unwrap();
+    let id: i64 = first["key"][1]
+        .as_str()
+        .map(|s| s.parse().unwrap())
+        .or(first["key"][1].as_i64())
+        .unwrap();
     let after = &first["after"][0][1];
     let after: i64 = after.as_str().map(|s| s.parse().unwrap()).or(after.as_i64()).unwrap();
     assert_eq!(after, 100000 + id);
     assert_eq!(first["before"][0][1], serde_json::Value::Null);
 
-    assert_eq!(db.checksum("runs", COLS, "tenant, id").await, before, "a dry run writes nothing");
+    assert_eq!(
+        db.checksum("runs", COLS, "tenant, id").await,
+        before,
+        "a dry run writes nothing"
+    );
     for t in ["infill_runs", "infill_batches", "infill_undo", "infill_schema"] {
         assert!(!db.table_exists(t).await, "a dry run creates no state table ({t})");
     }
@@ -120,7 +168,8 @@ async fn dry_run_writes_nothing(db: TestDb) {
 on_all_backends!(dry_run_writes_nothing, dry_run_writes_nothing);
 
 async fn single_key_with_text_param_and_limit(db: TestDb) {
-    db.exec("CREATE TABLE users (id BIGINT NOT NULL PRIMARY KEY, country VARCHAR(8), region VARCHAR(16))").await;
+    db.exec("CREATE TABLE users (id BIGINT NOT NULL PRIMARY KEY, country VARCHAR(8), region VARCHAR(16))")
+        .await;
     db.exec(&format!(
         "INSERT INTO users (id, country, region) SELECT i, CASE WHEN i % 2 = 0 THEN 'ES' ELSE 'PT' END, NULL FROM ({}) s",
         db.series(1000)
@@ -139,20 +188,47 @@ params.label = { type = "text", default = "iberia-east" }
     );
     let spec = spec.to_str().unwrap();
     // --limit stops early, leaving the run resumable; running again continues it.
-    let out = db.run(&["run", spec, "--param", "country=ES", "--limit", "120", "--batch-size", "100", "--json"]);
+    let out = db.run(&[
+        "run",
+        spec,
+        "--param",
+        "country=ES",
+        "--limit",
+        "120",
+        "--batch-size",
+        "100",
+        "--json",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(first["rows_changed"], 120);
     assert_eq!(first["status"], "interrupted");
-    assert_eq!(db.int("SELECT COUNT(*) FROM users WHERE region = 'iberia-east'").await, 120);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM users WHERE region = 'iberia-east'").await,
+        120
+    );
 
     let out = db.run(&["run", spec, "--param", "country=ES", "--batch-size", "100", "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(second["run_id"], first["run_id"], "the same run continues");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("continuing run"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("continuing run"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(second["status"], "succeeded");
-    assert_eq!(db.int("SELECT COUNT(*) FROM users WHERE region = 'iberia-east'").await, 500);
-    assert_eq!(db.int("SELECT COUNT(*) FROM users WHERE country = 'PT' AND region IS NULL").await, 500);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM users WHERE region = 'iberia-east'").await,
+        500
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM users WHERE country = 'PT' AND region IS NULL")
+            .await,
+        500
+    );
 }
-on_all_backends!(single_key_with_text_param_and_limit, single_key_with_text_param_and_limit);
+on_all_backends!(
+    single_key_with_text_param_and_limit,
+    single_key_with_text_param_and_limit
+);

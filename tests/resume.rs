@@ -18,7 +18,8 @@ const BATCH: &str = "2000";
 /// `items`: even ids are candidates (val NULL), odd ids are not (val -1);
 /// `writes` counts every UPDATE of a row, by trigger.
 async fn schema(db: &TestDb) {
-    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, val BIGINT, writes INTEGER NOT NULL DEFAULT 0)").await;
+    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, val BIGINT, writes INTEGER NOT NULL DEFAULT 0)")
+        .await;
     db.exec(&format!(
         "INSERT INTO items (id, val, writes) SELECT i, CASE WHEN i % 2 = 0 THEN NULL ELSE -1 END, 0 FROM ({}) s",
         db.series(ROWS)
@@ -56,7 +57,12 @@ pause_between = "{pause}"
 }
 
 fn spawn(db: &TestDb, args: &[&str]) -> Child {
-    db.infill().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn infill")
+    db.infill()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn infill")
 }
 
 /// Waits until the run has committed at least `n` batches.
@@ -77,8 +83,18 @@ async fn wait_for_batches(db: &TestDb, child: &mut Child, n: i64) {
 
 /// Every candidate written exactly once with the right value; no other row touched.
 async fn assert_exactly_once(db: &TestDb) {
-    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 0 AND (writes <> 1 OR val IS NULL OR val <> id * 2)").await, 0, "each candidate written once");
-    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 1 AND (writes <> 0 OR val <> -1)").await, 0, "no other row touched");
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 0 AND (writes <> 1 OR val IS NULL OR val <> id * 2)")
+            .await,
+        0,
+        "each candidate written once"
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 1 AND (writes <> 0 OR val <> -1)")
+            .await,
+        0,
+        "no other row touched"
+    );
 }
 
 async fn kill_9_then_run_again(db: TestDb) {
@@ -91,10 +107,18 @@ async fn kill_9_then_run_again(db: TestDb) {
     assert_eq!(status.signal(), Some(9), "infill was killed mid-run");
     let committed = db.int("SELECT COUNT(*) FROM infill_batches").await;
     let written = db.int("SELECT COUNT(*) FROM items WHERE writes > 0").await;
-    assert_eq!(written, committed * 1000, "exactly the committed batches' rows are written");
+    assert_eq!(
+        written,
+        committed * 1000,
+        "exactly the committed batches' rows are written"
+    );
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE writes > 1").await, 0);
     let status: Vec<_> = db.texts("SELECT status FROM infill_runs").await;
-    assert_eq!(status[0][0].as_deref(), Some("running"), "a killed run stays unfinished");
+    assert_eq!(
+        status[0][0].as_deref(),
+        Some("running"),
+        "a killed run stays unfinished"
+    );
 
     let out = db.run(&["run", &spec, "--batch-size", BATCH, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -102,10 +126,22 @@ async fn kill_9_then_run_again(db: TestDb) {
     assert!(stderr.contains("continuing run"), "{stderr}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["status"], "succeeded");
-    assert_eq!(summary["rows_changed"], (ROWS / 2) as i64, "counters cover the whole run");
-    assert_eq!(db.int("SELECT COUNT(*) FROM infill_runs").await, 1, "one run, continued");
+    assert_eq!(
+        summary["rows_changed"],
+        (ROWS / 2) as i64,
+        "counters cover the whole run"
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs").await,
+        1,
+        "one run, continued"
+    );
     assert_exactly_once(&db).await;
-    assert_eq!(db.int("SELECT COUNT(*) FROM infill_undo").await, (ROWS / 2) as i64, "one undo image per row");
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_undo").await,
+        (ROWS / 2) as i64,
+        "one undo image per row"
+    );
     // The audit log holds both processes' lines, in one file.
     let log = db.audit(None);
     let starts = log.iter().filter(|l| l["event"] == "run_start").count();
@@ -119,14 +155,21 @@ async fn sigint_finishes_the_batch_then_resume(db: TestDb) {
     let spec = spec(&db, "15ms");
     let mut child = spawn(&db, &["run", &spec, "--batch-size", BATCH]);
     wait_for_batches(&db, &mut child, 3).await;
-    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     let rows = db.texts("SELECT id, status FROM infill_runs").await;
     assert_eq!(rows[0][1].as_deref(), Some("interrupted"));
     let committed = db.int("SELECT COUNT(*) FROM infill_batches").await;
-    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE writes > 0").await, committed * 1000, "the batch in flight committed whole");
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE writes > 0").await,
+        committed * 1000,
+        "the batch in flight committed whole"
+    );
 
     let id = rows[0][0].clone().unwrap();
     let out = db.run(&["resume", &id[..8], "--spec", &spec]);
@@ -135,7 +178,10 @@ async fn sigint_finishes_the_batch_then_resume(db: TestDb) {
     let status = db.texts("SELECT status FROM infill_runs").await;
     assert_eq!(status[0][0].as_deref(), Some("succeeded"));
 }
-on_all_backends!(sigint_finishes_the_batch_then_resume, sigint_finishes_the_batch_then_resume);
+on_all_backends!(
+    sigint_finishes_the_batch_then_resume,
+    sigint_finishes_the_batch_then_resume
+);
 
 async fn two_signals_roll_back_the_batch(db: TestDb) {
     schema(&db).await;
@@ -144,18 +190,27 @@ async fn two_signals_roll_back_the_batch(db: TestDb) {
     let mut child = spawn(&db, &["run", &spec, "--batch-size", "20000"]);
     wait_for_batches(&db, &mut child, 1).await;
     for _ in 0..2 {
-        std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     let committed = db.int("SELECT COUNT(*) FROM infill_batches").await;
-    let rows_changed = db.int(db.pick(
-        "SELECT COALESCE(SUM(rows_changed), 0) FROM infill_batches",
-        "SELECT COALESCE(SUM(rows_changed), 0)::bigint FROM infill_batches",
-        "SELECT CAST(COALESCE(SUM(rows_changed), 0) AS SIGNED) FROM infill_batches",
-    )).await;
-    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE writes > 0").await, rows_changed, "only committed batches wrote ({committed} batches)");
+    let rows_changed = db
+        .int(db.pick(
+            "SELECT COALESCE(SUM(rows_changed), 0) FROM infill_batches",
+            "SELECT COALESCE(SUM(rows_changed), 0)::bigint FROM infill_batches",
+            "SELECT CAST(COALESCE(SUM(rows_changed), 0) AS SIGNED) FROM infill_batches",
+        ))
+        .await;
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE writes > 0").await,
+        rows_changed,
+        "only committed batches wrote ({committed} batches)"
+    );
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE writes > 1").await, 0);
     let out = db.run(&["run", &spec, "--batch-size", "20000"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -179,7 +234,10 @@ async fn second_run_refuses_while_first_is_alive(db: TestDb) {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_exactly_once(&db).await;
 }
-on_all_backends!(second_run_refuses_while_first_is_alive, second_run_refuses_while_first_is_alive);
+on_all_backends!(
+    second_run_refuses_while_first_is_alive,
+    second_run_refuses_while_first_is_alive
+);
 
 async fn a_concurrent_writer_keeps_its_values(db: TestDb) {
     schema(&db).await;
@@ -187,11 +245,24 @@ async fn a_concurrent_writer_keeps_its_values(db: TestDb) {
     let mut child = spawn(&db, &["run", &spec, "--batch-size", BATCH]);
     wait_for_batches(&db, &mut child, 3).await;
     // The application fills some candidates ahead of the cursor itself.
-    db.exec("UPDATE items SET val = 777 WHERE id > 150000 AND id % 10 = 0 AND val IS NULL").await;
+    db.exec("UPDATE items SET val = 777 WHERE id > 150000 AND id % 10 = 0 AND val IS NULL")
+        .await;
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE id > 150000 AND id % 10 = 0 AND (val <> 777 OR writes <> 1)").await, 0, "the application's values stay");
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE id > 150000 AND id % 10 = 0 AND (val <> 777 OR writes <> 1)")
+            .await,
+        0,
+        "the application's values stay"
+    );
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 0 AND NOT (id > 150000 AND id % 10 = 0) AND (writes <> 1 OR val <> id * 2)").await, 0);
-    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 1 AND (writes <> 0 OR val <> -1)").await, 0);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 1 AND (writes <> 0 OR val <> -1)")
+            .await,
+        0
+    );
 }
-on_all_backends!(a_concurrent_writer_keeps_its_values, a_concurrent_writer_keeps_its_values);
+on_all_backends!(
+    a_concurrent_writer_keeps_its_values,
+    a_concurrent_writer_keeps_its_values
+);

@@ -24,8 +24,13 @@ params.grp = { type = "int", default = 1 }
 "#;
 
 async fn fixture(db: &TestDb) {
-    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, grp INTEGER NOT NULL, note VARCHAR(40))").await;
-    db.exec(&format!("INSERT INTO items (id, grp, note) SELECT i, i % 3, NULL FROM ({}) s", db.series(300))).await;
+    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, grp INTEGER NOT NULL, note VARCHAR(40))")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO items (id, grp, note) SELECT i, i % 3, NULL FROM ({}) s",
+        db.series(300)
+    ))
+    .await;
 }
 
 /// `scheme://user@host/...` with `:password` after the user.
@@ -47,7 +52,11 @@ fn output(cmd: &mut Command) -> Output {
 
 /// Asserts `secret` is in neither stream of `out`; returns both as one text.
 fn clean(out: &Output, secret: &str) -> String {
-    let all = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!all.contains(secret), "the password leaked:\n{}", text(out));
     all
 }
@@ -65,7 +74,12 @@ async fn table_text(db: &TestDb, table: &str) -> String {
         ),
         Backend::Sqlite => format!("SELECT name FROM pragma_table_info('{table}') ORDER BY cid"),
     };
-    let columns: Vec<String> = db.texts(&columns_sql).await.into_iter().map(|r| r[0].clone().unwrap()).collect();
+    let columns: Vec<String> = db
+        .texts(&columns_sql)
+        .await
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
     assert!(columns.len() >= 3, "columns of {table}: {columns:?}");
     let cast = |c: &String| match db.backend {
         Backend::MySql => format!("CAST({c} AS CHAR)"),
@@ -92,14 +106,19 @@ fn audit_text(dir: &Path) -> String {
 /// `shown_url` is the target URL as infill should show it (password masked).
 async fn nothing_leaks(db: &TestDb, spec: &Path, secret: &str, shown_url: &str) {
     let spec_s = spec.to_str().unwrap();
-    let candidates = db.int("SELECT COUNT(*) FROM items WHERE note IS NULL AND grp = 1").await;
+    let candidates = db
+        .int("SELECT COUNT(*) FROM items WHERE note IS NULL AND grp = 1")
+        .await;
     assert!(candidates > 50);
 
     // Dry run, human and JSON: the target is shown, masked.
     let dry = output(db.infill().args(["run", spec_s, "--dry-run"]));
     assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
     let dry_text = clean(&dry, secret);
-    assert!(dry_text.contains(&format!("Dry run of job fill on {shown_url}: nothing was written.")), "{dry_text}");
+    assert!(
+        dry_text.contains(&format!("Dry run of job fill on {shown_url}: nothing was written.")),
+        "{dry_text}"
+    );
     let dry = output(db.infill().args(["run", spec_s, "--dry-run", "--json"]));
     assert_eq!(dry.status.code(), Some(0), "{}", text(&dry));
     clean(&dry, secret);
@@ -108,7 +127,11 @@ async fn nothing_leaks(db: &TestDb, spec: &Path, secret: &str, shown_url: &str) 
     assert_eq!(report["candidates"], candidates);
 
     // The run itself, with debug diagnostics on.
-    let run = output(db.infill().env("INFILL_LOG", "debug").args(["run", spec_s, "--json", "--batch-size", "100"]));
+    let run = output(
+        db.infill()
+            .env("INFILL_LOG", "debug")
+            .args(["run", spec_s, "--json", "--batch-size", "100"]),
+    );
     assert_eq!(run.status.code(), Some(0), "{}", text(&run));
     clean(&run, secret);
     let summary: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
@@ -131,7 +154,10 @@ async fn nothing_leaks(db: &TestDb, spec: &Path, secret: &str, shown_url: &str) 
 
     // The audit log names the target, masked.
     let audit = audit_text(db.path());
-    assert!(!audit.contains(secret), "the password leaked into the audit log:\n{audit}");
+    assert!(
+        !audit.contains(secret),
+        "the password leaked into the audit log:\n{audit}"
+    );
     assert!(audit.contains(&format!("\"target\":\"{shown_url}\"")), "{audit}");
 
     // The state tables hold no trace of it either.
@@ -140,12 +166,18 @@ async fn nothing_leaks(db: &TestDb, spec: &Path, secret: &str, shown_url: &str) 
         assert!(all.contains(&run_id), "{table} holds the run:\n{all}");
         assert!(!all.contains(secret), "the password leaked into {table}:\n{all}");
     }
-    assert_eq!(db.int(&format!("SELECT COUNT(*) FROM infill_undo WHERE run_id = '{run_id}'")).await, candidates);
+    assert_eq!(
+        db.int(&format!("SELECT COUNT(*) FROM infill_undo WHERE run_id = '{run_id}'"))
+            .await,
+        candidates
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_password_is_masked_everywhere_postgres() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else { return };
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
     fixture(&db).await;
     // Trust authentication ignores the password, so the URL works.
     let url = with_password(&db.url, PASSWORD);
@@ -155,21 +187,32 @@ async fn url_password_is_masked_everywhere_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dotenv_password_is_masked_everywhere_postgres() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else { return };
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
     fixture(&db).await;
     let secret = "D0tenvSecretValue";
-    std::fs::write(db.path().join(".env"), format!("# the target's password\nDB_PASSWORD={secret}\n")).unwrap();
+    std::fs::write(
+        db.path().join(".env"),
+        format!("# the target's password\nDB_PASSWORD={secret}\n"),
+    )
+    .unwrap();
     let url = with_password(&db.url, "${DB_PASSWORD}");
     let spec = db.spec_with_url(&url, JOB);
     assert!(std::fs::read_to_string(&spec).unwrap().contains("${DB_PASSWORD}"));
     // The variable comes from the .env file only.
-    assert!(std::env::var("DB_PASSWORD").is_err(), "DB_PASSWORD must not be set in the test environment");
+    assert!(
+        std::env::var("DB_PASSWORD").is_err(),
+        "DB_PASSWORD must not be set in the test environment"
+    );
     nothing_leaks(&db, &spec, secret, &shown(&db.url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_password_on_mariadb() {
-    let Some(db) = TestDb::new(Backend::MySql).await else { return };
+    let Some(db) = TestDb::new(Backend::MySql).await else {
+        return;
+    };
     fixture(&db).await;
     let before = db.int("SELECT COUNT(*) FROM items WHERE note IS NULL").await;
     let url = with_password(&db.url, PASSWORD);
@@ -182,11 +225,17 @@ async fn url_password_on_mariadb() {
         return;
     }
     // The server refuses the password (root has none): refused cleanly, masked, nothing written.
-    for args in [vec!["run", spec.to_str().unwrap()], vec!["status", "--spec", spec.to_str().unwrap()]] {
+    for args in [
+        vec!["run", spec.to_str().unwrap()],
+        vec!["status", "--spec", spec.to_str().unwrap()],
+    ] {
         let out = output(db.infill().args(&args));
         assert_eq!(out.status.code(), Some(4), "{args:?}: {}", text(&out));
         let err = clean(&out, PASSWORD);
-        assert!(err.contains(&format!("cannot connect to database `target` ({})", shown(&db.url))), "{err}");
+        assert!(
+            err.contains(&format!("cannot connect to database `target` ({})", shown(&db.url))),
+            "{err}"
+        );
         assert!(err.contains("Access denied"), "{err}");
         assert!(err.contains("nothing was written"), "{err}");
     }
@@ -200,7 +249,11 @@ async fn url_password_on_mariadb() {
 fn down_server(url_with_password: &str, secret: &str, shown_url: &str, dir: &TestDb) {
     let spec = dir.spec_with_url(url_with_password, JOB);
     let spec = spec.to_str().unwrap();
-    for args in [vec!["run", spec], vec!["run", spec, "--dry-run"], vec!["status", "--spec", spec]] {
+    for args in [
+        vec!["run", spec],
+        vec!["run", spec, "--dry-run"],
+        vec!["status", "--spec", spec],
+    ] {
         let started = Instant::now();
         let out = output(dir.infill().args(&args));
         let took = started.elapsed();
@@ -211,7 +264,10 @@ fn down_server(url_with_password: &str, secret: &str, shown_url: &str, dir: &Tes
             err.contains(&format!("error: cannot connect to database `target` ({shown_url}): ")),
             "names the database and shows the URL masked: {err}"
         );
-        assert!(err.contains("Check that the server is up and the URL is right; nothing was written."), "{err}");
+        assert!(
+            err.contains("Check that the server is up and the URL is right; nothing was written."),
+            "{err}"
+        );
         assert!(took < Duration::from_secs(30), "{args:?} gave up after {took:?}");
     }
     assert!(!dir.path().join("infill_logs").exists(), "no audit log");
@@ -236,7 +292,12 @@ async fn server_down_with_a_dotenv_password() {
     let dir = TestDb::new(Backend::Sqlite).await.unwrap();
     let secret = "An0therD0tenvSecret";
     std::fs::write(dir.path().join(".env"), format!("DB_PASSWORD={secret}\n")).unwrap();
-    down_server("postgres://app:${DB_PASSWORD}@127.0.0.1:1/infill_down", secret, "postgres://app:***@127.0.0.1:1/infill_down", &dir);
+    down_server(
+        "postgres://app:${DB_PASSWORD}@127.0.0.1:1/infill_down",
+        secret,
+        "postgres://app:***@127.0.0.1:1/infill_down",
+        &dir,
+    );
 }
 
 #[tokio::test]
@@ -244,13 +305,19 @@ async fn sqlite_file_that_does_not_exist() {
     let db = TestDb::new(Backend::Sqlite).await.unwrap();
     let cases = [
         // Absolute, in a folder that does not exist either.
-        (format!("sqlite://{}/missing/nothere.db", db.path().display()), db.path().join("missing/nothere.db")),
+        (
+            format!("sqlite://{}/missing/nothere.db", db.path().display()),
+            db.path().join("missing/nothere.db"),
+        ),
         // Relative to the spec's folder.
         ("sqlite:nothere.db".to_string(), db.path().join("nothere.db")),
     ];
     for (url, file) in cases {
         let spec = db.spec_with_url(&url, JOB);
-        for args in [vec!["run", spec.to_str().unwrap()], vec!["status", "--spec", spec.to_str().unwrap()]] {
+        for args in [
+            vec!["run", spec.to_str().unwrap()],
+            vec!["status", "--spec", spec.to_str().unwrap()],
+        ] {
             let out = output(db.infill().args(&args));
             assert!(matches!(out.status.code(), Some(2 | 4)), "{args:?}: {}", text(&out));
             let err = String::from_utf8_lossy(&out.stderr);

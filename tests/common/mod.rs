@@ -41,7 +41,9 @@ pub struct TestDb {
 
 fn server_url(backend: Backend) -> String {
     match backend {
-        Backend::Postgres => std::env::var("INFILL_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into()),
+        Backend::Postgres => {
+            std::env::var("INFILL_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+        }
         Backend::MySql => std::env::var("INFILL_TEST_MYSQL").unwrap_or_else(|_| "mysql://root@127.0.0.1:3306".into()),
         Backend::Sqlite => String::new(),
     }
@@ -52,7 +54,7 @@ fn required() -> bool {
 }
 
 fn unique_name() -> String {
-    format!("infill_t_{}", uuid::Uuid::now_v7().simple().to_string()[20..].to_string())
+    format!("infill_t_{}", &uuid::Uuid::now_v7().simple().to_string()[20..])
 }
 
 impl TestDb {
@@ -64,9 +66,22 @@ impl TestDb {
             Backend::Sqlite => {
                 let path = dir.path().join("target.db");
                 let url = format!("sqlite://{}", path.display());
-                let o = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
-                let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(2).connect_with(o).await.expect("sqlite");
-                return Some(TestDb { backend, url, name, dir, pool: Pool::Lite(pool), admin_url: None });
+                let o = sqlx::sqlite::SqliteConnectOptions::from_str(&url)
+                    .unwrap()
+                    .create_if_missing(true);
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(o)
+                    .await
+                    .expect("sqlite");
+                return Some(TestDb {
+                    backend,
+                    url,
+                    name,
+                    dir,
+                    pool: Pool::Lite(pool),
+                    admin_url: None,
+                });
             }
             Backend::Postgres => {
                 let server = server_url(backend);
@@ -75,7 +90,10 @@ impl TestDb {
                     admin.execute(AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
                     admin.close().await;
                     let url = format!("{server}/{name}");
-                    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(3).connect(&url).await?;
+                    let pool = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(3)
+                        .connect(&url)
+                        .await?;
                     Ok::<_, sqlx::Error>((url, Pool::Pg(pool), format!("{server}/postgres")))
                 }
                 .await
@@ -87,16 +105,28 @@ impl TestDb {
                     admin.execute(AssertSqlSafe(format!("CREATE DATABASE {name}"))).await?;
                     admin.close().await;
                     let url = format!("{server}/{name}");
-                    let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(3).connect(&url).await?;
+                    let pool = sqlx::mysql::MySqlPoolOptions::new()
+                        .max_connections(3)
+                        .connect(&url)
+                        .await?;
                     Ok::<_, sqlx::Error>((url, Pool::My(pool), server.clone()))
                 }
                 .await
             }
         };
         match result {
-            Ok((url, pool, admin)) => Some(TestDb { backend, url, name, dir, pool, admin_url: Some(admin) }),
+            Ok((url, pool, admin)) => Some(TestDb {
+                backend,
+                url,
+                name,
+                dir,
+                pool,
+                admin_url: Some(admin),
+            }),
             Err(e) if !required() => {
-                eprintln!("SKIPPED: {backend:?} server unreachable ({e}); set INFILL_TEST_REQUIRE_SERVERS=1 to fail instead");
+                eprintln!(
+                    "SKIPPED: {backend:?} server unreachable ({e}); set INFILL_TEST_REQUIRE_SERVERS=1 to fail instead"
+                );
                 None
             }
             Err(e) => panic!("{backend:?} server unreachable and INFILL_TEST_REQUIRE_SERVERS=1: {e}"),
@@ -106,9 +136,18 @@ impl TestDb {
     /// Runs one or more statements.
     pub async fn exec(&self, sql: &str) {
         let r = match &self.pool {
-            Pool::Pg(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_string())).execute(p).await.map(|_| ()),
-            Pool::My(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_string())).execute(p).await.map(|_| ()),
-            Pool::Lite(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_string())).execute(p).await.map(|_| ()),
+            Pool::Pg(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+                .execute(p)
+                .await
+                .map(|_| ()),
+            Pool::My(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+                .execute(p)
+                .await
+                .map(|_| ()),
+            Pool::Lite(p) => sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+                .execute(p)
+                .await
+                .map(|_| ()),
         };
         r.unwrap_or_else(|e| panic!("{e}\n in: {sql}"));
     }
@@ -143,12 +182,33 @@ impl TestDb {
             for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
             usize: sqlx::ColumnIndex<R>,
         {
-            rows.iter().map(|r| (0..r.len()).map(|i| r.try_get_unchecked::<Option<String>, _>(i).unwrap()).collect()).collect()
+            rows.iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| r.try_get_unchecked::<Option<String>, _>(i).unwrap())
+                        .collect()
+                })
+                .collect()
         }
         match &self.pool {
-            Pool::Pg(p) => take(sqlx::query(q).fetch_all(p).await.unwrap_or_else(|e| panic!("{e}\n in: {sql}"))),
-            Pool::My(p) => take(sqlx::query(q).fetch_all(p).await.unwrap_or_else(|e| panic!("{e}\n in: {sql}"))),
-            Pool::Lite(p) => take(sqlx::query(q).fetch_all(p).await.unwrap_or_else(|e| panic!("{e}\n in: {sql}"))),
+            Pool::Pg(p) => take(
+                sqlx::query(q)
+                    .fetch_all(p)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\n in: {sql}")),
+            ),
+            Pool::My(p) => take(
+                sqlx::query(q)
+                    .fetch_all(p)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\n in: {sql}")),
+            ),
+            Pool::Lite(p) => take(
+                sqlx::query(q)
+                    .fetch_all(p)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}\n in: {sql}")),
+            ),
         }
     }
 
@@ -156,11 +216,27 @@ impl TestDb {
     /// computed from the server's text of each value.
     pub async fn checksum(&self, table: &str, cols: &[&str], order: &str) -> String {
         let expr = match self.backend {
-            Backend::Postgres => cols.iter().map(|c| format!("COALESCE({c}::text, '<null>')")).collect::<Vec<_>>().join(" || '|' || "),
-            Backend::MySql => format!("CONCAT_WS('|', {})", cols.iter().map(|c| format!("COALESCE(CAST({c} AS CHAR), '<null>')")).collect::<Vec<_>>().join(", ")),
-            Backend::Sqlite => cols.iter().map(|c| format!("quote({c})")).collect::<Vec<_>>().join(" || '|' || "),
+            Backend::Postgres => cols
+                .iter()
+                .map(|c| format!("COALESCE({c}::text, '<null>')"))
+                .collect::<Vec<_>>()
+                .join(" || '|' || "),
+            Backend::MySql => format!(
+                "CONCAT_WS('|', {})",
+                cols.iter()
+                    .map(|c| format!("COALESCE(CAST({c} AS CHAR), '<null>')"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Backend::Sqlite => cols
+                .iter()
+                .map(|c| format!("quote({c})"))
+                .collect::<Vec<_>>()
+                .join(" || '|' || "),
         };
-        let rows = self.texts(&format!("SELECT {expr} FROM {table} ORDER BY {order}")).await;
+        let rows = self
+            .texts(&format!("SELECT {expr} FROM {table} ORDER BY {order}"))
+            .await;
         use std::hash::{DefaultHasher, Hasher};
         let mut h = DefaultHasher::new();
         for r in &rows {
@@ -173,8 +249,12 @@ impl TestDb {
     /// True when the table exists.
     pub async fn table_exists(&self, table: &str) -> bool {
         let sql = match self.backend {
-            Backend::Postgres => format!("SELECT COUNT(*)::bigint FROM information_schema.tables WHERE table_catalog = current_database() AND table_name = '{table}'"),
-            Backend::MySql => format!("SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = '{table}'"),
+            Backend::Postgres => format!(
+                "SELECT COUNT(*)::bigint FROM information_schema.tables WHERE table_catalog = current_database() AND table_name = '{table}'"
+            ),
+            Backend::MySql => format!(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = '{table}'"
+            ),
             Backend::Sqlite => format!("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'"),
         };
         self.int(&sql).await > 0
@@ -208,16 +288,25 @@ impl TestDb {
     /// The audit log lines of a run (the only log file when `run` is None).
     pub fn audit(&self, run: Option<&str>) -> Vec<serde_json::Value> {
         let dir = self.dir.path().join("infill_logs");
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
         files.sort();
         let file = match run {
-            Some(id) => files.into_iter().find(|f| f.file_name().unwrap().to_string_lossy().starts_with(id)).expect("log of run"),
+            Some(id) => files
+                .into_iter()
+                .find(|f| f.file_name().unwrap().to_string_lossy().starts_with(id))
+                .expect("log of run"),
             None => {
                 assert_eq!(files.len(), 1, "expected one audit log, found {files:?}");
                 files.remove(0)
             }
         };
-        std::fs::read_to_string(file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     pub fn path(&self) -> &Path {
@@ -238,7 +327,9 @@ impl TestDb {
         match self.backend {
             Backend::Postgres => format!("SELECT g AS i FROM generate_series(1, {n}) g"),
             Backend::MySql => format!("SELECT seq AS i FROM seq_1_to_{n}"),
-            Backend::Sqlite => format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) SELECT i FROM s"),
+            Backend::Sqlite => {
+                format!("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) SELECT i FROM s")
+            }
         }
     }
 }
@@ -247,9 +338,15 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let Some(admin) = self.admin_url.clone() else { return };
         let (backend, name) = (self.backend, self.name.clone());
-        let pool = std::mem::replace(&mut self.pool, Pool::Lite(sqlx::SqlitePool::connect_lazy("sqlite::memory:").unwrap()));
+        let pool = std::mem::replace(
+            &mut self.pool,
+            Pool::Lite(sqlx::SqlitePool::connect_lazy("sqlite::memory:").unwrap()),
+        );
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 match pool {
                     Pool::Pg(p) => p.close().await,
@@ -307,5 +404,10 @@ macro_rules! on_all_backends {
 
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> String {
-    format!("status: {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status: {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }

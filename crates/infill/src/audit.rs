@@ -26,8 +26,17 @@ impl AuditLog {
     pub fn open(dir: &Path, run_id: &str, redactor: Redactor) -> Result<AuditLog> {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let path = dir.join(format!("{run_id}.jsonl"));
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(Error::io(&path))?;
-        Ok(AuditLog { path, file, run_id: run_id.into(), redactor })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(Error::io(&path))?;
+        Ok(AuditLog {
+            path,
+            file,
+            run_id: run_id.into(),
+            redactor,
+        })
     }
 
     /// The file's path.

@@ -49,7 +49,9 @@ pub enum Error {
     },
 
     /// The database cannot be reached or refused the connection.
-    #[error("cannot connect to database `{name}` ({url}): {message}. Check that the server is up and the URL is right; nothing was written.")]
+    #[error(
+        "cannot connect to database `{name}` ({url}): {message}. Check that the server is up and the URL is right; nothing was written."
+    )]
     Connect {
         name: String,
         /// Always redacted.
@@ -58,15 +60,21 @@ pub enum Error {
     },
 
     /// Another live process holds the job.
-    #[error("job `{job}` is held by another live run{holder}; wait for it to finish or stop it (`infill pause`/`infill cancel`)")]
+    #[error(
+        "job `{job}` is held by another live run{holder}; wait for it to finish or stop it (`infill pause`/`infill cancel`)"
+    )]
     JobBusy { job: String, holder: String },
 
     /// The lock that keeps two runs apart was lost mid-run.
-    #[error("lost the lock of job `{job}`: {message}; stopped after the batch in flight. Run the same command again to continue.")]
+    #[error(
+        "lost the lock of job `{job}`: {message}; stopped after the batch in flight. Run the same command again to continue."
+    )]
     LockLost { job: String, message: String },
 
     /// An unfinished run exists but the job's definition changed since.
-    #[error("run {run} of job `{job}` is unfinished and the job's definition changed since it started. Restore the spec to continue it, or `infill cancel {run}` to start afresh.")]
+    #[error(
+        "run {run} of job `{job}` is unfinished and the job's definition changed since it started. Restore the spec to continue it, or `infill cancel {run}` to start afresh."
+    )]
     DefinitionChanged { run: String, job: String },
 
     /// No run matches the id or prefix.
@@ -113,9 +121,7 @@ impl Error {
     /// The documented exit code for this error.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Spec { .. } | Error::Usage(_) | Error::Sql { .. } | Error::RunNotFound(_) => {
-                ExitCode::Usage
-            }
+            Error::Spec { .. } | Error::Usage(_) | Error::Sql { .. } | Error::RunNotFound(_) => ExitCode::Usage,
             Error::Connect { .. }
             | Error::JobBusy { .. }
             | Error::LockLost { .. }
@@ -182,11 +188,25 @@ pub(crate) fn is_transient_sqlx(e: &sqlx::Error) -> bool {
     }
     matches!(
         code.as_str(),
-        "40001" | "40P01" | "55P03" | "57014" | "53300" | "1213" | "1205" | "1040" | "2006"
-            | "2013" | "1927" | "3024" | "1969" | "5" | "6" | "261" | "517" | "262"
-    ) || mysql_errno(db.as_ref()).is_some_and(|n| {
-        matches!(n, 1213 | 1205 | 1040 | 2006 | 2013 | 1927 | 3024 | 1969)
-    })
+        "40001"
+            | "40P01"
+            | "55P03"
+            | "57014"
+            | "53300"
+            | "1213"
+            | "1205"
+            | "1040"
+            | "2006"
+            | "2013"
+            | "1927"
+            | "3024"
+            | "1969"
+            | "5"
+            | "6"
+            | "261"
+            | "517"
+            | "262"
+    ) || mysql_errno(db.as_ref()).is_some_and(|n| matches!(n, 1213 | 1205 | 1040 | 2006 | 2013 | 1927 | 3024 | 1969))
 }
 
 fn mysql_errno(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {

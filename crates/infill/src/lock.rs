@@ -25,8 +25,17 @@ pub struct JobLock {
 }
 
 enum Kind {
-    Session { conn: DetachedConn, unlock: Query },
-    Row { db: Db, name: String, run_id: String, lost: Arc<AtomicBool>, heartbeat: tokio::task::JoinHandle<()> },
+    Session {
+        conn: DetachedConn,
+        unlock: Query,
+    },
+    Row {
+        db: Db,
+        name: String,
+        run_id: String,
+        lost: Arc<AtomicBool>,
+        heartbeat: tokio::task::JoinHandle<()>,
+    },
 }
 
 impl JobLock {
@@ -38,10 +47,16 @@ impl JobLock {
                 let rows = conn.fetch(&q).await.map_err(Error::db("cannot take the job lock"))?;
                 let got = matches!(rows.first().and_then(|r| r.first()), Some(Value::Int(1)));
                 if !got {
-                    return Err(Error::JobBusy { job: job.into(), holder: String::new() });
+                    return Err(Error::JobBusy {
+                        job: job.into(),
+                        holder: String::new(),
+                    });
                 }
                 let unlock = db.dialect.unlock_query(name).expect("session locks unlock");
-                Ok(JobLock { job: job.into(), kind: Kind::Session { conn, unlock } })
+                Ok(JobLock {
+                    job: job.into(),
+                    kind: Kind::Session { conn, unlock },
+                })
             }
             None => Self::acquire_row(db, name, job, run_id).await,
         }
@@ -49,9 +64,15 @@ impl JobLock {
 
     async fn acquire_row(db: &Db, name: &str, job: &str, run_id: &str) -> Result<JobLock> {
         let mut conn = db.conn().await?;
-        let mut tx = conn.begin_with(db.dialect.begin_write()).await.map_err(Error::db("cannot take the job lock"))?;
+        let mut tx = conn
+            .begin_with(db.dialect.begin_write())
+            .await
+            .map_err(Error::db("cannot take the job lock"))?;
         let rows = tx
-            .fetch(&db.q("SELECT run_id, host, pid, heartbeat FROM infill_locks WHERE name = ?", vec![Value::Text(name.into())]))
+            .fetch(&db.q(
+                "SELECT run_id, host, pid, heartbeat FROM infill_locks WHERE name = ?",
+                vec![Value::Text(name.into())],
+            ))
             .await
             .map_err(Error::db("cannot read infill_locks"))?;
         if let Some(r) = rows.first() {
@@ -59,8 +80,16 @@ impl JobLock {
                 Value::Text(s) => s.clone(),
                 other => other.display(),
             };
-            let (holder_host, pid) = (text(&r[1]), match r[2] { Value::Int(p) => p as u32, _ => 0 });
-            let beat = chrono::DateTime::parse_from_rfc3339(&text(&r[3])).map(|t| t.with_timezone(&chrono::Utc)).ok();
+            let (holder_host, pid) = (
+                text(&r[1]),
+                match r[2] {
+                    Value::Int(p) => p as u32,
+                    _ => 0,
+                },
+            );
+            let beat = chrono::DateTime::parse_from_rfc3339(&text(&r[3]))
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .ok();
             let dead = holder_host == host::hostname() && !host::pid_alive(pid);
             let silent = beat.is_none_or(|b| chrono::Utc::now() - b > STALE_AFTER);
             if !(dead || silent) {
@@ -70,9 +99,12 @@ impl JobLock {
                 });
             }
         }
-        tx.execute(&db.q("DELETE FROM infill_locks WHERE name = ?", vec![Value::Text(name.into())]))
-            .await
-            .map_err(Error::db("cannot take the job lock"))?;
+        tx.execute(&db.q(
+            "DELETE FROM infill_locks WHERE name = ?",
+            vec![Value::Text(name.into())],
+        ))
+        .await
+        .map_err(Error::db("cannot take the job lock"))?;
         tx.execute(&db.q(
             "INSERT INTO infill_locks (name, run_id, host, pid, heartbeat) VALUES (?, ?, ?, ?, ?)",
             vec![
@@ -96,20 +128,31 @@ impl JobLock {
                     tokio::time::sleep(HEARTBEAT).await;
                     let q = db.q(
                         "UPDATE infill_locks SET heartbeat = ? WHERE name = ? AND host = ? AND pid = ?",
-                        vec![Value::Text(chrono::Utc::now().to_rfc3339()), Value::Text(name.clone()), Value::Text(host::hostname()), Value::Int(std::process::id() as i64)],
+                        vec![
+                            Value::Text(chrono::Utc::now().to_rfc3339()),
+                            Value::Text(name.clone()),
+                            Value::Text(host::hostname()),
+                            Value::Int(std::process::id() as i64),
+                        ],
                     );
                     let Ok(mut c) = db.conn().await else { continue };
-                    match c.execute(&q).await {
-                        Ok(0) => {
-                            lost.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        Ok(_) | Err(_) => {}
+                    if let Ok(0) = c.execute(&q).await {
+                        lost.store(true, Ordering::SeqCst);
+                        return;
                     }
                 }
             }
         });
-        Ok(JobLock { job: job.into(), kind: Kind::Row { db: db.clone(), name: name.into(), run_id: run_id.into(), lost, heartbeat } })
+        Ok(JobLock {
+            job: job.into(),
+            kind: Kind::Row {
+                db: db.clone(),
+                name: name.into(),
+                run_id: run_id.into(),
+                lost,
+                heartbeat,
+            },
+        })
     }
 
     /// Re-labels the lock row with the run id once it is known.
@@ -118,10 +161,15 @@ impl JobLock {
             let mut c = db.conn().await?;
             c.execute(&db.q(
                 "UPDATE infill_locks SET run_id = ? WHERE name = ? AND host = ? AND pid = ?",
-                vec![Value::Text(id.into()), Value::Text(name.clone()), Value::Text(host::hostname()), Value::Int(std::process::id() as i64)],
+                vec![
+                    Value::Text(id.into()),
+                    Value::Text(name.clone()),
+                    Value::Text(host::hostname()),
+                    Value::Int(std::process::id() as i64),
+                ],
             ))
-                .await
-                .map_err(Error::db("cannot update infill_locks"))?;
+            .await
+            .map_err(Error::db("cannot update infill_locks"))?;
             *run_id = id.into();
         }
         Ok(())
@@ -134,10 +182,15 @@ impl JobLock {
                 Ok(_) => None,
                 Err(e) => Some(format!("its connection failed ({e})")),
             },
-            Kind::Row { lost, .. } => lost.load(Ordering::SeqCst).then(|| "another process took over the lock row".to_string()),
+            Kind::Row { lost, .. } => lost
+                .load(Ordering::SeqCst)
+                .then(|| "another process took over the lock row".to_string()),
         };
         match lost {
-            Some(message) => Err(Error::LockLost { job: self.job.clone(), message }),
+            Some(message) => Err(Error::LockLost {
+                job: self.job.clone(),
+                message,
+            }),
             None => Ok(()),
         }
     }
@@ -148,13 +201,19 @@ impl JobLock {
             Kind::Session { mut conn, unlock } => {
                 let _ = conn.fetch(&unlock).await;
             }
-            Kind::Row { db, name, heartbeat, .. } => {
+            Kind::Row {
+                db, name, heartbeat, ..
+            } => {
                 heartbeat.abort();
                 if let Ok(mut c) = db.conn().await {
                     let _ = c
                         .execute(&db.q(
                             "DELETE FROM infill_locks WHERE name = ? AND host = ? AND pid = ?",
-                            vec![Value::Text(name), Value::Text(host::hostname()), Value::Int(std::process::id() as i64)],
+                            vec![
+                                Value::Text(name),
+                                Value::Text(host::hostname()),
+                                Value::Int(std::process::id() as i64),
+                            ],
                         ))
                         .await;
                 }

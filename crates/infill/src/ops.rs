@@ -45,10 +45,10 @@ pub async fn status(spec: &Spec, env: Option<&str>, run: Option<&str>) -> Result
         drop(c);
         db.close().await;
     }
-    if out.is_empty() {
-        if let Some(e) = not_found {
-            return Err(e);
-        }
+    if out.is_empty()
+        && let Some(e) = not_found
+    {
+        return Err(e);
     }
     out.sort_by(|a, b| b.id.cmp(&a.id));
     Ok(out)
@@ -57,14 +57,26 @@ pub async fn status(spec: &Spec, env: Option<&str>, run: Option<&str>) -> Result
 /// Finds a run and the overrides that continue it (its params and env).
 pub async fn find_for_resume(spec: &Spec, env: Option<&str>, run: &str) -> Result<(RunRecord, Overrides)> {
     let found = status(spec, env, Some(run)).await?;
-    let record = found.into_iter().next().ok_or_else(|| Error::RunNotFound(format!("no run {run}")))?;
+    let record = found
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::RunNotFound(format!("no run {run}")))?;
     let job = spec.jobs.get(&record.job).ok_or_else(|| {
-        Error::Usage(format!("run {} belongs to job `{}`, which is not in {}", &record.id[..8], record.job, spec.path.display()))
+        Error::Usage(format!(
+            "run {} belongs to job `{}`, which is not in {}",
+            &record.id[..8],
+            record.job,
+            spec.path.display()
+        ))
     })?;
     let mut params = Vec::new();
     if let serde_json::Value::Object(m) = &record.params {
         for (k, v) in m {
-            if job.params.iter().any(|p| &p.name == k && p.kind == crate::spec::ParamKind::Secret) {
+            if job
+                .params
+                .iter()
+                .any(|p| &p.name == k && p.kind == crate::spec::ParamKind::Secret)
+            {
                 continue;
             }
             if let Some(val) = Value::from_json(v) {
@@ -72,7 +84,11 @@ pub async fn find_for_resume(spec: &Spec, env: Option<&str>, run: &str) -> Resul
             }
         }
     }
-    let overrides = Overrides { env: env.map(String::from).or(record.env.clone()), params, ..Default::default() };
+    let overrides = Overrides {
+        env: env.map(String::from).or(record.env.clone()),
+        params,
+        ..Default::default()
+    };
     Ok((record, overrides))
 }
 
@@ -89,7 +105,11 @@ pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunReco
             Err(e) => return Err(e),
         };
         if !found.status.is_unfinished() {
-            return Err(Error::CannotProceed(format!("run {} is already {}", &found.id[..8], found.status.as_str())));
+            return Err(Error::CannotProceed(format!(
+                "run {} is already {}",
+                &found.id[..8],
+                found.status.as_str()
+            )));
         }
         if found.status == state::RunStatus::Running && !found.process_gone() {
             return Err(Error::CannotProceed(format!(
@@ -99,11 +119,21 @@ pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunReco
                 found.host
             )));
         }
-        state::set_status(&db, &mut c, &found.id, state::RunStatus::Cancelled, Some("cancelled by infill cancel")).await?;
+        state::set_status(
+            &db,
+            &mut c,
+            &found.id,
+            state::RunStatus::Cancelled,
+            Some("cancelled by infill cancel"),
+        )
+        .await?;
         let record = state::find_run(&db, &mut c, &found.id).await?;
         drop(c);
         db.close().await;
         return Ok(record);
     }
-    Err(Error::RunNotFound(format!("no run {run} in the databases of {}", spec.path.display())))
+    Err(Error::RunNotFound(format!(
+        "no run {run} in the databases of {}",
+        spec.path.display()
+    )))
 }

@@ -86,19 +86,36 @@ pub async fn create(dir: &Path) -> Result<Demo> {
          FROM n",
     ];
     for s in statements {
-        let args = if s.contains("?1") { vec![Value::Int(DEMO_ROWS)] } else { vec![] };
-        c.execute(&Query { sql: s.into(), args }).await.map_err(Error::db("cannot create the demo database"))?;
+        let args = if s.contains("?1") {
+            vec![Value::Int(DEMO_ROWS)]
+        } else {
+            vec![]
+        };
+        c.execute(&Query { sql: s.into(), args })
+            .await
+            .map_err(Error::db("cannot create the demo database"))?;
     }
     drop(c);
     db.close().await;
     let spec = dir.join("infill.toml");
     std::fs::write(&spec, DEMO_SPEC).map_err(Error::io(&spec))?;
-    Ok(Demo { dir: dir.to_path_buf(), spec, database })
+    Ok(Demo {
+        dir: dir.to_path_buf(),
+        spec,
+        database,
+    })
 }
 
 async fn open(database: &Path, create: bool) -> Result<Db> {
     let url = DatabaseUrl::new("target", format!("sqlite://{}", database.display()));
-    Db::connect(&url, &ConnectOptions { create_sqlite: create, ..Default::default() }).await
+    Db::connect(
+        &url,
+        &ConnectOptions {
+            create_sqlite: create,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// Counts rows, rows still missing a value, and rows that cannot be filled.
@@ -121,5 +138,9 @@ pub async fn counts(database: &Path) -> Result<DemoCounts> {
         _ => 0,
     };
     let r = &rows[0];
-    Ok(DemoCounts { rows: n(&r[0]), missing: n(&r[1]), unfillable: n(&r[2]) })
+    Ok(DemoCounts {
+        rows: n(&r[0]),
+        missing: n(&r[1]),
+        unfillable: n(&r[2]),
+    })
 }

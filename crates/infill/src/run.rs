@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::lock::JobLock;
 use crate::spec::ResolvedJob;
 use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
-use crate::target::Target;
+use crate::target::{BatchShape, Target};
 use crate::value::{Key, Value, key_display, key_to_json};
 
 /// Cooperative stop requests: the first asks to stop after the batch in
@@ -38,7 +38,9 @@ impl Stop {
     }
     /// Registers one more request (SIGINT, SIGTERM, SIGHUP).
     pub fn request(&self) {
-        let _ = self.level.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(l.saturating_add(1).min(2)));
+        let _ = self
+            .level
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| Some(l.saturating_add(1).min(2)));
         self.notify.notify_waiters();
     }
     /// True after the first request.
@@ -66,11 +68,20 @@ pub enum Event<'a> {
     /// Something the operator should read (continuing a run, limits).
     Notice(&'a str),
     /// The run started or continued.
-    Started { run_id: &'a str, job: &'a str, estimated_keys: Option<u64>, scanned_keys: u64, resumed: bool },
+    Started {
+        run_id: &'a str,
+        job: &'a str,
+        estimated_keys: Option<u64>,
+        scanned_keys: u64,
+        resumed: bool,
+    },
     /// A batch committed.
     Batch(&'a BatchReport),
     /// A row was written (`--verbose`): its key and new values.
-    Row { key: &'a Key, values: &'a [(String, Value)] },
+    Row {
+        key: &'a Key,
+        values: &'a [(String, Value)],
+    },
     /// The run stopped.
     Finished(&'a RunSummary),
 }
@@ -211,7 +222,10 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
         return dry_run(db, &target, r).await.map(Outcome::DryRun);
     }
 
-    let ident = conn.fetch(&crate::sql::Query::new(db.dialect.identity_query())).await.ok();
+    let ident = conn
+        .fetch(&crate::sql::Query::new(db.dialect.identity_query()))
+        .await
+        .ok();
     let database = ident
         .as_ref()
         .and_then(|rows| rows.first())
@@ -226,7 +240,11 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
             Some(u) => count(&mut conn, &target.count_candidates(None, u)).await?,
             None => 0,
         };
-        let c = Confirmation { job: &r.job.name, target: db.redacted_url(), candidates };
+        let c = Confirmation {
+            job: &r.job.name,
+            target: db.redacted_url(),
+            candidates,
+        };
         if !obs.confirm(&c) {
             return Err(Error::CannotProceed("not confirmed; nothing was written".into()));
         }
@@ -278,7 +296,12 @@ async fn with_lock(
         Some(id) => {
             let run = state::find_run(db, conn, id).await?;
             if run.job != r.job.name {
-                return Err(Error::Usage(format!("run {} belongs to job `{}`, not `{}`", short(&run.id), run.job, r.job.name)));
+                return Err(Error::Usage(format!(
+                    "run {} belongs to job `{}`, not `{}`",
+                    short(&run.id),
+                    run.job,
+                    r.job.name
+                )));
             }
             if !(run.status.is_unfinished() || run.status == RunStatus::Failed) {
                 return Err(Error::CannotProceed(format!(
@@ -294,11 +317,21 @@ async fn with_lock(
     let (run, resumed) = match existing {
         Some(run) => {
             if run.definition_sha256 != r.job.definition_sha256 {
-                return Err(Error::DefinitionChanged { run: short(&run.id).to_string(), job: r.job.name.clone() });
+                return Err(Error::DefinitionChanged {
+                    run: short(&run.id).to_string(),
+                    job: r.job.name.clone(),
+                });
             }
             state::claim(db, conn, &run.id, &req.spec_sha256).await?;
-            let after = run.cursor.as_ref().map(|c| format!("after key {}", key_display(c))).unwrap_or_else(|| "before its first batch".into());
-            obs.on_event(&Event::Notice(&format!("continuing run {}, interrupted {after}", short(&run.id))));
+            let after = run
+                .cursor
+                .as_ref()
+                .map(|c| format!("after key {}", key_display(c)))
+                .unwrap_or_else(|| "before its first batch".into());
+            obs.on_event(&Event::Notice(&format!(
+                "continuing run {}, interrupted {after}",
+                short(&run.id)
+            )));
             (run, true)
         }
         None => {
@@ -356,8 +389,19 @@ async fn with_lock(
             "limit": req.limit,
         }),
     )?;
-    let estimated = count(conn, &crate::sql::Query { ..db.dialect.estimate_rows_query(&r.job.table) }).await.ok();
-    let batch_size = if resumed && !r.settings.fixed_batch { run.batch_size.max(1) } else { r.settings.batch_size };
+    let estimated = count(
+        conn,
+        &crate::sql::Query {
+            ..db.dialect.estimate_rows_query(&r.job.table)
+        },
+    )
+    .await
+    .ok();
+    let batch_size = if resumed && !r.settings.fixed_batch {
+        run.batch_size.max(1)
+    } else {
+        r.settings.batch_size
+    };
     obs.on_event(&Event::Started {
         run_id: &run.id,
         job: &r.job.name,
@@ -367,17 +411,48 @@ async fn with_lock(
     });
 
     let started = Instant::now();
-    let mut looped = Looped { batches: run.batches, rows_read: run.rows_read, rows_changed: run.rows_changed, rows_skipped: run.rows_skipped, session_read: 0, session_changed: 0 };
-    let result = batches(db, req, obs, stop, target, lock, &run, batch_size, &mut audit, &mut looped).await;
+    let mut looped = Looped {
+        batches: run.batches,
+        rows_read: run.rows_read,
+        rows_changed: run.rows_changed,
+        rows_skipped: run.rows_skipped,
+        session_read: 0,
+        session_changed: 0,
+    };
+    let result = batches(
+        db,
+        req,
+        obs,
+        stop,
+        target,
+        lock,
+        &run,
+        batch_size,
+        &mut audit,
+        &mut looped,
+    )
+    .await;
     let (status, message, err) = match result {
         Ok(End::Done) => (RunStatus::Succeeded, None, None),
         Ok(End::Limit) => (
             RunStatus::Interrupted,
-            Some(format!("stopped after --limit {}; run the same command again or `infill resume {}` to continue", req.limit.unwrap_or(0), short(&run.id))),
+            Some(format!(
+                "stopped after --limit {}; run the same command again or `infill resume {}` to continue",
+                req.limit.unwrap_or(0),
+                short(&run.id)
+            )),
             None,
         ),
-        Ok(End::Stopped) => (RunStatus::Interrupted, Some("interrupted by a signal after the batch in flight committed".to_string()), None),
-        Ok(End::Aborted) => (RunStatus::Interrupted, Some("interrupted by a second signal; the batch in flight was rolled back".to_string()), None),
+        Ok(End::Stopped) => (
+            RunStatus::Interrupted,
+            Some("interrupted by a signal after the batch in flight committed".to_string()),
+            None,
+        ),
+        Ok(End::Aborted) => (
+            RunStatus::Interrupted,
+            Some("interrupted by a second signal; the batch in flight was rolled back".to_string()),
+            None,
+        ),
         Err(e) => {
             let msg = r.redactor.mask(&e.to_string());
             let status = match e {
@@ -424,7 +499,11 @@ async fn with_lock(
     }
     match status {
         RunStatus::Interrupted if matches!(summary.message.as_deref(), Some(m) if m.starts_with("interrupted")) => {
-            Err(Error::Interrupted(format!("run {} stopped; `infill resume {}` continues it", short(&run.id), short(&run.id))))
+            Err(Error::Interrupted(format!(
+                "run {} stopped; `infill resume {}` continues it",
+                short(&run.id),
+                short(&run.id)
+            )))
         }
         _ => Ok(summary),
     }
@@ -485,13 +564,26 @@ async fn batches(
         }
         let hi = {
             let mut c = db.conn().await?;
-            first_key(&mut c, &target.boundary(cursor.as_ref(), &upper, batch_size)).await?.unwrap_or_else(|| upper.clone())
+            first_key(&mut c, &target.boundary(cursor.as_ref(), &upper, batch_size))
+                .await?
+                .unwrap_or_else(|| upper.clone())
         };
         let batch_no = looped.batches + 1;
         let mut retries = 0;
         let outcome = loop {
             let attempt = {
-                let fut = apply_batch(db, target, &run.id, batch_no, cursor.as_ref(), &hi, remaining, r.job.undo, batch_size);
+                let fut = apply_batch(
+                    db,
+                    target,
+                    &run.id,
+                    batch_no,
+                    cursor.as_ref(),
+                    &hi,
+                    remaining,
+                    r.job.undo,
+                    batch_size,
+                    req.verbose,
+                );
                 tokio::pin!(fut);
                 tokio::select! {
                     res = &mut fut => Some(res),
@@ -562,7 +654,9 @@ async fn batches(
             per_key_ema = Some(ema);
             let ideal = (s.batch_time.as_secs_f64() / ema.max(1e-9)) as u64;
             // Grow at most 2x, shrink at most 4x per batch, within bounds.
-            batch_size = ideal.clamp(batch_size / 4, batch_size.saturating_mul(2)).clamp(s.min_batch, s.max_batch);
+            batch_size = ideal
+                .clamp(batch_size / 4, batch_size.saturating_mul(2))
+                .clamp(s.min_batch, s.max_batch);
         }
 
         let mut pause = s.pause_between + outcome.duration.mul_f64(s.sleep_coef);
@@ -607,21 +701,69 @@ async fn apply_batch(
     limit: Option<u64>,
     undo: bool,
     batch_size: u64,
+    verbose: bool,
 ) -> Result<BatchOutcome> {
     let t0 = Instant::now();
     let d = db.dialect;
     let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
     let mut conn = db.conn().await?;
     let mut tx = conn.begin_with(d.begin_write()).await.map_err(fail("cannot begin"))?;
-    let rows = tx.fetch(&target.candidates(lo, hi, limit)).await.map_err(fail("cannot read the candidates"))?;
+    let shape = BatchShape {
+        run_id,
+        batch_no,
+        lo,
+        hi,
+        limit,
+        undo,
+    };
+    if let Some(q) = target.fused_batch(&shape).filter(|_| !verbose) {
+        let row = tx
+            .fetch(&q)
+            .await
+            .map_err(fail("cannot write"))?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let int = |v: Option<&Value>| match v {
+            Some(Value::Int(n)) => *n as u64,
+            _ => 0,
+        };
+        let (read, changed) = (int(row.first()), int(row.get(1)));
+        let mut upper = hi.clone();
+        if limit.is_some_and(|l| read >= l)
+            && let Some(Value::Text(last)) = row.get(2)
+        {
+            upper = serde_json::from_str(last)
+                .ok()
+                .and_then(|j| crate::value::key_from_json(&j))
+                .unwrap_or(upper);
+        }
+        return checkpoint_and_commit(
+            db,
+            tx,
+            run_id,
+            batch_no,
+            lo,
+            upper,
+            read,
+            changed,
+            batch_size,
+            t0,
+            Vec::new(),
+        )
+        .await;
+    }
+    let rows = tx
+        .fetch(&target.candidates(lo, hi, limit))
+        .await
+        .map_err(fail("cannot read the candidates"))?;
     let nk = target.keys.len();
     let mut upper = hi.clone();
-    if let Some(l) = limit {
-        if rows.len() as u64 >= l {
-            if let Some(last) = rows.last() {
-                upper = last[..nk].to_vec();
-            }
-        }
+    if let Some(l) = limit
+        && rows.len() as u64 >= l
+        && let Some(last) = rows.last()
+    {
+        upper = last[..nk].to_vec();
     }
     let keys: Vec<Key> = rows.iter().map(|r| r[..nk].to_vec()).collect();
     let mut changed = 0u64;
@@ -640,11 +782,18 @@ async fn apply_batch(
             }
             if !d.update_returning() {
                 for chunk in keys.chunks((KEYS_PER_STATEMENT / nk).max(1)) {
-                    after.extend(tx.fetch(&target.after_values(chunk)).await.map_err(fail("cannot read the written values"))?);
+                    after.extend(
+                        tx.fetch(&target.after_values(chunk))
+                            .await
+                            .map_err(fail("cannot read the written values"))?,
+                    );
                 }
             }
         } else {
-            after = tx.fetch(&target.update_range(lo, &upper)).await.map_err(fail("cannot write"))?;
+            after = tx
+                .fetch(&target.update_range(lo, &upper))
+                .await
+                .map_err(fail("cannot write"))?;
             changed = after.len() as u64;
         }
     }
@@ -654,33 +803,80 @@ async fn apply_batch(
     };
     let mut written = Vec::with_capacity(after.len());
     if undo && !after.is_empty() {
-        let before: HashMap<String, &Vec<Value>> = rows.iter().map(|r| (key_to_json(&r[..nk]).to_string(), r)).collect();
+        let before: HashMap<String, &Vec<Value>> =
+            rows.iter().map(|r| (key_to_json(&r[..nk]).to_string(), r)).collect();
         let mut images = Vec::with_capacity(after.len());
         for a in &after {
             let key = key_to_json(&a[..nk]);
-            let Some(b) = before.get(&key.to_string()) else { continue };
-            images.push(UndoImage { key, before: image(&b[nk..]), after: image(&a[nk..]) });
+            let Some(b) = before.get(&key.to_string()) else {
+                continue;
+            };
+            images.push(UndoImage {
+                key,
+                before: image(&b[nk..]),
+                after: image(&a[nk..]),
+            });
         }
-        state::insert_undo(db, &mut tx, run_id, batch_no, &images).await.map_err(fail("cannot store the undo images"))?;
+        state::insert_undo(db, &mut tx, run_id, batch_no, &images)
+            .await
+            .map_err(fail("cannot store the undo images"))?;
     }
     for a in after {
         let key = a[..nk].to_vec();
         written.push((key, names.iter().cloned().zip(a.into_iter().skip(nk)).collect()));
     }
-    let duration = t0.elapsed();
+    checkpoint_and_commit(
+        db,
+        tx,
+        run_id,
+        batch_no,
+        lo,
+        upper,
+        rows.len() as u64,
+        changed,
+        batch_size,
+        t0,
+        written,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn checkpoint_and_commit(
+    db: &Db,
+    mut tx: crate::dialect::Tx<'_>,
+    run_id: &str,
+    batch_no: u64,
+    lo: Option<&Key>,
+    upper: Key,
+    read: u64,
+    changed: u64,
+    batch_size: u64,
+    t0: Instant,
+    written: Vec<(Key, Vec<(String, Value)>)>,
+) -> Result<BatchOutcome> {
+    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
     let cp = Checkpoint {
         batch_no,
         lower: lo.cloned(),
         upper: upper.clone(),
-        rows_read: rows.len() as u64,
+        rows_read: read,
         rows_changed: changed,
-        rows_skipped: (rows.len() as u64).saturating_sub(changed),
+        rows_skipped: read.saturating_sub(changed),
         batch_size,
-        duration_ms: duration.as_millis() as u64,
+        duration_ms: t0.elapsed().as_millis() as u64,
     };
-    state::checkpoint(db, &mut tx, run_id, &cp).await.map_err(fail("cannot write the checkpoint"))?;
+    state::checkpoint(db, &mut tx, run_id, &cp)
+        .await
+        .map_err(fail("cannot write the checkpoint"))?;
     tx.commit().await.map_err(fail("cannot commit"))?;
-    Ok(BatchOutcome { upper, read: rows.len() as u64, changed, duration: t0.elapsed(), written })
+    Ok(BatchOutcome {
+        upper,
+        read,
+        changed,
+        duration: t0.elapsed(),
+        written,
+    })
 }
 
 async fn first_key(c: &mut impl Exec, q: &crate::sql::Query) -> Result<Option<Key>> {
@@ -703,9 +899,14 @@ async fn dry_run(db: &Db, target: &Target, r: &ResolvedJob) -> Result<DryRunRepo
     let d = db.dialect;
     let mut conn = db.conn().await?.detach();
     if let Some(stmt) = d.read_only_session() {
-        conn.execute(&crate::sql::Query::new(stmt)).await.map_err(Error::db("cannot make the session read-only"))?;
+        conn.execute(&crate::sql::Query::new(stmt))
+            .await
+            .map_err(Error::db("cannot make the session read-only"))?;
     }
-    let mut tx = conn.begin_with(d.begin_read_only()).await.map_err(Error::db("cannot begin a read-only transaction"))?;
+    let mut tx = conn
+        .begin_with(d.begin_read_only())
+        .await
+        .map_err(Error::db("cannot begin a read-only transaction"))?;
     let mut report = DryRunReport {
         job: r.job.name.clone(),
         target: db.redacted_url().to_string(),
@@ -722,15 +923,21 @@ async fn dry_run(db: &Db, target: &Target, r: &ResolvedJob) -> Result<DryRunRepo
         let nk = target.keys.len();
         let ns = target.sets.len();
         let names: Vec<String> = target.sets.iter().map(|(c, _)| c.name.clone()).collect();
-        let rows = tx.fetch(&target.sample(&upper, SAMPLE_ROWS)).await.map_err(|e| match e {
-            sqlx::Error::Database(dbe) => Error::Sql {
-                location: r.job.location.clone(),
-                field: format!("jobs.{}.action.update", r.job.name),
-                database: db.name.clone(),
-                message: r.redactor.mask(dbe.message()),
-            },
-            other => Error::Database { context: "cannot read the sample".into(), source: other },
-        })?;
+        let rows = tx
+            .fetch(&target.sample(&upper, SAMPLE_ROWS))
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(dbe) => Error::Sql {
+                    location: r.job.location.clone(),
+                    field: format!("jobs.{}.action.update", r.job.name),
+                    database: db.name.clone(),
+                    message: r.redactor.mask(dbe.message()),
+                },
+                other => Error::Database {
+                    context: "cannot read the sample".into(),
+                    source: other,
+                },
+            })?;
         for row in rows {
             report.sample.push(SampleRow {
                 key: row[..nk].to_vec(),
@@ -739,6 +946,8 @@ async fn dry_run(db: &Db, target: &Target, r: &ResolvedJob) -> Result<DryRunRepo
             });
         }
     }
-    tx.rollback().await.map_err(Error::db("cannot end the read-only transaction"))?;
+    tx.rollback()
+        .await
+        .map_err(Error::db("cannot end the read-only transaction"))?;
     Ok(report)
 }

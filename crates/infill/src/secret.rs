@@ -22,12 +22,7 @@ pub fn redact_url(url: &str) -> String {
         Some(colon) => format!("{}:***", &userinfo[..colon]),
         None => userinfo.to_string(),
     };
-    redact_query_password(&format!(
-        "{}{}{}",
-        &url[..rest_start],
-        masked,
-        &url[rest_start + at..]
-    ))
+    redact_query_password(&format!("{}{}{}", &url[..rest_start], masked, &url[rest_start + at..]))
 }
 
 fn redact_query_password(url: &str) -> String {
@@ -103,12 +98,13 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

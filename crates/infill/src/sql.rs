@@ -39,8 +39,7 @@ impl Fragment {
         while i < b.len() {
             match b[i] {
                 q @ (b'\'' | b'"' | b'`') => {
-                    let escapes = q == b'\''
-                        && (backslash_escapes || (i > 0 && matches!(b[i - 1], b'E' | b'e')));
+                    let escapes = q == b'\'' && (backslash_escapes || (i > 0 && matches!(b[i - 1], b'E' | b'e')));
                     i = skip_quoted(b, i, q, escapes)
                         .ok_or_else(|| format!("unterminated {} at byte {i}", quote_name(q)))?;
                 }
@@ -81,17 +80,20 @@ impl Fragment {
             }
         }
         flush(&mut parts, text_start, b.len());
-        Ok(Fragment { source: sql.to_string(), parts })
+        Ok(Fragment {
+            source: sql.to_string(),
+            parts,
+        })
     }
 
     /// The names of the parameters it uses, each once, in order of first use.
     pub fn params(&self) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
         for p in &self.parts {
-            if let Part::Param(n) = p {
-                if !out.contains(&n.as_str()) {
-                    out.push(n);
-                }
+            if let Part::Param(n) = p
+                && !out.contains(&n.as_str())
+            {
+                out.push(n);
             }
         }
         out
@@ -142,7 +144,10 @@ pub struct Query {
 
 impl Query {
     pub fn new(sql: impl Into<String>) -> Query {
-        Query { sql: sql.into(), args: Vec::new() }
+        Query {
+            sql: sql.into(),
+            args: Vec::new(),
+        }
     }
 }
 
@@ -151,13 +156,21 @@ mod tests {
     use super::*;
 
     fn params(sql: &str) -> Vec<String> {
-        Fragment::parse(sql, false).unwrap().params().into_iter().map(String::from).collect()
+        Fragment::parse(sql, false)
+            .unwrap()
+            .params()
+            .into_iter()
+            .map(String::from)
+            .collect()
     }
 
     #[test]
     fn finds_named_params_outside_literals_and_casts() {
         assert_eq!(params("block_id = :block AND x::int > :min_x"), ["block", "min_x"]);
-        assert_eq!(params("note = ':not_a_param' AND \"weird:col\" = 1"), Vec::<String>::new());
+        assert_eq!(
+            params("note = ':not_a_param' AND \"weird:col\" = 1"),
+            Vec::<String>::new()
+        );
         assert_eq!(params("a = 'it''s :x' -- :comment\n AND b = :b"), ["b"]);
         assert_eq!(params("/* :c */ $$ :d $$ $t$ :e $t$ = :f"), ["f"]);
         assert_eq!(params("x = :a OR y = :a"), ["a"]);
@@ -180,7 +193,11 @@ mod tests {
         let f = Fragment::parse("a = :x AND b", false).unwrap();
         assert_eq!(
             f.parts,
-            vec![Part::Sql("a = ".into()), Part::Param("x".into()), Part::Sql(" AND b".into())]
+            vec![
+                Part::Sql("a = ".into()),
+                Part::Param("x".into()),
+                Part::Sql(" AND b".into())
+            ]
         );
     }
 }

@@ -62,7 +62,10 @@ impl RunStatus {
 
     /// True while the run can still be continued.
     pub fn is_unfinished(self) -> bool {
-        matches!(self, RunStatus::Running | RunStatus::Paused | RunStatus::Interrupted | RunStatus::CanaryPassed)
+        matches!(
+            self,
+            RunStatus::Running | RunStatus::Paused | RunStatus::Interrupted | RunStatus::CanaryPassed
+        )
     }
 }
 
@@ -135,7 +138,9 @@ fn int(v: &Value) -> u64 {
 }
 
 fn parse_key(v: &Value) -> Option<Key> {
-    opt_text(v).and_then(|s| serde_json::from_str(&s).ok()).and_then(|j| key_from_json(&j))
+    opt_text(v)
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .and_then(|j| key_from_json(&j))
 }
 
 impl RunRecord {
@@ -179,7 +184,9 @@ impl RunRecord {
 /// Creates the state tables when missing and records the schema version.
 pub async fn ensure_schema(db: &Db, c: &mut impl Exec) -> Result<()> {
     for ddl in db.dialect.state_schema() {
-        c.execute(&db.q(ddl, vec![])).await.map_err(Error::db("cannot create infill's state tables"))?;
+        c.execute(&db.q(ddl, vec![]))
+            .await
+            .map_err(Error::db("cannot create infill's state tables"))?;
     }
     let rows = c
         .fetch(&db.q("SELECT MAX(version) FROM infill_schema", vec![]))
@@ -191,9 +198,12 @@ pub async fn ensure_schema(db: &Db, c: &mut impl Exec) -> Result<()> {
         ))),
         Some(Value::Int(_)) => Ok(()),
         _ => {
-            c.execute(&db.q("INSERT INTO infill_schema (version) VALUES (?)", vec![Value::Int(SCHEMA_VERSION)]))
-                .await
-                .map_err(Error::db("cannot write infill_schema"))?;
+            c.execute(&db.q(
+                "INSERT INTO infill_schema (version) VALUES (?)",
+                vec![Value::Int(SCHEMA_VERSION)],
+            ))
+            .await
+            .map_err(Error::db("cannot write infill_schema"))?;
             Ok(())
         }
     }
@@ -201,7 +211,9 @@ pub async fn ensure_schema(db: &Db, c: &mut impl Exec) -> Result<()> {
 
 /// True when the state tables exist (read commands must not create them).
 pub async fn exists(db: &Db, c: &mut impl Exec) -> bool {
-    c.fetch(&db.q("SELECT COUNT(*) FROM infill_runs WHERE 1 = 0", vec![])).await.is_ok()
+    c.fetch(&db.q("SELECT COUNT(*) FROM infill_runs WHERE 1 = 0", vec![]))
+        .await
+        .is_ok()
 }
 
 /// Records a new run.
@@ -235,7 +247,9 @@ pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()>
             r.message.clone().map(Value::Text).unwrap_or(Value::Null),
         ],
     );
-    c.execute(&q).await.map_err(Error::db("cannot record the run in infill_runs"))?;
+    c.execute(&q)
+        .await
+        .map_err(Error::db("cannot record the run in infill_runs"))?;
     Ok(())
 }
 
@@ -257,10 +271,15 @@ pub async fn find_unfinished(db: &Db, c: &mut impl Exec, job: &str, params_sha25
 /// The run whose id starts with `prefix` (8 characters or more).
 pub async fn find_run(db: &Db, c: &mut impl Exec, prefix: &str) -> Result<RunRecord> {
     if prefix.len() < 8 || !prefix.chars().all(|ch| ch.is_ascii_hexdigit() || ch == '-') {
-        return Err(Error::Usage(format!("`{prefix}` is not a run id: give the id or a prefix of 8 or more characters")));
+        return Err(Error::Usage(format!(
+            "`{prefix}` is not a run id: give the id or a prefix of 8 or more characters"
+        )));
     }
     if !exists(db, c).await {
-        return Err(Error::RunNotFound(format!("no run {prefix}: database `{}` has no infill state yet", db.name)));
+        return Err(Error::RunNotFound(format!(
+            "no run {prefix}: database `{}` has no infill state yet",
+            db.name
+        )));
     }
     let rows = c
         .fetch(&db.q(
@@ -272,7 +291,9 @@ pub async fn find_run(db: &Db, c: &mut impl Exec, prefix: &str) -> Result<RunRec
     match rows.len() {
         0 => Err(Error::RunNotFound(format!("no run {prefix} in database `{}`", db.name))),
         1 => RunRecord::from_row(&rows[0]),
-        n => Err(Error::Usage(format!("{n} runs start with {prefix}; give more characters"))),
+        n => Err(Error::Usage(format!(
+            "{n} runs start with {prefix}; give more characters"
+        ))),
     }
 }
 
@@ -282,7 +303,10 @@ pub async fn list_runs(db: &Db, c: &mut impl Exec, limit: u32) -> Result<Vec<Run
         return Ok(Vec::new());
     }
     let rows = c
-        .fetch(&db.q(&format!("SELECT {RUN_COLUMNS} FROM infill_runs ORDER BY id DESC LIMIT {limit}"), vec![]))
+        .fetch(&db.q(
+            &format!("SELECT {RUN_COLUMNS} FROM infill_runs ORDER BY id DESC LIMIT {limit}"),
+            vec![],
+        ))
         .await
         .map_err(Error::db("cannot read infill_runs"))?;
     rows.iter().map(|r| RunRecord::from_row(r)).collect()
@@ -291,7 +315,11 @@ pub async fn list_runs(db: &Db, c: &mut impl Exec, limit: u32) -> Result<Vec<Run
 /// Sets a run's status (and message), marking it finished when final.
 pub async fn set_status(db: &Db, c: &mut impl Exec, id: &str, status: RunStatus, message: Option<&str>) -> Result<()> {
     let now = now();
-    let finished = if status.is_unfinished() { Value::Null } else { Value::Text(now.clone()) };
+    let finished = if status.is_unfinished() {
+        Value::Null
+    } else {
+        Value::Text(now.clone())
+    };
     c.execute(&db.q(
         "UPDATE infill_runs SET status = ?, message = ?, updated_at = ?, finished_at = ? WHERE id = ?",
         vec![
@@ -385,10 +413,17 @@ pub struct UndoImage {
 
 /// Stores undo images (inside the batch's transaction), a few hundred rows
 /// per statement.
-pub async fn insert_undo(db: &Db, c: &mut impl Exec, run_id: &str, batch_no: u64, images: &[UndoImage]) -> Result<(), sqlx::Error> {
+pub async fn insert_undo(
+    db: &Db,
+    c: &mut impl Exec,
+    run_id: &str,
+    batch_no: u64,
+    images: &[UndoImage],
+) -> Result<(), sqlx::Error> {
     const ROWS_PER_STATEMENT: usize = 500;
     for (chunk_no, chunk) in images.chunks(ROWS_PER_STATEMENT).enumerate() {
-        let mut sql = String::from("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) VALUES ");
+        let mut sql =
+            String::from("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) VALUES ");
         let mut args = Vec::with_capacity(chunk.len() * 6);
         for (i, img) in chunk.iter().enumerate() {
             if i > 0 {

@@ -13,6 +13,17 @@ use crate::spec::{Location, ResolvedJob, SqlText};
 use crate::sql::{Fragment, Query};
 use crate::value::{Key, Value};
 
+/// One batch's bounds and bookkeeping, for dialects that write a batch in
+/// one statement.
+pub struct BatchShape<'a> {
+    pub run_id: &'a str,
+    pub batch_no: u64,
+    pub lo: Option<&'a Key>,
+    pub hi: &'a Key,
+    pub limit: Option<u64>,
+    pub undo: bool,
+}
+
 /// The target of a job, ready to compose statements.
 pub struct Target {
     pub dialect: &'static dyn Dialect,
@@ -28,12 +39,26 @@ pub struct Target {
 }
 
 fn sql_error(db: &Db, location: &Location, field: &str, message: String) -> Error {
-    Error::Sql { location: location.clone(), field: field.into(), database: db.name.clone(), message }
+    Error::Sql {
+        location: location.clone(),
+        field: field.into(),
+        database: db.name.clone(),
+        message,
+    }
 }
 
 fn find_column(db: &Db, columns: &[Column], name: &str) -> Option<Column> {
     let cs = db.dialect.case_sensitive_columns();
-    columns.iter().find(|c| if cs { c.name == name } else { c.name.eq_ignore_ascii_case(name) }).cloned()
+    columns
+        .iter()
+        .find(|c| {
+            if cs {
+                c.name == name
+            } else {
+                c.name.eq_ignore_ascii_case(name)
+            }
+        })
+        .cloned()
 }
 
 impl Target {
@@ -42,13 +67,24 @@ impl Target {
         let job = &r.job;
         let d = db.dialect;
         let table_field = format!("jobs.{}.source.table", job.name);
-        let rows = conn.fetch(&d.columns_query(&job.table)).await.map_err(Error::db("cannot read the table's columns"))?;
+        let rows = conn
+            .fetch(&d.columns_query(&job.table))
+            .await
+            .map_err(Error::db("cannot read the table's columns"))?;
         let columns: Vec<Column> = rows
             .iter()
-            .map(|r| Column { name: r[0].display(), sql_type: r[1].display() })
+            .map(|r| Column {
+                name: r[0].display(),
+                sql_type: r[1].display(),
+            })
             .collect();
         if columns.is_empty() {
-            return Err(sql_error(db, &job.table_at, &table_field, format!("table `{}` does not exist", job.table.join("."))));
+            return Err(sql_error(
+                db,
+                &job.table_at,
+                &table_field,
+                format!("table `{}` does not exist", job.table.join(".")),
+            ));
         }
         let missing = |name: &str, at: &Location, field: String| {
             let hint = columns
@@ -56,11 +92,22 @@ impl Target {
                 .find(|c| c.name.eq_ignore_ascii_case(name))
                 .map(|c| format!(" (did you mean `{}`?)", c.name))
                 .unwrap_or_default();
-            sql_error(db, at, &field, format!("column `{name}` does not exist in table `{}`{hint}", job.table.join(".")))
+            sql_error(
+                db,
+                at,
+                &field,
+                format!(
+                    "column `{name}` does not exist in table `{}`{hint}",
+                    job.table.join(".")
+                ),
+            )
         };
         let mut keys = Vec::new();
         for k in &job.key {
-            keys.push(find_column(db, &columns, k).ok_or_else(|| missing(k, &job.key_at, format!("jobs.{}.source.key", job.name)))?);
+            keys.push(
+                find_column(db, &columns, k)
+                    .ok_or_else(|| missing(k, &job.key_at, format!("jobs.{}.source.key", job.name)))?,
+            );
         }
         let parse = |s: &SqlText| {
             Fragment::parse(&s.sql, d.backslash_escapes()).map_err(|m| Error::Spec {
@@ -93,11 +140,18 @@ impl Target {
     async fn prepare_all(&self, db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -> Result<()> {
         let fail = |s: &SqlText, e: sqlx::Error| match e {
             sqlx::Error::Database(dbe) => sql_error(db, &s.location, &s.field, r.redactor.mask(dbe.message())),
-            other => Error::Database { context: format!("cannot check {}", s.field), source: other },
+            other => Error::Database {
+                context: format!("cannot check {}", s.field),
+                source: other,
+            },
         };
         if let (Some(f), Some(text)) = (&self.filter, &r.job.filter) {
             let mut b = SqlBuilder::new(self.dialect);
-            b.push("SELECT 1 FROM ").push(&self.table).push(" WHERE (").fragment(f, &self.params).push(")");
+            b.push("SELECT 1 FROM ")
+                .push(&self.table)
+                .push(" WHERE (")
+                .fragment(f, &self.params)
+                .push(")");
             conn.prepare(&b.finish()).await.map_err(|e| fail(text, e))?;
         }
         for ((col, f), (_, text)) in self.sets.iter().zip(&r.job.updates) {
@@ -117,7 +171,12 @@ impl Target {
     /// A select list with every item aliased `infill_cN`, so output names
     /// never shadow the table's columns in ORDER BY.
     fn select_list(items: &[String]) -> String {
-        items.iter().enumerate().map(|(i, e)| format!("{e} AS infill_c{i}")).collect::<Vec<_>>().join(", ")
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{e} AS infill_c{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn key_list(&self) -> String {
@@ -134,15 +193,18 @@ impl Target {
     }
 
     fn bind_key(&self, b: &mut SqlBuilder<'_>, key: &Key) -> Vec<String> {
-        key.iter().zip(&self.keys).map(|(v, col)| {
-            let ph = b.arg(v.clone());
-            self.dialect.value_in(&ph, col)
-        }).collect()
+        key.iter()
+            .zip(&self.keys)
+            .map(|(v, col)| {
+                let ph = b.arg(v.clone());
+                self.dialect.value_in(&ph, col)
+            })
+            .collect()
     }
 
     /// Appends ` WHERE` and the conditions: key after `lo`, key at most
     /// `hi`, and the filter.
-    fn push_range(&self, b: &mut SqlBuilder<'_>, lo: Option<&Key>, hi: Option<&Key>, with_filter: bool) {
+    pub(crate) fn push_range(&self, b: &mut SqlBuilder<'_>, lo: Option<&Key>, hi: Option<&Key>, with_filter: bool) {
         let mut conds = Vec::new();
         if let Some(lo) = lo {
             conds.push(self.dialect.key_after(&self.key_q, &mut |i| self.bind_one(b, lo, i)));
@@ -155,32 +217,46 @@ impl Target {
             b.push(" WHERE ");
         }
         b.push(&conds.join(" AND "));
-        if with_filter {
-            if let Some(f) = &self.filter {
-                if !conds.is_empty() {
-                    b.push(" AND ");
-                }
-                b.push("(").fragment(f, &self.params).push(")");
+        if with_filter && let Some(f) = &self.filter {
+            if !conds.is_empty() {
+                b.push(" AND ");
             }
+            b.push("(").fragment(f, &self.params).push(")");
         }
     }
 
-    fn order_by(&self, desc: bool) -> String {
+    pub(crate) fn order_by(&self, desc: bool) -> String {
         let dir = if desc { " DESC" } else { "" };
-        format!(" ORDER BY {}", self.key_q.iter().map(|k| format!("{k}{dir}")).collect::<Vec<_>>().join(", "))
+        format!(
+            " ORDER BY {}",
+            self.key_q
+                .iter()
+                .map(|k| format!("{k}{dir}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 
     /// The largest key now: the run's frozen upper bound.
     pub fn max_key(&self) -> Query {
-        Query::new(format!("SELECT {} FROM {}{} LIMIT 1", Self::select_list(&self.key_out()), self.table, self.order_by(true)))
+        Query::new(format!(
+            "SELECT {} FROM {}{} LIMIT 1",
+            Self::select_list(&self.key_out()),
+            self.table,
+            self.order_by(true)
+        ))
     }
 
     /// The key `n` rows after `lo` (the batch's upper end), if the range holds that many.
     pub fn boundary(&self, lo: Option<&Key>, upper: &Key, n: u64) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
-        b.push("SELECT ").push(&Self::select_list(&self.key_out())).push(" FROM ").push(&self.table);
+        b.push("SELECT ")
+            .push(&Self::select_list(&self.key_out()))
+            .push(" FROM ")
+            .push(&self.table);
         self.push_range(&mut b, lo, Some(upper), false);
-        b.push(&self.order_by(false)).push(&format!(" LIMIT 1 OFFSET {}", n.saturating_sub(1)));
+        b.push(&self.order_by(false))
+            .push(&format!(" LIMIT 1 OFFSET {}", n.saturating_sub(1)));
         b.finish()
     }
 
@@ -189,8 +265,15 @@ impl Target {
     pub fn candidates(&self, lo: Option<&Key>, hi: &Key, limit: Option<u64>) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
         let mut cols = self.key_out();
-        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
-        b.push("SELECT ").push(&Self::select_list(&cols)).push(" FROM ").push(&self.table);
+        cols.extend(
+            self.sets
+                .iter()
+                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
+        );
+        b.push("SELECT ")
+            .push(&Self::select_list(&cols))
+            .push(" FROM ")
+            .push(&self.table);
         self.push_range(&mut b, lo, Some(hi), true);
         b.push(&self.order_by(false));
         if let Some(l) = limit {
@@ -206,13 +289,20 @@ impl Target {
             if i > 0 {
                 b.push(", ");
             }
-            b.push(&self.dialect.quote_ident(&col.name)).push(" = (").fragment(f, &self.params).push(")");
+            b.push(&self.dialect.quote_ident(&col.name))
+                .push(" = (")
+                .fragment(f, &self.params)
+                .push(")");
         }
     }
 
     fn returning(&self) -> String {
         let mut cols = self.key_out();
-        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
+        cols.extend(
+            self.sets
+                .iter()
+                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
+        );
         format!(" RETURNING {}", cols.join(", "))
     }
 
@@ -221,7 +311,11 @@ impl Target {
             .iter()
             .map(|k| {
                 let v = self.bind_key(b, k);
-                if v.len() == 1 { v.into_iter().next().expect("one") } else { format!("({})", v.join(", ")) }
+                if v.len() == 1 {
+                    v.into_iter().next().expect("one")
+                } else {
+                    format!("({})", v.join(", "))
+                }
             })
             .collect();
         if self.key_q.len() == 1 {
@@ -230,6 +324,13 @@ impl Target {
             b.push(&format!("({})", self.key_list()));
         }
         b.push(" IN (").push(&items.join(", ")).push(")");
+    }
+
+    /// The whole batch (lock, guarded write, undo images) as one statement,
+    /// where the dialect can; it returns one row: candidates read, rows
+    /// written, and the last candidate's key as a JSON array.
+    pub fn fused_batch(&self, shape: &BatchShape<'_>) -> Option<Query> {
+        self.dialect.fused_batch(self, shape)
     }
 
     /// The guarded write of the given (locked) keys; the filter is checked
@@ -265,8 +366,16 @@ impl Target {
     pub fn after_values(&self, keys: &[Key]) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
         let mut cols = self.key_out();
-        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
-        b.push("SELECT ").push(&Self::select_list(&cols)).push(" FROM ").push(&self.table).push(" WHERE ");
+        cols.extend(
+            self.sets
+                .iter()
+                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
+        );
+        b.push("SELECT ")
+            .push(&Self::select_list(&cols))
+            .push(" FROM ")
+            .push(&self.table)
+            .push(" WHERE ");
         self.push_in_list(&mut b, keys);
         b.finish()
     }
@@ -291,7 +400,11 @@ impl Target {
     pub fn sample(&self, upper: &Key, n: u64) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
         let mut cols = self.key_out();
-        cols.extend(self.sets.iter().map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))));
+        cols.extend(
+            self.sets
+                .iter()
+                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
+        );
         b.push("SELECT ").push(&Self::select_list(&cols));
         for (i, (_, f)) in self.sets.iter().enumerate() {
             b.push(", ");

@@ -50,12 +50,12 @@ impl Value {
                 match tag.as_str() {
                     "real" => Value::Real(inner.as_f64()?),
                     "hex" => Value::Blob(hex::decode(inner.as_str()?).ok()?),
-                    "timestamp" => Value::Timestamp(
-                        NaiveDateTime::parse_from_str(inner.as_str()?, "%Y-%m-%d %H:%M:%S%.f").ok()?,
-                    ),
-                    "timestamptz" => Value::TimestampTz(
-                        DateTime::parse_from_rfc3339(inner.as_str()?).ok()?.with_timezone(&Utc),
-                    ),
+                    "timestamp" => {
+                        Value::Timestamp(NaiveDateTime::parse_from_str(inner.as_str()?, "%Y-%m-%d %H:%M:%S%.f").ok()?)
+                    }
+                    "timestamptz" => {
+                        Value::TimestampTz(DateTime::parse_from_rfc3339(inner.as_str()?).ok()?.with_timezone(&Utc))
+                    }
                     "date" => Value::Date(inner.as_str()?.parse().ok()?),
                     _ => return None,
                 }
@@ -121,7 +121,9 @@ mod tests {
             Value::Bool(true),
             Value::Text("{\"real\": 1}".into()),
             Value::Blob(vec![0, 255, 7]),
-            Value::Timestamp(NaiveDateTime::parse_from_str("2025-01-02 03:04:05.123456", "%Y-%m-%d %H:%M:%S%.f").unwrap()),
+            Value::Timestamp(
+                NaiveDateTime::parse_from_str("2025-01-02 03:04:05.123456", "%Y-%m-%d %H:%M:%S%.f").unwrap(),
+            ),
             Value::Date(NaiveDate::from_ymd_opt(2025, 9, 1).unwrap()),
         ];
         let json = key_to_json(&values);

@@ -119,6 +119,11 @@ pub trait Dialect: Send + Sync {
     fn try_lock_query(&self, name: &str) -> Option<Query>;
     /// A query releasing the job lock.
     fn unlock_query(&self, name: &str) -> Option<Query>;
+    /// The whole batch as one statement (see `Target::fused_batch`), where
+    /// the engine can chain the lock, the write and the undo images.
+    fn fused_batch(&self, _target: &crate::target::Target, _shape: &crate::target::BatchShape<'_>) -> Option<Query> {
+        None
+    }
     /// Quotes a dotted table name.
     fn quote_table(&self, parts: &[String]) -> String {
         parts.iter().map(|p| self.quote_ident(p)).collect::<Vec<_>>().join(".")
@@ -136,15 +141,28 @@ fn row_compare(keys: &[String], value: &mut dyn FnMut(usize) -> String, op: &str
 
 /// Expanded keyset comparison, `a > ? OR (a = ? AND b > ?)`, for optimizers
 /// that do not use an index for row comparisons.
-pub(crate) fn expanded_compare(keys: &[String], value: &mut dyn FnMut(usize) -> String, strict: &str, last: &str) -> String {
+pub(crate) fn expanded_compare(
+    keys: &[String],
+    value: &mut dyn FnMut(usize) -> String,
+    strict: &str,
+    last: &str,
+) -> String {
     let mut ors = Vec::new();
     for i in 0..keys.len() {
         let op = if i + 1 == keys.len() { last } else { strict };
         let mut ands: Vec<String> = (0..i).map(|j| format!("{} = {}", keys[j], value(j))).collect();
         ands.push(format!("{} {op} {}", keys[i], value(i)));
-        ors.push(if ands.len() == 1 { ands.remove(0) } else { format!("({})", ands.join(" AND ")) });
+        ors.push(if ands.len() == 1 {
+            ands.remove(0)
+        } else {
+            format!("({})", ands.join(" AND "))
+        });
     }
-    if ors.len() == 1 { ors.remove(0) } else { format!("({})", ors.join(" OR ")) }
+    if ors.len() == 1 {
+        ors.remove(0)
+    } else {
+        format!("({})", ors.join(" OR "))
+    }
 }
 
 /// Builds one statement: text plus bound values, placeholders numbered for
@@ -156,7 +174,10 @@ pub struct SqlBuilder<'d> {
 
 impl<'d> SqlBuilder<'d> {
     pub fn new(dialect: &'d dyn Dialect) -> Self {
-        SqlBuilder { dialect, query: Query::default() }
+        SqlBuilder {
+            dialect,
+            query: Query::default(),
+        }
     }
     /// Appends SQL text.
     pub fn push(&mut self, sql: &str) -> &mut Self {
@@ -269,26 +290,26 @@ macro_rules! dispatch {
 #[async_trait]
 impl Exec for Conn {
     async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
-        dispatch!(self, c => backend::execute(&mut **c, q).await)
+        dispatch!(self, c => backend::execute(c, q).await)
     }
     async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
-        dispatch!(self, c => backend::fetch(&mut **c, q).await)
+        dispatch!(self, c => backend::fetch(c, q).await)
     }
     async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
-        dispatch!(self, c => backend::prepare(&mut **c, q).await)
+        dispatch!(self, c => backend::prepare(c, q).await)
     }
 }
 
 #[async_trait]
 impl Exec for Tx<'_> {
     async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
-        dispatch!(self, c => backend::execute(&mut **c, q).await)
+        dispatch!(self, c => backend::execute(c, q).await)
     }
     async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
-        dispatch!(self, c => backend::fetch(&mut **c, q).await)
+        dispatch!(self, c => backend::fetch(c, q).await)
     }
     async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
-        dispatch!(self, c => backend::prepare(&mut **c, q).await)
+        dispatch!(self, c => backend::prepare(c, q).await)
     }
 }
 
@@ -420,15 +441,29 @@ impl Db {
             message: connect_message(&e, url),
         };
         let acquire_timeout = Duration::from_secs(10);
+        // One direct connection first: a pool retries until its timeout and
+        // then loses the cause ("connection refused", "access denied").
+        async fn probe<O: sqlx::ConnectOptions>(o: &O) -> Result<(), sqlx::Error>
+        where
+            O::Connection: Sized,
+        {
+            use sqlx::Connection;
+            let c = tokio::time::timeout(Duration::from_secs(10), o.connect())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+            c.close().await
+        }
         let pool = match backend {
             Backend::Postgres => {
                 let o = sqlx::postgres::PgConnectOptions::from_str(url.expose())
                     .map_err(fail)?
                     .application_name(&opts.application_name);
+                probe(&o).await.map_err(fail)?;
                 Pool::Pg(postgres::pool(o, setup, acquire_timeout).await.map_err(fail)?)
             }
             Backend::MySql => {
                 let o = sqlx::mysql::MySqlConnectOptions::from_str(url.expose()).map_err(fail)?;
+                probe(&o).await.map_err(fail)?;
                 Pool::My(mysql::pool(o, setup, acquire_timeout).await.map_err(fail)?)
             }
             Backend::Sqlite => {
@@ -436,10 +471,16 @@ impl Db {
                     .map_err(fail)?
                     .create_if_missing(opts.create_sqlite)
                     .busy_timeout(opts.lock_timeout.max(Duration::from_secs(5)));
+                probe(&o).await.map_err(fail)?;
                 Pool::Lite(sqlite::pool(o, acquire_timeout).await.map_err(fail)?)
             }
         };
-        let db = Db { name: url.name.clone(), dialect, redacted_url: url.redacted(), pool };
+        let db = Db {
+            name: url.name.clone(),
+            dialect,
+            redacted_url: url.redacted(),
+            pool,
+        };
         // Check it answers now, so an unreachable server fails before anything else.
         db.conn().await.map_err(|e| match e {
             Error::Database { source, .. } => fail(source),
@@ -455,7 +496,12 @@ impl Db {
 
     /// A connection from the pool.
     pub async fn conn(&self) -> Result<Conn> {
-        let ctx = || format!("cannot get a connection to database `{}` ({})", self.name, self.redacted_url);
+        let ctx = || {
+            format!(
+                "cannot get a connection to database `{}` ({})",
+                self.name, self.redacted_url
+            )
+        };
         Ok(match &self.pool {
             Pool::Pg(p) => Conn::Pg(p.acquire().await.map_err(Error::db(ctx()))?),
             Pool::My(p) => Conn::My(p.acquire().await.map_err(Error::db(ctx()))?),

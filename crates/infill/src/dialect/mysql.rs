@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
-use sqlx::{AssertSqlSafe, SqlSafeStr, Column as _, Executor, MySqlConnection, Row, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Column as _, Executor, MySqlConnection, Row, SqlSafeStr, TypeInfo, ValueRef};
 
 use super::{Backend, Column, Dialect, expanded_compare};
 use crate::sql::Query;
@@ -38,9 +38,15 @@ impl Dialect for MySqlDialect {
         let unsigned = t.contains("unsigned");
         match base {
             "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint" | "year" | "bit" => {
-                format!("CAST({placeholder} AS {})", if unsigned { "UNSIGNED" } else { "SIGNED" })
+                format!(
+                    "CAST({placeholder} AS {})",
+                    if unsigned { "UNSIGNED" } else { "SIGNED" }
+                )
             }
-            "decimal" | "numeric" => format!("CAST({placeholder} AS {})", t.replace("unsigned", "").replace("numeric", "decimal").trim()),
+            "decimal" | "numeric" => format!(
+                "CAST({placeholder} AS {})",
+                t.replace("unsigned", "").replace("numeric", "decimal").trim()
+            ),
             "float" | "double" | "real" => format!("CAST({placeholder} AS DOUBLE)"),
             "date" => format!("CAST({placeholder} AS DATE)"),
             "datetime" | "timestamp" => format!("CAST({placeholder} AS DATETIME(6))"),
@@ -102,7 +108,10 @@ impl Dialect for MySqlDialect {
     }
     fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String> {
         vec![
-            format!("SET SESSION innodb_lock_wait_timeout = {}", lock_timeout.as_secs().max(1)),
+            format!(
+                "SET SESSION innodb_lock_wait_timeout = {}",
+                lock_timeout.as_secs().max(1)
+            ),
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".into(),
             // MariaDB's statement limit, in seconds; MySQL spells it max_execution_time.
             format!("SET SESSION max_statement_time = {}", statement_timeout.as_secs_f64()),
@@ -137,10 +146,16 @@ impl Dialect for MySqlDialect {
         "SELECT CAST(CONCAT(@@hostname, ':', @@port, '#', @@server_id) AS CHAR), CAST(DATABASE() AS CHAR)"
     }
     fn try_lock_query(&self, name: &str) -> Option<Query> {
-        Some(Query { sql: "SELECT GET_LOCK(?, 0)".into(), args: vec![Value::Text(lock_name(name))] })
+        Some(Query {
+            sql: "SELECT GET_LOCK(?, 0)".into(),
+            args: vec![Value::Text(lock_name(name))],
+        })
     }
     fn unlock_query(&self, name: &str) -> Option<Query> {
-        Some(Query { sql: "SELECT RELEASE_LOCK(?)".into(), args: vec![Value::Text(lock_name(name))] })
+        Some(Query {
+            sql: "SELECT RELEASE_LOCK(?)".into(),
+            args: vec![Value::Text(lock_name(name))],
+        })
     }
 }
 
@@ -150,7 +165,11 @@ fn lock_name(name: &str) -> String {
     format!("infill:{}", &hex::encode(Sha256::digest(name.as_bytes()))[..40])
 }
 
-pub(super) async fn pool(o: MySqlConnectOptions, setup: Vec<String>, acquire: Duration) -> Result<sqlx::MySqlPool, sqlx::Error> {
+pub(super) async fn pool(
+    o: MySqlConnectOptions,
+    setup: Vec<String>,
+    acquire: Duration,
+) -> Result<sqlx::MySqlPool, sqlx::Error> {
     MySqlPoolOptions::new()
         .max_connections(4)
         .min_connections(0)
@@ -160,10 +179,10 @@ pub(super) async fn pool(o: MySqlConnectOptions, setup: Vec<String>, acquire: Du
             Box::pin(async move {
                 for s in setup {
                     // max_statement_time is MariaDB's; MySQL has no such variable. Ignore its absence.
-                    if let Err(e) = conn.execute(AssertSqlSafe(s.clone())).await {
-                        if !s.contains("max_statement_time") {
-                            return Err(e);
-                        }
+                    if let Err(e) = conn.execute(AssertSqlSafe(s.clone())).await
+                        && !s.contains("max_statement_time")
+                    {
+                        return Err(e);
                     }
                 }
                 Ok(())
@@ -212,7 +231,9 @@ fn decode(row: &MySqlRow) -> Result<Vec<Value>, sqlx::Error> {
             "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" => Value::Int(row.try_get(i)?),
             "TINYINT UNSIGNED" | "SMALLINT UNSIGNED" | "MEDIUMINT UNSIGNED" | "INT UNSIGNED" | "BIGINT UNSIGNED" => {
                 let u: u64 = row.try_get(i)?;
-                i64::try_from(u).map(Value::Int).unwrap_or_else(|_| Value::Text(u.to_string()))
+                i64::try_from(u)
+                    .map(Value::Int)
+                    .unwrap_or_else(|_| Value::Text(u.to_string()))
             }
             "FLOAT" => Value::Real(row.try_get::<f32, _>(i)?.into()),
             "DOUBLE" => Value::Real(row.try_get(i)?),
@@ -230,5 +251,7 @@ fn decode(row: &MySqlRow) -> Result<Vec<Value>, sqlx::Error> {
 }
 
 pub(super) async fn prepare(conn: &mut MySqlConnection, q: &Query) -> Result<(), sqlx::Error> {
-    conn.prepare(AssertSqlSafe(q.sql.as_str()).into_sql_str()).await.map(|_| ())
+    conn.prepare(AssertSqlSafe(q.sql.as_str()).into_sql_str())
+        .await
+        .map(|_| ())
 }

@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, SqlSafeStr, Column as _, Executor, PgConnection, Row, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Column as _, Executor, PgConnection, Row, SqlSafeStr, TypeInfo, ValueRef};
 
-use super::{Backend, Column, Dialect};
+use super::{Backend, Column, Dialect, SqlBuilder};
 use crate::sql::Query;
+use crate::target::{BatchShape, Target};
 use crate::value::Value;
 
 /// The PostgreSQL dialect.
@@ -99,11 +100,114 @@ impl Dialect for PostgresDialect {
     fn identity_query(&self) -> &'static str {
         "SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database()::text"
     }
+    /// Lock, write and undo images in one round trip: the candidates are
+    /// locked in a CTE, the UPDATE joins them (re-checking the guard) and
+    /// returns before and after values, and a data-modifying CTE stores the
+    /// images. Column names in the images are bound, never pasted.
+    fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Query> {
+        let mut b = SqlBuilder::new(self);
+        let mut cand_cols: Vec<String> = t
+            .key_q
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} AS infill_k{i}"))
+            .collect();
+        cand_cols.extend(
+            t.sets
+                .iter()
+                .enumerate()
+                .map(|(i, (c, _))| format!("{} AS infill_b{i}", self.quote_ident(&c.name))),
+        );
+        b.push("WITH infill_cand AS (SELECT ")
+            .push(&cand_cols.join(", "))
+            .push(" FROM ")
+            .push(&t.table);
+        t.push_range(&mut b, s.lo, Some(s.hi), true);
+        b.push(&t.order_by(false));
+        if let Some(l) = s.limit {
+            b.push(&format!(" LIMIT {l}"));
+        }
+        b.push(" FOR NO KEY UPDATE), infill_upd AS (UPDATE ")
+            .push(&t.table)
+            .push(" SET ");
+        for (i, (col, f)) in t.sets.iter().enumerate() {
+            if i > 0 {
+                b.push(", ");
+            }
+            b.push(&self.quote_ident(&col.name))
+                .push(" = (")
+                .fragment(f, &t.params)
+                .push(")");
+        }
+        b.push(" FROM infill_cand WHERE ");
+        let join: Vec<String> = t
+            .key_q
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{}.{k} = infill_cand.infill_k{i}", t.table))
+            .collect();
+        b.push(&join.join(" AND "));
+        if let Some(f) = &t.filter {
+            b.push(" AND (").fragment(f, &t.params).push(")");
+        }
+        let mut ret: Vec<String> = t
+            .key_q
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{}.{k}::text AS infill_k{i}", t.table))
+            .collect();
+        for (i, (c, _)) in t.sets.iter().enumerate() {
+            ret.push(format!("infill_cand.infill_b{i}::text AS infill_b{i}"));
+            ret.push(format!(
+                "{}.{}::text AS infill_a{i}",
+                t.table,
+                self.quote_ident(&c.name)
+            ));
+        }
+        b.push(" RETURNING ").push(&ret.join(", ")).push(")");
+        if s.undo {
+            b.push(", infill_und AS (INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
+            b.bind(Value::Text(s.run_id.into()))
+                .push(", ")
+                .bind(Value::Int(s.batch_no as i64));
+            let keys: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}")).collect();
+            b.push(", row_number() OVER (), jsonb_build_array(")
+                .push(&keys.join(", "))
+                .push(")::text, ");
+            for (prefix, last) in [("b", false), ("a", true)] {
+                b.push("jsonb_build_object(");
+                for (i, (c, _)) in t.sets.iter().enumerate() {
+                    if i > 0 {
+                        b.push(", ");
+                    }
+                    b.bind(Value::Text(c.name.clone()))
+                        .push(&format!("::text, infill_{prefix}{i}"));
+                }
+                b.push(if last { ")::text" } else { ")::text, " });
+            }
+            b.push(" FROM infill_upd)");
+        }
+        let last_key: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}::text")).collect();
+        let desc: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i} DESC")).collect();
+        b.push(&format!(
+            " SELECT (SELECT count(*) FROM infill_cand), (SELECT count(*) FROM infill_upd), \
+             (SELECT jsonb_build_array({})::text FROM infill_cand ORDER BY {} LIMIT 1)",
+            last_key.join(", "),
+            desc.join(", ")
+        ));
+        Some(b.finish())
+    }
     fn try_lock_query(&self, name: &str) -> Option<Query> {
-        Some(Query { sql: "SELECT pg_try_advisory_lock($1)::int".into(), args: vec![Value::Int(lock_key(name))] })
+        Some(Query {
+            sql: "SELECT pg_try_advisory_lock($1)::int".into(),
+            args: vec![Value::Int(lock_key(name))],
+        })
     }
     fn unlock_query(&self, name: &str) -> Option<Query> {
-        Some(Query { sql: "SELECT pg_advisory_unlock($1)::int".into(), args: vec![Value::Int(lock_key(name))] })
+        Some(Query {
+            sql: "SELECT pg_advisory_unlock($1)::int".into(),
+            args: vec![Value::Int(lock_key(name))],
+        })
     }
 }
 
@@ -113,7 +217,11 @@ fn lock_key(name: &str) -> i64 {
     i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
-pub(super) async fn pool(o: PgConnectOptions, setup: Vec<String>, acquire: Duration) -> Result<sqlx::PgPool, sqlx::Error> {
+pub(super) async fn pool(
+    o: PgConnectOptions,
+    setup: Vec<String>,
+    acquire: Duration,
+) -> Result<sqlx::PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(4)
         .min_connections(0)
@@ -195,5 +303,7 @@ pub(super) async fn prepare(conn: &mut PgConnection, q: &Query) -> Result<(), sq
             Value::Date(_) => <chrono::NaiveDate as Type<sqlx::Postgres>>::type_info(),
         })
         .collect();
-    conn.prepare_with(AssertSqlSafe(q.sql.as_str()).into_sql_str(), &types).await.map(|_| ())
+    conn.prepare_with(AssertSqlSafe(q.sql.as_str()).into_sql_str(), &types)
+        .await
+        .map(|_| ())
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
-use sqlx::{AssertSqlSafe, SqlSafeStr, Executor, Row, SqliteConnection, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Executor, Row, SqlSafeStr, SqliteConnection, TypeInfo, ValueRef};
 
 use super::{Backend, Column, Dialect};
 use crate::sql::Query;
@@ -94,7 +94,10 @@ impl Dialect for SqliteDialect {
         }
     }
     fn estimate_rows_query(&self, table: &[String]) -> Query {
-        Query { sql: format!("SELECT COUNT(*) FROM {}", self.quote_table(table)), args: vec![] }
+        Query {
+            sql: format!("SELECT COUNT(*) FROM {}", self.quote_table(table)),
+            args: vec![],
+        }
     }
     fn identity_query(&self) -> &'static str {
         "SELECT file, name FROM pragma_database_list WHERE name = 'main'"
@@ -108,7 +111,12 @@ impl Dialect for SqliteDialect {
 }
 
 pub(super) async fn pool(o: SqliteConnectOptions, acquire: Duration) -> Result<sqlx::SqlitePool, sqlx::Error> {
-    SqlitePoolOptions::new().max_connections(4).min_connections(0).acquire_timeout(acquire).connect_with(o).await
+    SqlitePoolOptions::new()
+        .max_connections(4)
+        .min_connections(0)
+        .acquire_timeout(acquire)
+        .connect_with(o)
+        .await
 }
 
 fn query<'q>(q: &'q Query) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
@@ -158,5 +166,7 @@ fn decode(row: &SqliteRow) -> Result<Vec<Value>, sqlx::Error> {
 }
 
 pub(super) async fn prepare(conn: &mut SqliteConnection, q: &Query) -> Result<(), sqlx::Error> {
-    conn.prepare(AssertSqlSafe(q.sql.as_str()).into_sql_str()).await.map(|_| ())
+    conn.prepare(AssertSqlSafe(q.sql.as_str()).into_sql_str())
+        .await
+        .map(|_| ())
 }

@@ -75,7 +75,10 @@ impl ParamKind {
     pub fn value(self, text: &str) -> std::result::Result<Value, String> {
         let t = text.trim();
         match self {
-            ParamKind::Int => t.parse::<i64>().map(Value::Int).map_err(|_| format!("`{text}` is not an int")),
+            ParamKind::Int => t
+                .parse::<i64>()
+                .map(Value::Int)
+                .map_err(|_| format!("`{text}` is not an int")),
             ParamKind::Text | ParamKind::Secret => Ok(Value::Text(text.to_string())),
             ParamKind::Bool => match t.to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" | "on" => Ok(Value::Bool(true)),
@@ -97,7 +100,12 @@ fn parse_timestamp(t: &str) -> Option<Value> {
     if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(t) {
         return Some(Value::TimestampTz(dt.with_timezone(&chrono::Utc)));
     }
-    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(ts) = chrono::NaiveDateTime::parse_from_str(t, fmt) {
             return Some(Value::Timestamp(ts));
         }
@@ -185,7 +193,10 @@ pub struct DatabaseUrl {
 impl DatabaseUrl {
     /// Builds one from a URL used as is.
     pub fn new(name: impl Into<String>, url: impl Into<String>) -> DatabaseUrl {
-        DatabaseUrl { name: name.into(), url: url.into() }
+        DatabaseUrl {
+            name: name.into(),
+            url: url.into(),
+        }
     }
     /// The URL with its password: only for connecting.
     pub fn expose(&self) -> &str {
@@ -220,7 +231,11 @@ impl ResolvedJob {
     pub fn params_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
         for (k, v) in &self.params {
-            let secret = self.job.params.iter().any(|p| &p.name == k && p.kind == ParamKind::Secret);
+            let secret = self
+                .job
+                .params
+                .iter()
+                .any(|p| &p.name == k && p.kind == ParamKind::Secret);
             m.insert(k.clone(), if secret { "***".into() } else { v.to_json() });
         }
         serde_json::Value::Object(m)
@@ -238,7 +253,10 @@ impl Spec {
                     path.display()
                 ))
             } else {
-                Error::Io { path: path.clone(), source: e }
+                Error::Io {
+                    path: path.clone(),
+                    source: e,
+                }
             }
         })?;
         Spec::parse(path, text)
@@ -264,7 +282,14 @@ impl Spec {
                 });
             }
         };
-        let mut spec = Spec { path, dir, sha256, jobs: BTreeMap::new(), text, raw };
+        let mut spec = Spec {
+            path,
+            dir,
+            sha256,
+            jobs: BTreeMap::new(),
+            text,
+            raw,
+        };
         spec.validate()?;
         Ok(spec)
     }
@@ -274,12 +299,20 @@ impl Spec {
     }
 
     fn err(&self, span: Range<usize>, field: impl Into<String>, message: impl Into<String>) -> Error {
-        Error::Spec { location: self.location(span), field: field.into(), message: message.into() }
+        Error::Spec {
+            location: self.location(span),
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     fn validate(&mut self) -> Result<()> {
         if self.raw.jobs.is_empty() {
-            return Err(self.err(0..0, "jobs", "the spec has no [jobs.NAME] table; define at least one job"));
+            return Err(self.err(
+                0..0,
+                "jobs",
+                "the spec has no [jobs.NAME] table; define at least one job",
+            ));
         }
         let mut jobs = BTreeMap::new();
         for (name, raw) in &self.raw.jobs {
@@ -303,7 +336,9 @@ impl Spec {
         // Settings must parse wherever they stand.
         Settings::check(&self.raw.defaults.settings(), "defaults", &|s, f, m| self.err(s, f, m))?;
         for (name, env) in &self.raw.env {
-            Settings::check(&env.get_ref().settings(), &format!("env.{name}"), &|s, f, m| self.err(s, f, m))?;
+            Settings::check(&env.get_ref().settings(), &format!("env.{name}"), &|s, f, m| {
+                self.err(s, f, m)
+            })?;
         }
         Ok(())
     }
@@ -313,10 +348,18 @@ impl Spec {
         let jf = |f: &str| format!("jobs.{name}.{f}");
         let job_span = spanned.span();
         let source = raw.source.as_ref().ok_or_else(|| {
-            self.err(job_span.clone(), jf("source"), "missing: say where the rows come from (source.table = \"...\")")
+            self.err(
+                job_span.clone(),
+                jf("source"),
+                "missing: say where the rows come from (source.table = \"...\")",
+            )
         })?;
         let src = source.get_ref();
-        for (kind, present) in [("query", src.query.is_some()), ("diff", src.diff.is_some()), ("file", src.file.is_some())] {
+        for (kind, present) in [
+            ("query", src.query.is_some()),
+            ("diff", src.diff.is_some()),
+            ("file", src.file.is_some()),
+        ] {
             if present {
                 return Err(self.err(
                     source.span(),
@@ -325,26 +368,39 @@ impl Spec {
                 ));
             }
         }
-        let table = src.table.as_ref().ok_or_else(|| {
-            self.err(source.span(), jf("source.table"), "missing: name the table to backfill")
-        })?;
+        let table = src
+            .table
+            .as_ref()
+            .ok_or_else(|| self.err(source.span(), jf("source.table"), "missing: name the table to backfill"))?;
         let table_parts: Vec<String> = table.get_ref().split('.').map(str::to_string).collect();
         if table_parts.iter().any(|p| p.is_empty()) {
             return Err(self.err(table.span(), jf("source.table"), "empty name part"));
         }
         let key_spanned = src.key.as_ref().ok_or_else(|| {
-            self.err(source.span(), jf("source.key"), "missing: name the key column(s), e.g. source.key = [\"id\"]")
+            self.err(
+                source.span(),
+                jf("source.key"),
+                "missing: name the key column(s), e.g. source.key = [\"id\"]",
+            )
         })?;
         let key = match key_spanned.get_ref() {
             StringOrList::One(k) => vec![k.clone()],
             StringOrList::Many(ks) => ks.clone(),
         };
         if key.is_empty() || key.iter().any(|k| k.trim().is_empty()) {
-            return Err(self.err(key_spanned.span(), jf("source.key"), "needs at least one non-empty column name"));
+            return Err(self.err(
+                key_spanned.span(),
+                jf("source.key"),
+                "needs at least one non-empty column name",
+            ));
         }
 
         let action = raw.action.as_ref().ok_or_else(|| {
-            self.err(job_span.clone(), jf("action"), "missing: say what to do with each row (action.update.<column> = \"...\")")
+            self.err(
+                job_span.clone(),
+                jf("action"),
+                "missing: say what to do with each row (action.update.<column> = \"...\")",
+            )
         })?;
         let act = action.get_ref();
         for (kind, span) in [
@@ -362,13 +418,21 @@ impl Spec {
                 ));
             }
         }
-        if let Some(t) = &act.table {
-            if t.get_ref() != table.get_ref() {
-                return Err(self.err(t.span(), jf("action.table"), "with source.table, the action writes that table; leave action.table out"));
-            }
+        if let Some(t) = &act.table
+            && t.get_ref() != table.get_ref()
+        {
+            return Err(self.err(
+                t.span(),
+                jf("action.table"),
+                "with source.table, the action writes that table; leave action.table out",
+            ));
         }
         let update = act.update.as_ref().filter(|u| !u.is_empty()).ok_or_else(|| {
-            self.err(action.span(), jf("action.update"), "missing: set at least one column (action.update.<column> = \"<SQL expression>\")")
+            self.err(
+                action.span(),
+                jf("action.update"),
+                "missing: set at least one column (action.update.<column> = \"<SQL expression>\")",
+            )
         })?;
 
         let mut params = Vec::new();
@@ -378,7 +442,10 @@ impl Spec {
                 self.err(
                     decl.kind.span(),
                     jf(&format!("params.{pname}.type")),
-                    format!("unknown type `{}` (use int, text, bool, timestamp, date or secret)", decl.kind.get_ref()),
+                    format!(
+                        "unknown type `{}` (use int, text, bool, timestamp, date or secret)",
+                        decl.kind.get_ref()
+                    ),
                 )
             })?;
             let default = match &decl.default {
@@ -388,11 +455,17 @@ impl Spec {
                         toml::Value::String(s) => s.clone(),
                         other => toml_text(other),
                     };
-                    kind.value(&text).map_err(|m| self.err(d.span(), jf(&format!("params.{pname}.default")), m))?;
+                    kind.value(&text)
+                        .map_err(|m| self.err(d.span(), jf(&format!("params.{pname}.default")), m))?;
                     Some(text)
                 }
             };
-            params.push(ParamDecl { name: pname.clone(), kind, default, location: self.location(p.span()) });
+            params.push(ParamDecl {
+                name: pname.clone(),
+                kind,
+                default,
+                location: self.location(p.span()),
+            });
         }
 
         let sql = |s: &Spanned<String>, field: String| -> Result<SqlText> {
@@ -409,13 +482,21 @@ impl Spec {
             if s.get_ref().trim().is_empty() {
                 return Err(self.err(s.span(), field.clone(), "is empty"));
             }
-            Ok(SqlText { sql: s.get_ref().clone(), field, location: self.location(s.span()) })
+            Ok(SqlText {
+                sql: s.get_ref().clone(),
+                field,
+                location: self.location(s.span()),
+            })
         };
         let filter = src.where_.as_ref().map(|w| sql(w, jf("source.where"))).transpose()?;
         let mut updates = Vec::new();
         for (col, expr) in update {
             if key.contains(col) {
-                return Err(self.err(expr.span(), jf(&format!("action.update.{col}")), "a key column cannot be updated: the key is how infill pages and resumes"));
+                return Err(self.err(
+                    expr.span(),
+                    jf(&format!("action.update.{col}")),
+                    "a key column cannot be updated: the key is how infill pages and resumes",
+                ));
             }
             updates.push((col.clone(), sql(expr, jf(&format!("action.update.{col}")))?));
         }
@@ -440,7 +521,11 @@ impl Spec {
             params: &'a [ParamDecl],
             undo: bool,
         }
-        let database = raw.database.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "target".into());
+        let database = raw
+            .database
+            .as_ref()
+            .map(|d| d.get_ref().clone())
+            .unwrap_or_else(|| "target".into());
         let undo = raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
         let def = Definition {
             database: &database,
@@ -490,8 +575,17 @@ impl Spec {
                     let mut cycle: Vec<&str> = path[start..].to_vec();
                     cycle.push(name);
                     let job = &spec.raw.jobs[name];
-                    let at = job.get_ref().depends_on.iter().find(|d| d.get_ref() == cycle[1]).map_or(job.span(), |d| d.span());
-                    return Err(spec.err(at, format!("jobs.{name}.depends_on"), format!("dependency cycle: {}", cycle.join(" -> "))));
+                    let at = job
+                        .get_ref()
+                        .depends_on
+                        .iter()
+                        .find(|d| d.get_ref() == cycle[1])
+                        .map_or(job.span(), |d| d.span());
+                    return Err(spec.err(
+                        at,
+                        format!("jobs.{name}.depends_on"),
+                        format!("dependency cycle: {}", cycle.join(" -> ")),
+                    ));
                 }
                 _ => {}
             }
@@ -509,7 +603,11 @@ impl Spec {
             if !self.jobs.contains_key(w) {
                 return Err(self.unknown_job(w));
             }
-            let w: &str = self.jobs.get_key_value(w.as_str()).map(|(k, _)| k.as_str()).expect("checked");
+            let w: &str = self
+                .jobs
+                .get_key_value(w.as_str())
+                .map(|(k, _)| k.as_str())
+                .expect("checked");
             visit(self, w, &mut state, &mut Vec::new(), &mut order)?;
         }
         Ok(order)
@@ -538,7 +636,11 @@ impl Spec {
 
     /// Resolves a job for a run: environment, `${VAR}`s, params and settings.
     pub fn resolve(&self, job_name: &str, o: &Overrides) -> Result<ResolvedJob> {
-        let job = self.jobs.get(job_name).ok_or_else(|| self.unknown_job(job_name))?.clone();
+        let job = self
+            .jobs
+            .get(job_name)
+            .ok_or_else(|| self.unknown_job(job_name))?
+            .clone();
         let env = self.env_table(o.env.as_deref())?;
 
         let mut redactor = Redactor::default();
@@ -551,10 +653,17 @@ impl Spec {
                 Error::Usage(format!(
                     "job `{}` has no param `{k}` (declared: {})",
                     job.name,
-                    if job.params.is_empty() { "none".into() } else { job.params.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ") }
+                    if job.params.is_empty() {
+                        "none".into()
+                    } else {
+                        job.params.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")
+                    }
                 ))
             })?;
-            let value = decl.kind.value(v).map_err(|m| Error::Usage(format!("--param {k}: {m}")))?;
+            let value = decl
+                .kind
+                .value(v)
+                .map_err(|m| Error::Usage(format!("--param {k}: {m}")))?;
             if decl.kind == ParamKind::Secret {
                 redactor.add(v.clone());
             }
@@ -573,7 +682,10 @@ impl Spec {
                         "job `{}` needs --param {}=<{}> (declared at {})",
                         job.name,
                         decl.name,
-                        serde_json::to_value(decl.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                        serde_json::to_value(decl.kind)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default(),
                         decl.location
                     )));
                 }
@@ -620,7 +732,11 @@ impl Spec {
                 Error::Usage(format!(
                     "{}: no environment `{e}` (environments: {})",
                     self.path.display(),
-                    if self.raw.env.is_empty() { "none".to_string() } else { self.raw.env.keys().cloned().collect::<Vec<_>>().join(", ") }
+                    if self.raw.env.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.raw.env.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
                 ))
             }),
         }
@@ -631,7 +747,9 @@ impl Spec {
         let env_label = env_name.unwrap_or("");
         // Variables: the process environment, then the dotenv file.
         let dotenv_setting = env.and_then(|e| e.dotenv.as_ref());
-        let dotenv_path = self.dir.join(dotenv_setting.map(|d| d.get_ref().as_str()).unwrap_or(".env"));
+        let dotenv_path = self
+            .dir
+            .join(dotenv_setting.map(|d| d.get_ref().as_str()).unwrap_or(".env"));
         let mut dotenv = HashMap::new();
         if dotenv_path.exists() {
             let iter = dotenvy::from_path_iter(&dotenv_path)
@@ -641,26 +759,57 @@ impl Spec {
                 dotenv.insert(k, v);
             }
         } else if let Some(d) = dotenv_setting {
-            return Err(self.err(d.span(), format!("env.{env_label}.dotenv"), format!("{} does not exist", dotenv_path.display())));
+            return Err(self.err(
+                d.span(),
+                format!("env.{env_label}.dotenv"),
+                format!("{} does not exist", dotenv_path.display()),
+            ));
         }
         let (field, value) = env
-            .and_then(|e| e.databases.get(&job.database).map(|v| (format!("env.{env_label}.databases.{}", job.database), v)))
-            .or_else(|| self.raw.databases.get(&job.database).map(|v| (format!("databases.{}", job.database), v)))
+            .and_then(|e| {
+                e.databases
+                    .get(&job.database)
+                    .map(|v| (format!("env.{env_label}.databases.{}", job.database), v))
+            })
+            .or_else(|| {
+                self.raw
+                    .databases
+                    .get(&job.database)
+                    .map(|v| (format!("databases.{}", job.database), v))
+            })
             .ok_or_else(|| {
                 let raw = &self.raw.jobs[&job.name];
-                let at = raw.get_ref().database.as_ref().map(|d| d.span()).unwrap_or_else(|| raw.span());
+                let at = raw
+                    .get_ref()
+                    .database
+                    .as_ref()
+                    .map(|d| d.span())
+                    .unwrap_or_else(|| raw.span());
                 self.err(
                     at,
                     format!("jobs.{}.database", job.name),
-                    format!("no database named `{}` in [databases]; add {} = \"<url>\"", job.database, job.database),
+                    format!(
+                        "no database named `{}` in [databases]; add {} = \"<url>\"",
+                        job.database, job.database
+                    ),
                 )
             })?;
         let url = expand_vars(value.get_ref(), &dotenv, redactor).map_err(|var| {
-            self.err(value.span(), field.clone(), format!("${{{var}}} is not set (set it in the environment or in {})", dotenv_path.display()))
+            self.err(
+                value.span(),
+                field.clone(),
+                format!(
+                    "${{{var}}} is not set (set it in the environment or in {})",
+                    dotenv_path.display()
+                ),
+            )
         })?;
         let url = self.normalise_sqlite_url(&url);
         redactor.add_url(&url);
-        Ok(DatabaseUrl { name: job.database.clone(), url })
+        Ok(DatabaseUrl {
+            name: job.database.clone(),
+            url,
+        })
     }
 
     /// SQLite paths in a spec are relative to the spec's folder.
@@ -683,7 +832,11 @@ impl Spec {
 
 /// Expands `${NAME}` from the process environment, then the dotenv map.
 /// Expanded values are registered as secrets. Returns the first undefined name.
-fn expand_vars(text: &str, dotenv: &HashMap<String, String>, redactor: &mut Redactor) -> std::result::Result<String, String> {
+fn expand_vars(
+    text: &str,
+    dotenv: &HashMap<String, String>,
+    redactor: &mut Redactor,
+) -> std::result::Result<String, String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -694,7 +847,10 @@ fn expand_vars(text: &str, dotenv: &HashMap<String, String>, redactor: &mut Reda
             return Ok(out);
         };
         let name = &after[..end];
-        let value = std::env::var(name).ok().or_else(|| dotenv.get(name).cloned()).ok_or_else(|| name.to_string())?;
+        let value = std::env::var(name)
+            .ok()
+            .or_else(|| dotenv.get(name).cloned())
+            .ok_or_else(|| name.to_string())?;
         redactor.add_url(&value);
         if !value.contains("://") {
             redactor.add(value.clone());
@@ -723,7 +879,11 @@ fn location_of(file: &Path, text: &str, offset: usize) -> Location {
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
-    Location { file: file.to_path_buf(), line, column }
+    Location {
+        file: file.to_path_buf(),
+        line,
+        column,
+    }
 }
 
 /// The dotted field a byte offset falls in: the nearest table header above
@@ -738,11 +898,26 @@ fn field_at(text: &str, offset: usize) -> String {
         .rev()
         .map(str::trim)
         .find(|l| l.starts_with('['))
-        .map(|l| l.trim_start_matches('[').split(']').next().unwrap_or("").trim().to_string());
+        .map(|l| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        });
     if line.starts_with('[') {
-        return line.trim_start_matches('[').split(']').next().unwrap_or("").trim().to_string();
+        return line
+            .trim_start_matches('[')
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
     }
-    let key = line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string());
     match (header, key) {
         (Some(h), Some(k)) if !h.is_empty() => format!("{h}.{k}"),
         (_, Some(k)) => k,

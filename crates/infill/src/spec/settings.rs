@@ -18,7 +18,9 @@ pub struct Rate {
 impl Rate {
     /// Parses `500/s`, `20/min`, `1000/h`.
     pub fn parse(s: &str) -> std::result::Result<Rate, String> {
-        let (n, unit) = s.split_once('/').ok_or_else(|| format!("`{s}` is not a rate (write it as 500/s or 20/min)"))?;
+        let (n, unit) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not a rate (write it as 500/s or 20/min)"))?;
         let n: f64 = n.trim().parse().map_err(|_| format!("`{s}`: `{n}` is not a number"))?;
         let secs = match unit.trim() {
             "s" | "sec" | "second" => 1.0,
@@ -45,7 +47,9 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (write it as 500ms, 2s, 10m or 24h)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (write it as 500ms, 2s, 10m or 24h)"))?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" | "" if !unit.is_empty() || n == 0.0 => n,
@@ -102,16 +106,20 @@ impl Settings {
             ("max_batch", &raw.max_batch),
             ("concurrency", &raw.concurrency),
         ] {
-            if let Some(n) = n {
-                if *n.get_ref() < 1 {
-                    return Err(err(n.span(), f(name), format!("must be at least 1, not {}", n.get_ref())));
-                }
+            if let Some(n) = n
+                && *n.get_ref() < 1
+            {
+                return Err(err(
+                    n.span(),
+                    f(name),
+                    format!("must be at least 1, not {}", n.get_ref()),
+                ));
             }
         }
-        if let Some(c) = &raw.sleep_coef {
-            if *c.get_ref() < 0.0 {
-                return Err(err(c.span(), f("sleep_coef"), "must not be negative".into()));
-            }
+        if let Some(c) = &raw.sleep_coef
+            && *c.get_ref() < 0.0
+        {
+            return Err(err(c.span(), f("sleep_coef"), "must not be negative".into()));
         }
         if let Some(m) = &raw.max_failures {
             parse_max_failures(m.get_ref()).map_err(|msg| err(m.span(), f("max_failures"), msg))?;
@@ -123,10 +131,16 @@ impl Settings {
     pub(super) fn resolve(layers: &[RawSettings], o: &Overrides, require_approval: bool) -> Result<Settings> {
         macro_rules! last {
             ($field:ident) => {
-                layers.iter().rev().find_map(|l| l.$field.as_ref().map(|v| v.get_ref().clone()))
+                layers
+                    .iter()
+                    .rev()
+                    .find_map(|l| l.$field.as_ref().map(|v| v.get_ref().clone()))
             };
         }
-        let dur = |v: Option<String>, default: Duration| v.map(|s| parse_duration(&s).expect("checked at load")).unwrap_or(default);
+        let dur = |v: Option<String>, default: Duration| {
+            v.map(|s| parse_duration(&s).expect("checked at load"))
+                .unwrap_or(default)
+        };
         let rate = match &o.rate {
             Some(r) => Some(Rate::parse(r).map_err(|m| Error::Usage(format!("--rate: {m}")))?),
             None => last!(rate).map(|r| Rate::parse(&r).expect("checked at load")),
@@ -134,7 +148,9 @@ impl Settings {
         let min_batch = last!(min_batch).unwrap_or(100) as u64;
         let max_batch = last!(max_batch).unwrap_or(20_000) as u64;
         if min_batch > max_batch {
-            return Err(Error::Usage(format!("min_batch ({min_batch}) is larger than max_batch ({max_batch})")));
+            return Err(Error::Usage(format!(
+                "min_batch ({min_batch}) is larger than max_batch ({max_batch})"
+            )));
         }
         let batch_size = match o.batch_size {
             Some(0) => return Err(Error::Usage("--batch-size must be at least 1".into())),
@@ -150,7 +166,9 @@ impl Settings {
             rate,
             pause_between: dur(last!(pause_between), Duration::ZERO),
             sleep_coef: last!(sleep_coef).unwrap_or(0.0),
-            max_failures: last!(max_failures).map(|m| parse_max_failures(&m).expect("checked at load")).unwrap_or(MaxFailures::Count(0)),
+            max_failures: last!(max_failures)
+                .map(|m| parse_max_failures(&m).expect("checked at load"))
+                .unwrap_or(MaxFailures::Count(0)),
             concurrency: last!(concurrency).unwrap_or(1) as u64,
             lock_timeout: dur(last!(lock_timeout), Duration::from_secs(2)),
             statement_timeout: dur(last!(statement_timeout), Duration::from_secs(30)),
@@ -163,11 +181,18 @@ fn parse_max_failures(v: &toml::Value) -> std::result::Result<MaxFailures, Strin
     match v {
         toml::Value::Integer(n) if *n >= 0 => Ok(MaxFailures::Count(*n as u64)),
         toml::Value::String(s) if s.trim_end().ends_with('%') => {
-            let n: f64 = s.trim().trim_end_matches('%').parse().map_err(|_| format!("`{s}` is not a percentage"))?;
+            let n: f64 = s
+                .trim()
+                .trim_end_matches('%')
+                .parse()
+                .map_err(|_| format!("`{s}` is not a percentage"))?;
             Ok(MaxFailures::Ratio(n / 100.0))
         }
         toml::Value::Float(f) if (0.0..1.0).contains(f) => Ok(MaxFailures::Ratio(*f)),
-        other => Err(format!("`{}`: write a count (10) or a percentage (\"0.1%\")", super::toml_text(other))),
+        other => Err(format!(
+            "`{}`: write a count (10) or a percentage (\"0.1%\")",
+            super::toml_text(other)
+        )),
     }
 }
 

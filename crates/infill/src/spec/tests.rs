@@ -29,7 +29,13 @@ fn a_good_spec_becomes_a_typed_job() {
     assert_eq!(job.filter.as_ref().unwrap().location.line, 11);
     assert!(job.undo);
     let r = spec
-        .resolve("fill", &Overrides { params: vec![("block".into(), "7".into())], ..Default::default() })
+        .resolve(
+            "fill",
+            &Overrides {
+                params: vec![("block".into(), "7".into())],
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(r.params["block"], Value::Int(7));
     assert_eq!(r.settings.batch_size, 500);
@@ -39,8 +45,16 @@ fn a_good_spec_becomes_a_typed_job() {
 #[test]
 fn definition_hash_ignores_throttle_but_not_sql() {
     let a = parse(GOOD).unwrap().jobs["fill"].definition_sha256.clone();
-    let b = parse(&GOOD.replace("batch_size = 500", "batch_size = 900")).unwrap().jobs["fill"].definition_sha256.clone();
-    let c = parse(&GOOD.replace("block_id = :block", "block_id >= :block")).unwrap().jobs["fill"].definition_sha256.clone();
+    let b = parse(&GOOD.replace("batch_size = 500", "batch_size = 900"))
+        .unwrap()
+        .jobs["fill"]
+        .definition_sha256
+        .clone();
+    let c = parse(&GOOD.replace("block_id = :block", "block_id >= :block"))
+        .unwrap()
+        .jobs["fill"]
+        .definition_sha256
+        .clone();
     assert_eq!(a, b);
     assert_ne!(a, c);
 }
@@ -51,7 +65,13 @@ fn a_missing_param_is_a_usage_error() {
     let e = spec.resolve("fill", &Overrides::default()).unwrap_err();
     assert!(e.to_string().contains("needs --param block=<int>"), "{e}");
     let e = spec
-        .resolve("fill", &Overrides { params: vec![("block".into(), "seven".into())], ..Default::default() })
+        .resolve(
+            "fill",
+            &Overrides {
+                params: vec![("block".into(), "seven".into())],
+                ..Default::default()
+            },
+        )
         .unwrap_err();
     assert!(e.to_string().contains("`seven` is not an int"), "{e}");
 }
@@ -75,9 +95,15 @@ fn undeclared_param_is_named() {
 
 #[test]
 fn cycles_are_named() {
-    let text = format!("{GOOD}depends_on = [\"other\"]\n[jobs.other]\nsource.table = \"t\"\nsource.key = \"id\"\naction.update.x = \"1\"\ndepends_on = [\"fill\"]\n");
+    let text = format!(
+        "{GOOD}depends_on = [\"other\"]\n[jobs.other]\nsource.table = \"t\"\nsource.key = \"id\"\naction.update.x = \"1\"\ndepends_on = [\"fill\"]\n"
+    );
     let e = parse(&text).unwrap_err();
-    assert!(e.to_string().contains("dependency cycle: fill -> other -> fill") || e.to_string().contains("dependency cycle: other -> fill -> other"), "{e}");
+    assert!(
+        e.to_string().contains("dependency cycle: fill -> other -> fill")
+            || e.to_string().contains("dependency cycle: other -> fill -> other"),
+        "{e}"
+    );
 }
 
 #[test]
