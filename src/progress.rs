@@ -82,8 +82,8 @@ impl Observer for Progress {
                 }
             }
             Event::Batch(b) => {
-                st.scanned += b.batch_size;
-                st.written += b.rows_changed;
+                st.scanned += b.batch.batch_size;
+                st.written += b.batch.rows_changed;
                 let rate = st.written as f64 / st.started.elapsed().as_secs_f64().max(0.001);
                 if let Some(bar) = &st.bar {
                     if bar.length().is_some_and(|l| st.scanned > l) {
@@ -95,11 +95,11 @@ impl Observer for Progress {
                     st.last_line = Instant::now();
                     eprintln!(
                         "batch {}: {} keys scanned, {} rows written, {:.0} rows/s, cursor {}",
-                        b.batch_no,
+                        b.batch.batch_no,
                         st.scanned,
                         st.written,
                         rate,
-                        key_display(&b.upper)
+                        key_display(&b.batch.upper)
                     );
                 }
             }

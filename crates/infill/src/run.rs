@@ -110,18 +110,12 @@ impl Observer for Quiet {
     fn on_event(&self, _: &Event<'_>) {}
 }
 
-/// One committed batch.
+/// One committed batch: its checkpoint (with the duration up to and
+/// including the commit) and the retries it took.
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchReport {
-    pub batch_no: u64,
-    pub lower: Option<Key>,
-    pub upper: Key,
-    pub rows_read: u64,
-    pub rows_changed: u64,
-    pub rows_skipped: u64,
-    /// Keys in the batch's range (the batch size asked for).
-    pub batch_size: u64,
-    pub duration_ms: u64,
+    #[serde(flatten)]
+    pub batch: Checkpoint,
     pub retries: u32,
 }
 
@@ -603,44 +597,28 @@ async fn batches(
             }
         };
         let report = BatchReport {
-            batch_no,
-            lower: cursor.clone(),
-            upper: outcome.upper.clone(),
-            rows_read: outcome.read,
-            rows_changed: outcome.changed,
-            rows_skipped: outcome.read.saturating_sub(outcome.changed),
-            batch_size,
-            duration_ms: outcome.duration.as_millis() as u64,
+            batch: Checkpoint {
+                duration_ms: outcome.duration.as_millis() as u64,
+                ..outcome.checkpoint.clone()
+            },
             retries,
         };
-        audit.write(
-            "batch",
-            json!({
-                "batch_no": report.batch_no,
-                "lower": report.lower.as_ref().map(|k| key_to_json(k)),
-                "upper": key_to_json(&report.upper),
-                "rows_read": report.rows_read,
-                "rows_changed": report.rows_changed,
-                "rows_skipped": report.rows_skipped,
-                "batch_size": report.batch_size,
-                "duration_ms": report.duration_ms,
-                "retries": report.retries,
-            }),
-        )?;
+        audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
         looped.batches = batch_no;
-        looped.rows_read += report.rows_read;
-        looped.rows_changed += report.rows_changed;
-        looped.rows_skipped += report.rows_skipped;
-        looped.session_read += report.rows_read;
-        looped.session_changed += report.rows_changed;
+        let b = &report.batch;
+        looped.rows_read += b.rows_read;
+        looped.rows_changed += b.rows_changed;
+        looped.rows_skipped += b.rows_skipped;
+        looped.session_read += b.rows_read;
+        looped.session_changed += b.rows_changed;
         if req.verbose {
             for (key, values) in &outcome.written {
                 obs.on_event(&Event::Row { key, values });
             }
         }
         obs.on_event(&Event::Batch(&report));
-        let done = outcome.upper == upper;
-        cursor = Some(outcome.upper);
+        let done = outcome.checkpoint.upper == upper;
+        cursor = Some(outcome.checkpoint.upper);
         if done {
             return Ok(End::Done);
         }
@@ -680,9 +658,8 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 struct BatchOutcome {
-    upper: Key,
-    read: u64,
-    changed: u64,
+    checkpoint: Checkpoint,
+    /// Up to and including the commit.
     duration: Duration,
     written: Vec<(Key, Vec<(String, Value)>)>,
 }
@@ -724,11 +701,7 @@ async fn apply_batch(
             .into_iter()
             .next()
             .unwrap_or_default();
-        let int = |v: Option<&Value>| match v {
-            Some(Value::Int(n)) => *n as u64,
-            _ => 0,
-        };
-        let (read, changed) = (int(row.first()), int(row.get(1)));
+        let (read, changed) = (as_count(row.first()), as_count(row.get(1)));
         let mut upper = hi.clone();
         if limit.is_some_and(|l| read >= l)
             && let Some(Value::Text(last)) = row.get(2)
@@ -859,7 +832,7 @@ async fn checkpoint_and_commit(
     let cp = Checkpoint {
         batch_no,
         lower: lo.cloned(),
-        upper: upper.clone(),
+        upper,
         rows_read: read,
         rows_changed: changed,
         rows_skipped: read.saturating_sub(changed),
@@ -871,9 +844,7 @@ async fn checkpoint_and_commit(
         .map_err(fail("cannot write the checkpoint"))?;
     tx.commit().await.map_err(fail("cannot commit"))?;
     Ok(BatchOutcome {
-        upper,
-        read,
-        changed,
+        checkpoint: cp,
         duration: t0.elapsed(),
         written,
     })
@@ -886,11 +857,15 @@ async fn first_key(c: &mut impl Exec, q: &crate::sql::Query) -> Result<Option<Ke
 
 async fn count(c: &mut impl Exec, q: &crate::sql::Query) -> Result<u64> {
     let rows = c.fetch(q).await.map_err(Error::db("cannot count"))?;
-    Ok(match rows.first().and_then(|r| r.first()) {
+    Ok(as_count(rows.first().and_then(|r| r.first())))
+}
+
+fn as_count(v: Option<&Value>) -> u64 {
+    match v {
         Some(Value::Int(n)) => *n as u64,
         Some(Value::Text(s)) => s.parse().unwrap_or(0),
         _ => 0,
-    })
+    }
 }
 
 /// A read-only look: counts, batches, and a sample with before and after

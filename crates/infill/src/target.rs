@@ -183,6 +183,17 @@ impl Target {
         self.key_q.join(", ")
     }
 
+    /// The key columns, then the written columns, as they travel out.
+    fn key_and_set_out(&self) -> Vec<String> {
+        let mut cols = self.key_out();
+        cols.extend(
+            self.sets
+                .iter()
+                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
+        );
+        cols
+    }
+
     fn key_out(&self) -> Vec<String> {
         self.key_q.iter().map(|k| self.dialect.value_out(k)).collect()
     }
@@ -249,14 +260,34 @@ impl Target {
 
     /// The key `n` rows after `lo` (the batch's upper end), if the range holds that many.
     pub fn boundary(&self, lo: Option<&Key>, upper: &Key, n: u64) -> Query {
+        // The inner scan has no upper bound: with `k > lo AND k <= upper` a
+        // planner without statistics may read the whole range and sort it,
+        // where `k > lo ORDER BY k LIMIT n` walks exactly n index entries.
+        // The upper bound applies to the one key found.
         let mut b = SqlBuilder::new(self.dialect);
+        let raw: Vec<String> = self
+            .key_q
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k} AS infill_r{i}"))
+            .collect();
+        let out: Vec<String> = (0..self.key_q.len()).map(|i| format!("infill_c{i}")).collect();
         b.push("SELECT ")
-            .push(&Self::select_list(&self.key_out()))
+            .push(&out.join(", "))
+            .push(" FROM (SELECT ")
+            .push(&raw.join(", "))
+            .push(", ");
+        b.push(&Self::select_list(&self.key_out()))
             .push(" FROM ")
             .push(&self.table);
-        self.push_range(&mut b, lo, Some(upper), false);
+        self.push_range(&mut b, lo, None, false);
         b.push(&self.order_by(false))
-            .push(&format!(" LIMIT 1 OFFSET {}", n.saturating_sub(1)));
+            .push(&format!(" LIMIT 1 OFFSET {}) infill_next WHERE ", n.saturating_sub(1)));
+        let raw_cols: Vec<String> = (0..self.key_q.len()).map(|i| format!("infill_r{i}")).collect();
+        let upper_cond = self
+            .dialect
+            .key_at_most(&raw_cols, &mut |i| self.bind_one(&mut b, upper, i));
+        b.push(&upper_cond);
         b.finish()
     }
 
@@ -264,12 +295,7 @@ impl Target {
     /// columns, locked; at most `limit` rows.
     pub fn candidates(&self, lo: Option<&Key>, hi: &Key, limit: Option<u64>) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
-        let mut cols = self.key_out();
-        cols.extend(
-            self.sets
-                .iter()
-                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
-        );
+        let cols = self.key_and_set_out();
         b.push("SELECT ")
             .push(&Self::select_list(&cols))
             .push(" FROM ")
@@ -297,12 +323,7 @@ impl Target {
     }
 
     fn returning(&self) -> String {
-        let mut cols = self.key_out();
-        cols.extend(
-            self.sets
-                .iter()
-                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
-        );
+        let cols = self.key_and_set_out();
         format!(" RETURNING {}", cols.join(", "))
     }
 
@@ -365,12 +386,7 @@ impl Target {
     /// without RETURNING.
     pub fn after_values(&self, keys: &[Key]) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
-        let mut cols = self.key_out();
-        cols.extend(
-            self.sets
-                .iter()
-                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
-        );
+        let cols = self.key_and_set_out();
         b.push("SELECT ")
             .push(&Self::select_list(&cols))
             .push(" FROM ")
@@ -399,12 +415,7 @@ impl Target {
     /// The first `n` candidates with their current and computed values.
     pub fn sample(&self, upper: &Key, n: u64) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
-        let mut cols = self.key_out();
-        cols.extend(
-            self.sets
-                .iter()
-                .map(|(c, _)| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
-        );
+        let cols = self.key_and_set_out();
         b.push("SELECT ").push(&Self::select_list(&cols));
         for (i, (_, f)) in self.sets.iter().enumerate() {
             b.push(", ");

@@ -287,31 +287,28 @@ macro_rules! dispatch {
     };
 }
 
-#[async_trait]
-impl Exec for Conn {
-    async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
-        dispatch!(self, c => backend::execute(c, q).await)
-    }
-    async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
-        dispatch!(self, c => backend::fetch(c, q).await)
-    }
-    async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
-        dispatch!(self, c => backend::prepare(c, q).await)
-    }
+/// `Exec` for a type whose variants each hold something that derefs to
+/// the backend's connection.
+macro_rules! impl_exec {
+    ($ty:ty) => {
+        #[async_trait]
+        impl Exec for $ty {
+            async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
+                dispatch!(self, c => backend::execute(c, q).await)
+            }
+            async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+                dispatch!(self, c => backend::fetch(c, q).await)
+            }
+            async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
+                dispatch!(self, c => backend::prepare(c, q).await)
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl Exec for Tx<'_> {
-    async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
-        dispatch!(self, c => backend::execute(c, q).await)
-    }
-    async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
-        dispatch!(self, c => backend::fetch(c, q).await)
-    }
-    async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
-        dispatch!(self, c => backend::prepare(c, q).await)
-    }
-}
+impl_exec!(Conn);
+impl_exec!(Tx<'_>);
+impl_exec!(DetachedConn);
 
 impl Conn {
     /// Opens a transaction with the given statement (`BEGIN IMMEDIATE`,
@@ -354,19 +351,6 @@ pub enum DetachedConn {
     Pg(sqlx::PgConnection),
     My(sqlx::MySqlConnection),
     Lite(sqlx::SqliteConnection),
-}
-
-#[async_trait]
-impl Exec for DetachedConn {
-    async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error> {
-        dispatch!(self, c => backend::execute(c, q).await)
-    }
-    async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
-        dispatch!(self, c => backend::fetch(c, q).await)
-    }
-    async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
-        dispatch!(self, c => backend::prepare(c, q).await)
-    }
 }
 
 impl Tx<'_> {

@@ -147,9 +147,11 @@ impl Dialect for PostgresDialect {
             .map(|(i, k)| format!("{}.{k} = infill_cand.infill_k{i}", t.table))
             .collect();
         b.push(&join.join(" AND "));
-        if let Some(f) = &t.filter {
-            b.push(" AND (").fragment(f, &t.params).push(")");
-        }
+        // The range again, so the planner reaches the table through the key
+        // index instead of joining the CTE against a full scan.
+        let mark = b.mark();
+        t.push_range(&mut b, s.lo, Some(s.hi), true);
+        b.wrap_since(mark, |range| range.replacen(" WHERE ", " AND ", 1));
         let mut ret: Vec<String> = t
             .key_q
             .iter()
