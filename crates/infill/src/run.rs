@@ -449,8 +449,11 @@ async fn with_lock(
         ),
         Err(e) => {
             let msg = r.redactor.mask(&e.to_string());
+            // A run stopped by something outside it (lost connection or
+            // lock) stays resumable: `infill run` continues it.
             let status = match e {
                 Error::LockLost { .. } => RunStatus::Interrupted,
+                _ if e.is_transient() => RunStatus::Interrupted,
                 _ => RunStatus::Failed,
             };
             let _ = audit.write("error", json!({ "message": msg, "transient": e.is_transient() }));
