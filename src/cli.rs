@@ -35,6 +35,10 @@ enum Command {
     /// unfinished run. With no --job, every job of the spec runs in
     /// dependency order.
     Run(RunArgs),
+    /// Run the jobs' checks and print PASS or FAIL for each; exit 1 if any fails.
+    ///
+    /// Read-only: fit for CI and cron.
+    Verify(VerifyArgs),
     /// Continue an interrupted run after its last committed batch.
     Resume(ResumeArgs),
     /// Show recent runs, or one run in detail.
@@ -91,6 +95,24 @@ struct RunArgs {
     #[arg(long, short)]
     yes: bool,
     /// Print the outcome as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The spec file [default: ./infill.toml].
+    #[arg(value_name = "SPEC")]
+    spec_file: Option<PathBuf>,
+    #[command(flatten)]
+    spec: SpecArg,
+    /// Only this job's checks (default: every job's, in dependency order).
+    #[arg(long, value_name = "JOB")]
+    job: Option<String>,
+    /// A value for one of the job's params, e.g. --param block=7 (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -219,6 +241,7 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
     match command {
         Command::Run(a) => run(a, stop).await,
         Command::Resume(a) => resume(a, stop).await,
+        Command::Verify(a) => verify(a).await,
         Command::Status(a) => status(a).await,
         Command::Cancel(a) => {
             let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
@@ -281,6 +304,26 @@ async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, E
         Outcome::Ran(summary) => output::summary(&summary, json),
     }
     Ok(ExitCode::Success)
+}
+
+async fn verify(a: VerifyArgs) -> Result<ExitCode, Error> {
+    let spec = Spec::load(spec_path(a.spec_file.as_deref(), a.spec.spec.as_deref())?)?;
+    let jobs = match &a.job {
+        Some(j) => vec![spec.pick_job(Some(j))?.name.clone()],
+        None => spec.job_order(spec.jobs.keys().cloned().collect())?,
+    };
+    let overrides = Overrides {
+        env: a.spec.env.clone(),
+        params: a.params.clone(),
+        ..Default::default()
+    };
+    let results = infill::ops::verify(&spec, &jobs, &overrides).await?;
+    output::checks(&results, a.json);
+    Ok(if results.iter().all(|c| c.passed) {
+        ExitCode::Success
+    } else {
+        ExitCode::Failed
+    })
 }
 
 async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {

@@ -50,10 +50,36 @@ pub fn summary(s: &RunSummary, json: bool) {
         s.duration_ms as f64 / 1000.0,
         short(&s.run_id)
     );
+    for c in &s.checks {
+        println!("  {}", infill::verify::describe(c));
+    }
     if let Some(m) = &s.message {
         println!("  {m}");
     }
     println!("  audit log: {}", s.audit_log);
+}
+
+/// Check results (`infill verify`).
+pub fn checks(results: &[infill::verify::CheckResult], json: bool) {
+    if json {
+        let passed = results.iter().all(|c| c.passed);
+        let v = serde_json::json!({ "passed": passed, "checks": results });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serialisable"));
+        return;
+    }
+    if results.is_empty() {
+        println!("no checks defined ([[jobs.NAME.checks]] in the spec)");
+        return;
+    }
+    for c in results {
+        println!("{}", infill::verify::describe(c));
+    }
+    let failed = results.iter().filter(|c| !c.passed).count();
+    if failed == 0 {
+        println!("all {} checks passed", results.len());
+    } else {
+        println!("{failed} of {} checks FAILED", results.len());
+    }
 }
 
 /// A dry run's findings.

@@ -105,6 +105,10 @@ pub enum Error {
     #[error("{0}")]
     Approval(String),
 
+    /// One or more checks did not hold.
+    #[error("{0}")]
+    ChecksFailed(String),
+
     /// Rows failed (reserved for the failure machinery; exit 1).
     #[error("{0}")]
     RowsFailed(String),
@@ -127,7 +131,7 @@ impl Error {
             | Error::LockLost { .. }
             | Error::DefinitionChanged { .. }
             | Error::CannotProceed(_) => ExitCode::CannotProceed,
-            Error::RowsFailed(_) => ExitCode::Failed,
+            Error::RowsFailed(_) | Error::ChecksFailed(_) => ExitCode::Failed,
             Error::Approval(_) => ExitCode::Approval,
             Error::Interrupted(_) => ExitCode::Interrupted,
             Error::Database { source, .. } if is_connection_error(source) => ExitCode::CannotProceed,

@@ -20,5 +20,6 @@ pub mod sql;
 pub mod state;
 pub mod target;
 pub mod value;
+pub mod verify;
 
 pub use error::{Error, ExitCode, Result};

@@ -137,3 +137,19 @@ pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunReco
         spec.path.display()
     )))
 }
+
+/// Runs the checks of the given jobs (dependencies first), read-only.
+pub async fn verify(spec: &Spec, jobs: &[String], overrides: &Overrides) -> Result<Vec<crate::verify::CheckResult>> {
+    let resolved = jobs
+        .iter()
+        .map(|j| spec.resolve(j, overrides))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for r in resolved.iter().filter(|r| !r.job.checks.is_empty()) {
+        let db = Db::connect(&r.target, &ConnectOptions::default()).await?;
+        let found = crate::verify::run_checks(&db, r).await;
+        db.close().await;
+        out.extend(found?);
+    }
+    Ok(out)
+}

@@ -132,6 +132,8 @@ pub struct RunSummary {
     pub duration_ms: u64,
     pub audit_log: String,
     pub message: Option<String>,
+    /// The job's checks, run after its last batch.
+    pub checks: Vec<crate::verify::CheckResult>,
 }
 
 /// A row of the dry run's sample.
@@ -426,7 +428,35 @@ async fn with_lock(
         &mut looped,
     )
     .await;
+    // A finished job runs its checks; a failed check fails the run.
+    let mut checks = Vec::new();
+    let result = match result {
+        Ok(End::Done) if !r.job.checks.is_empty() => match crate::verify::run_checks(db, r).await {
+            Ok(found) => {
+                for c in &found {
+                    audit.write("check", serde_json::to_value(c).expect("serialisable"))?;
+                }
+                checks = found;
+                Ok(End::Done)
+            }
+            Err(e) => Err(e),
+        },
+        other => other,
+    };
+    let failed_checks: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(crate::verify::describe)
+        .collect();
     let (status, message, err) = match result {
+        Ok(End::Done) if !failed_checks.is_empty() => {
+            let msg = format!(
+                "the backfill finished but {} check(s) failed: {}",
+                failed_checks.len(),
+                failed_checks.join("; ")
+            );
+            (RunStatus::Failed, Some(msg.clone()), Some(Error::ChecksFailed(msg)))
+        }
         Ok(End::Done) => (RunStatus::Succeeded, None, None),
         Ok(End::Limit) => (
             RunStatus::Interrupted,
@@ -477,6 +507,7 @@ async fn with_lock(
         duration_ms: started.elapsed().as_millis() as u64,
         audit_log: audit.path().display().to_string(),
         message: message.clone(),
+        checks,
     };
     audit.write(
         "run_end",

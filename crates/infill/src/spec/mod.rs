@@ -127,6 +127,60 @@ pub struct ParamDecl {
     pub location: Location,
 }
 
+/// What a check's number must be.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Expect {
+    /// Exactly this value.
+    Equal(f64),
+    /// Within these bounds (inclusive).
+    Range { min: Option<f64>, max: Option<f64> },
+}
+
+impl Expect {
+    /// True when `value` satisfies the expectation.
+    pub fn accepts(&self, value: f64) -> bool {
+        match self {
+            Expect::Equal(e) => value == *e,
+            Expect::Range { min, max } => min.is_none_or(|m| value >= m) && max.is_none_or(|m| value <= m),
+        }
+    }
+
+    fn parse(v: &toml::Value) -> std::result::Result<Expect, String> {
+        let num = |v: &toml::Value| match v {
+            toml::Value::Integer(i) => Some(*i as f64),
+            toml::Value::Float(f) => Some(*f),
+            _ => None,
+        };
+        if let Some(n) = num(v) {
+            return Ok(Expect::Equal(n));
+        }
+        let toml::Value::Table(t) = v else {
+            return Err("write a number (expect = 0) or bounds (expect = { min = 1, max = 10 })".into());
+        };
+        if let Some(k) = t.keys().find(|k| *k != "min" && *k != "max") {
+            return Err(format!("unknown bound `{k}` (use min and max)"));
+        }
+        let bound = |k: &str| match t.get(k) {
+            None => Ok(None),
+            Some(v) => num(v).map(Some).ok_or_else(|| format!("`{k}` must be a number")),
+        };
+        let (min, max) = (bound("min")?, bound("max")?);
+        if min.is_none() && max.is_none() {
+            return Err("give min, max or both".into());
+        }
+        Ok(Expect::Range { min, max })
+    }
+}
+
+/// `[[jobs.J.checks]]`: a query returning one number, and what it must be.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub sql: SqlText,
+    pub expect: Expect,
+}
+
 /// One validated job of the spec.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -147,6 +201,8 @@ pub struct Job {
     pub params: Vec<ParamDecl>,
     pub undo: bool,
     pub depends_on: Vec<String>,
+    /// Verification queries, run by `infill verify` and after the job.
+    pub checks: Vec<Check>,
     /// sha256 of the normalised definition (source, action, params, undo).
     pub definition_sha256: String,
     pub location: Location,
@@ -506,8 +562,16 @@ impl Spec {
         for (i, p) in raw.priority.iter().enumerate() {
             sql(p, jf(&format!("priority[{i}]")))?;
         }
-        for check in &raw.checks {
-            sql(&check.get_ref().sql, jf("checks.sql"))?;
+        let mut checks = Vec::new();
+        for (i, check) in raw.checks.iter().enumerate() {
+            let c = check.get_ref();
+            let expect = Expect::parse(c.expect.get_ref())
+                .map_err(|m| self.err(c.expect.span(), jf(&format!("checks[{i}].expect")), m))?;
+            checks.push(Check {
+                name: c.name.get_ref().clone(),
+                sql: sql(&c.sql, jf(&format!("checks[{i}].sql")))?,
+                expect,
+            });
         }
         Settings::check(&raw.settings(), &format!("jobs.{name}"), &|s, f, m| self.err(s, f, m))?;
 
@@ -550,6 +614,7 @@ impl Spec {
             params,
             undo,
             depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
+            checks,
             definition_sha256,
             location: self.location(job_span),
             settings: raw.settings(),
