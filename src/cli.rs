@@ -43,6 +43,8 @@ enum Command {
     Resume(ResumeArgs),
     /// Show recent runs, or one run in detail.
     Status(StatusArgs),
+    /// List the rows of a run that failed alone (isolated by bisection), with their errors.
+    Failures(FailuresArgs),
     /// Give up an unfinished run, so the next `infill run` starts afresh.
     ///
     /// The run's process must be gone (killed, interrupted); what it wrote
@@ -138,6 +140,17 @@ struct ResumeArgs {
 struct StatusArgs {
     /// A run id or prefix (8+ characters); without it, the 20 most recent runs.
     run: Option<String>,
+    #[command(flatten)]
+    spec: SpecArg,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct FailuresArgs {
+    /// The run id, or a prefix of 8 or more characters.
+    run: String,
     #[command(flatten)]
     spec: SpecArg,
     /// Print JSON on stdout.
@@ -243,6 +256,12 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
         Command::Resume(a) => resume(a, stop).await,
         Command::Verify(a) => verify(a).await,
         Command::Status(a) => status(a).await,
+        Command::Failures(a) => {
+            let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
+            let (run, list) = infill::ops::failures(&spec, a.spec.env.as_deref(), &a.run).await?;
+            output::failures(&run, &list, a.json);
+            Ok(ExitCode::Success)
+        }
         Command::Cancel(a) => {
             let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
             let run = infill::ops::cancel(&spec, a.spec.env.as_deref(), &a.run).await?;

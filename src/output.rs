@@ -59,6 +59,23 @@ pub fn summary(s: &RunSummary, json: bool) {
     println!("  audit log: {}", s.audit_log);
 }
 
+/// `infill failures RUN`.
+pub fn failures(run: &RunRecord, list: &[infill::state::Failure], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list).expect("serialisable"));
+        return;
+    }
+    if list.is_empty() {
+        println!("run {} ({}) has no failed rows", short(&run.id), run.job);
+        return;
+    }
+    println!("run {} ({}): {} failed rows", short(&run.id), run.job, list.len());
+    for f in list {
+        let code = f.error_code.as_deref().map(|c| format!(" [{c}]")).unwrap_or_default();
+        println!("  key {}{code}: {}", f.key, f.message);
+    }
+}
+
 /// Check results (`infill verify`).
 pub fn checks(results: &[infill::verify::CheckResult], json: bool) {
     if json {

@@ -153,3 +153,24 @@ pub async fn verify(spec: &Spec, jobs: &[String], overrides: &Overrides) -> Resu
     }
     Ok(out)
 }
+
+/// A run and the rows that failed in it.
+pub async fn failures(spec: &Spec, env: Option<&str>, run: &str) -> Result<(RunRecord, Vec<state::Failure>)> {
+    for url in targets(spec, env)? {
+        let db = Db::connect(&url, &ConnectOptions::default()).await?;
+        let mut c = db.conn().await?;
+        let found = match state::find_run(&db, &mut c, run).await {
+            Ok(r) => r,
+            Err(Error::RunNotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        let list = state::list_failures(&db, &mut c, &found.id).await?;
+        drop(c);
+        db.close().await;
+        return Ok((found, list));
+    }
+    Err(Error::RunNotFound(format!(
+        "no run {run} in the databases of {}",
+        spec.path.display()
+    )))
+}

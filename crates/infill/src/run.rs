@@ -19,7 +19,7 @@ use crate::audit::AuditLog;
 use crate::dialect::{ConnectOptions, Db, Exec};
 use crate::error::{Error, Result};
 use crate::lock::JobLock;
-use crate::spec::ResolvedJob;
+use crate::spec::{MaxFailures, ResolvedJob};
 use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
 use crate::target::{BatchShape, Target};
 use crate::value::{Key, Value, key_display, key_to_json};
@@ -412,6 +412,7 @@ async fn with_lock(
         rows_read: run.rows_read,
         rows_changed: run.rows_changed,
         rows_skipped: run.rows_skipped,
+        rows_failed: run.rows_failed,
         session_read: 0,
         session_changed: 0,
     };
@@ -456,6 +457,14 @@ async fn with_lock(
                 failed_checks.join("; ")
             );
             (RunStatus::Failed, Some(msg.clone()), Some(Error::ChecksFailed(msg)))
+        }
+        Ok(End::Done) if looped.rows_failed > 0 => {
+            let msg = format!(
+                "{} rows failed (within max_failures); `infill failures {}` lists them",
+                looped.rows_failed,
+                short(&run.id)
+            );
+            (RunStatus::Succeeded, Some(msg.clone()), Some(Error::RowsFailed(msg)))
         }
         Ok(End::Done) => (RunStatus::Succeeded, None, None),
         Ok(End::Limit) => (
@@ -542,6 +551,7 @@ struct Looped {
     rows_read: u64,
     rows_changed: u64,
     rows_skipped: u64,
+    rows_failed: u64,
     session_read: u64,
     session_changed: u64,
 }
@@ -596,61 +606,64 @@ async fn batches(
                 .await?
                 .unwrap_or_else(|| upper.clone())
         };
-        let batch_no = looped.batches + 1;
-        let mut retries = 0;
-        let outcome = loop {
-            let attempt = {
-                let fut = apply_batch(
-                    db,
-                    target,
-                    &run.id,
-                    batch_no,
-                    cursor.as_ref(),
-                    &hi,
-                    remaining,
-                    r.job.undo,
-                    batch_size,
-                    req.verbose,
-                );
-                tokio::pin!(fut);
-                tokio::select! {
-                    res = &mut fut => Some(res),
-                    _ = stop.until(2) => None,
-                }
-            };
-            match attempt {
-                None => return Ok(End::Aborted),
-                Some(Ok(o)) => break o,
-                Some(Err(e)) if e.is_transient() && retries < MAX_RETRIES => {
-                    retries += 1;
-                    let wait = backoff(retries);
-                    audit.write("retry", json!({ "batch_no": batch_no, "attempt": retries, "error": r.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }))?;
-                    tokio::time::sleep(wait).await;
-                }
-                Some(Err(e)) => return Err(e),
+        let settle = Settle {
+            db,
+            target,
+            run_id: &run.id,
+            undo: r.job.undo,
+            batch_size,
+            verbose: req.verbose,
+            redactor: &r.redactor,
+        };
+        let settled = {
+            let fut = settle.range(cursor.as_ref(), &hi, remaining, looped.batches + 1);
+            tokio::pin!(fut);
+            tokio::select! {
+                res = &mut fut => Some(res),
+                _ = stop.until(2) => None,
             }
         };
-        let report = BatchReport {
-            batch: Checkpoint {
-                duration_ms: outcome.duration.as_millis() as u64,
-                ..outcome.checkpoint.clone()
-            },
-            retries,
+        let Some(settled) = settled else {
+            return Ok(End::Aborted);
         };
-        audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
-        looped.batches = batch_no;
-        let b = &report.batch;
-        looped.rows_read += b.rows_read;
-        looped.rows_changed += b.rows_changed;
-        looped.rows_skipped += b.rows_skipped;
-        looped.session_read += b.rows_read;
-        looped.session_changed += b.rows_changed;
-        if req.verbose {
-            for (key, values) in &outcome.written {
-                obs.on_event(&Event::Row { key, values });
-            }
+        let settled = settled?;
+        for (kind, detail) in &settled.events {
+            audit.write(kind, detail.clone())?;
         }
-        obs.on_event(&Event::Batch(&report));
+        let mut outcome = None;
+        for o in settled.outcomes {
+            let report = BatchReport {
+                batch: Checkpoint {
+                    duration_ms: o.duration.as_millis() as u64,
+                    ..o.checkpoint.clone()
+                },
+                retries: o.retries,
+            };
+            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
+            let b = &report.batch;
+            looped.batches = b.batch_no;
+            looped.rows_read += b.rows_read;
+            looped.rows_changed += b.rows_changed;
+            looped.rows_skipped += b.rows_skipped;
+            looped.rows_failed += b.rows_failed;
+            looped.session_read += b.rows_read;
+            looped.session_changed += b.rows_changed;
+            if req.verbose {
+                for (key, values) in &o.written {
+                    obs.on_event(&Event::Row { key, values });
+                }
+            }
+            obs.on_event(&Event::Batch(&report));
+            outcome = Some(o);
+        }
+        let outcome = outcome.expect("a settled range has at least one batch");
+        if too_many_failures(s.max_failures, looped.rows_failed, looped.rows_read) {
+            return Err(Error::RowsFailed(format!(
+                "{} rows failed, more than max_failures allows; the run stopped. `infill failures {}` lists them",
+                looped.rows_failed,
+                short(&run.id)
+            )));
+        }
         let done = outcome.checkpoint.upper == upper;
         cursor = Some(outcome.checkpoint.upper);
         if done {
@@ -691,8 +704,222 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + jitter)
 }
 
+fn too_many_failures(max: MaxFailures, failed: u64, read: u64) -> bool {
+    match max {
+        MaxFailures::Count(n) => failed > n,
+        MaxFailures::Ratio(r) => failed > 0 && failed as f64 > r * read.max(1) as f64,
+    }
+}
+
+/// True for an error that one row's data can cause (a constraint, a cast):
+/// worth isolating by bisection. Lost connections and timeouts are not.
+fn is_row_error(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Database {
+            source: sqlx::Error::Database(_),
+            ..
+        }
+    ) && !e.is_transient()
+}
+
+/// Settles one key range: applies it as a batch with retries on transient
+/// errors; when it fails for good on a row's data, splits it in halves by
+/// its candidates, recursively, until each failing row stands alone, and
+/// records that row in `infill_failures` with a checkpoint past it. The
+/// good rows commit in their own sub-batches.
+struct Settle<'a> {
+    db: &'a Db,
+    target: &'a Target,
+    run_id: &'a str,
+    undo: bool,
+    batch_size: u64,
+    verbose: bool,
+    redactor: &'a crate::secret::Redactor,
+}
+
+#[derive(Default)]
+struct Settled {
+    outcomes: Vec<BatchOutcome>,
+    /// Audit lines (`retry`, `row_failed`) to write.
+    events: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl Settle<'_> {
+    async fn range(&self, lo: Option<&Key>, hi: &Key, limit: Option<u64>, batch_no: u64) -> Result<Settled> {
+        let mut out = Settled::default();
+        self.settle(lo, hi, limit, batch_no, &mut out).await?;
+        Ok(out)
+    }
+
+    fn settle<'s>(
+        &'s self,
+        lo: Option<&'s Key>,
+        hi: &'s Key,
+        limit: Option<u64>,
+        batch_no: u64,
+        out: &'s mut Settled,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 's>> {
+        Box::pin(async move {
+            let mut retries = 0;
+            let err = loop {
+                let attempt = apply_batch(
+                    self.db,
+                    self.target,
+                    self.run_id,
+                    batch_no,
+                    lo,
+                    hi,
+                    limit,
+                    self.undo,
+                    self.batch_size,
+                    self.verbose,
+                )
+                .await;
+                match attempt {
+                    Ok(mut o) => {
+                        o.retries = retries;
+                        out.outcomes.push(o);
+                        return Ok(());
+                    }
+                    Err(e) if e.is_transient() && retries < MAX_RETRIES => {
+                        retries += 1;
+                        let wait = backoff(retries);
+                        out.events.push((
+                            "retry",
+                            json!({ "batch_no": batch_no, "attempt": retries, "error": self.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
+                        ));
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(e) => break e,
+                }
+            };
+            if !is_row_error(&err) {
+                return Err(err);
+            }
+            // Which candidates does the range hold (read without writing)?
+            let rows = {
+                let mut c = self.db.conn().await?;
+                c.fetch(&self.target.candidates(lo, hi, limit))
+                    .await
+                    .map_err(Error::db("cannot read the candidates"))?
+            };
+            let nk = self.target.keys.len();
+            let keys: Vec<Key> = rows.iter().map(|r| r[..nk].to_vec()).collect();
+            match keys.len() {
+                0 => Err(err),
+                1 => {
+                    let upper = if limit.is_some() { keys[0].clone() } else { hi.clone() };
+                    let o = record_failure(
+                        self.db,
+                        self.run_id,
+                        batch_no,
+                        lo,
+                        upper,
+                        &keys[0],
+                        &err,
+                        self.batch_size,
+                        self.redactor,
+                    )
+                    .await?;
+                    out.events.push((
+                        "row_failed",
+                        json!({ "batch_no": batch_no, "key": key_to_json(&keys[0]), "error": self.redactor.mask(&error_text(&err)), "code": error_code(&err) }),
+                    ));
+                    out.outcomes.push(o);
+                    Ok(())
+                }
+                n => {
+                    let mid = keys[n / 2 - 1].clone();
+                    let last = keys[n - 1].clone();
+                    let right_hi = if limit.is_some() { last } else { hi.clone() };
+                    self.settle(lo, &mid, None, batch_no, out).await?;
+                    let next_no = out.outcomes.last().map_or(batch_no, |o| o.checkpoint.batch_no + 1);
+                    self.settle(Some(&mid), &right_hi, None, next_no, out).await
+                }
+            }
+        })
+    }
+}
+
+fn error_code(e: &Error) -> Option<String> {
+    match e {
+        Error::Database {
+            source: sqlx::Error::Database(d),
+            ..
+        } => d.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+fn error_text(e: &Error) -> String {
+    match e {
+        Error::Database {
+            source: sqlx::Error::Database(d),
+            ..
+        } => d.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Records a row that fails alone, with a checkpoint past it, in one transaction.
+#[allow(clippy::too_many_arguments)]
+async fn record_failure(
+    db: &Db,
+    run_id: &str,
+    batch_no: u64,
+    lo: Option<&Key>,
+    upper: Key,
+    key: &Key,
+    err: &Error,
+    batch_size: u64,
+    redactor: &crate::secret::Redactor,
+) -> Result<BatchOutcome> {
+    let t0 = Instant::now();
+    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+    let mut conn = db.conn().await?;
+    let mut tx = conn
+        .begin_with(db.dialect.begin_write())
+        .await
+        .map_err(fail("cannot begin"))?;
+    let failure = state::Failure {
+        run_id: run_id.to_string(),
+        batch_no,
+        key: key_to_json(key),
+        error_code: error_code(err),
+        message: redactor.mask(&error_text(err)),
+        failed_at: state::now(),
+    };
+    state::insert_failure(db, &mut tx, &failure)
+        .await
+        .map_err(fail("cannot record the failed row"))?;
+    let cp = Checkpoint {
+        batch_no,
+        lower: lo.cloned(),
+        upper,
+        rows_read: 1,
+        rows_changed: 0,
+        rows_skipped: 0,
+        rows_failed: 1,
+        batch_size,
+        duration_ms: t0.elapsed().as_millis() as u64,
+    };
+    state::checkpoint(db, &mut tx, run_id, &cp)
+        .await
+        .map_err(fail("cannot write the checkpoint"))?;
+    tx.commit().await.map_err(fail("cannot commit"))?;
+    Ok(BatchOutcome {
+        checkpoint: cp,
+        retries: 0,
+        duration: t0.elapsed(),
+        written: Vec::new(),
+    })
+}
+
 struct BatchOutcome {
     checkpoint: Checkpoint,
+    /// Transient failures retried before it committed.
+    retries: u32,
     /// Up to and including the commit.
     duration: Duration,
     written: Vec<(Key, Vec<(String, Value)>)>,
@@ -870,6 +1097,7 @@ async fn checkpoint_and_commit(
         rows_read: read,
         rows_changed: changed,
         rows_skipped: read.saturating_sub(changed),
+        rows_failed: 0,
         batch_size,
         duration_ms: t0.elapsed().as_millis() as u64,
     };
@@ -879,6 +1107,7 @@ async fn checkpoint_and_commit(
     tx.commit().await.map_err(fail("cannot commit"))?;
     Ok(BatchOutcome {
         checkpoint: cp,
+        retries: 0,
         duration: t0.elapsed(),
         written,
     })

@@ -363,6 +363,7 @@ pub struct Checkpoint {
     pub rows_read: u64,
     pub rows_changed: u64,
     pub rows_skipped: u64,
+    pub rows_failed: u64,
     pub batch_size: u64,
     pub duration_ms: u64,
 }
@@ -371,8 +372,8 @@ pub struct Checkpoint {
 pub async fn checkpoint(db: &Db, c: &mut impl Exec, run_id: &str, cp: &Checkpoint) -> Result<(), sqlx::Error> {
     let now = now();
     c.execute(&db.q(
-        "INSERT INTO infill_batches (run_id, batch_no, lower_key, upper_key, rows_read, rows_changed, rows_skipped, batch_size, duration_ms, committed_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO infill_batches (run_id, batch_no, lower_key, upper_key, rows_read, rows_changed, rows_skipped, rows_failed, batch_size, duration_ms, committed_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         vec![
             Value::Text(run_id.into()),
             Value::Int(cp.batch_no as i64),
@@ -381,6 +382,7 @@ pub async fn checkpoint(db: &Db, c: &mut impl Exec, run_id: &str, cp: &Checkpoin
             Value::Int(cp.rows_read as i64),
             Value::Int(cp.rows_changed as i64),
             Value::Int(cp.rows_skipped as i64),
+            Value::Int(cp.rows_failed as i64),
             Value::Int(cp.batch_size as i64),
             Value::Int(cp.duration_ms as i64),
             Value::Text(now.clone()),
@@ -389,12 +391,13 @@ pub async fn checkpoint(db: &Db, c: &mut impl Exec, run_id: &str, cp: &Checkpoin
     .await?;
     c.execute(&db.q(
         "UPDATE infill_runs SET cursor_key = ?, batches = batches + 1, rows_read = rows_read + ?, \
-         rows_changed = rows_changed + ?, rows_skipped = rows_skipped + ?, batch_size = ?, updated_at = ? WHERE id = ?",
+         rows_changed = rows_changed + ?, rows_skipped = rows_skipped + ?, rows_failed = rows_failed + ?, batch_size = ?, updated_at = ? WHERE id = ?",
         vec![
             key_text(&Some(cp.upper.clone())),
             Value::Int(cp.rows_read as i64),
             Value::Int(cp.rows_changed as i64),
             Value::Int(cp.rows_skipped as i64),
+            Value::Int(cp.rows_failed as i64),
             Value::Int(cp.batch_size as i64),
             Value::Text(now),
             Value::Text(run_id.into()),
@@ -440,4 +443,54 @@ pub async fn insert_undo(
         c.execute(&db.q(&sql, args)).await?;
     }
     Ok(())
+}
+
+/// A row that failed alone (after bisection), in `infill_failures`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    pub run_id: String,
+    pub batch_no: u64,
+    pub key: serde_json::Value,
+    pub error_code: Option<String>,
+    pub message: String,
+    pub failed_at: String,
+}
+
+/// Records a failed row (inside the transaction of its checkpoint).
+pub async fn insert_failure(db: &Db, c: &mut impl Exec, f: &Failure) -> Result<(), sqlx::Error> {
+    c.execute(&db.q(
+        "INSERT INTO infill_failures (run_id, batch_no, row_key, error_code, message, failed_at) VALUES (?, ?, ?, ?, ?, ?)",
+        vec![
+            Value::Text(f.run_id.clone()),
+            Value::Int(f.batch_no as i64),
+            Value::Text(f.key.to_string()),
+            f.error_code.clone().map(Value::Text).unwrap_or(Value::Null),
+            Value::Text(f.message.clone()),
+            Value::Text(f.failed_at.clone()),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// The failed rows of a run, in key order of their batches.
+pub async fn list_failures(db: &Db, c: &mut impl Exec, run_id: &str) -> Result<Vec<Failure>> {
+    let rows = c
+        .fetch(&db.q(
+            "SELECT run_id, batch_no, row_key, error_code, message, failed_at FROM infill_failures WHERE run_id = ? ORDER BY batch_no",
+            vec![Value::Text(run_id.into())],
+        ))
+        .await
+        .map_err(Error::db("cannot read infill_failures"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Failure {
+            run_id: text(&r[0]),
+            batch_no: int(&r[1]),
+            key: serde_json::from_str(&text(&r[2])).unwrap_or(serde_json::Value::Null),
+            error_code: opt_text(&r[3]),
+            message: text(&r[4]),
+            failed_at: text(&r[5]),
+        })
+        .collect())
 }

@@ -96,8 +96,12 @@ impl Dialect for MySqlDialect {
             "CREATE TABLE IF NOT EXISTS infill_batches (
                 run_id VARCHAR(36) NOT NULL, batch_no BIGINT NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
                 rows_read BIGINT NOT NULL, rows_changed BIGINT NOT NULL, rows_skipped BIGINT NOT NULL,
-                batch_size BIGINT NOT NULL, duration_ms BIGINT NOT NULL, committed_at VARCHAR(40) NOT NULL,
+                rows_failed BIGINT NOT NULL DEFAULT 0, batch_size BIGINT NOT NULL, duration_ms BIGINT NOT NULL, committed_at VARCHAR(40) NOT NULL,
                 PRIMARY KEY (run_id, batch_no)
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            "CREATE TABLE IF NOT EXISTS infill_failures (
+                run_id VARCHAR(36) NOT NULL, batch_no BIGINT NOT NULL, row_key TEXT NOT NULL, error_code VARCHAR(16),
+                message TEXT NOT NULL, failed_at VARCHAR(40) NOT NULL, PRIMARY KEY (run_id, batch_no)
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
             "CREATE TABLE IF NOT EXISTS infill_undo (
                 run_id VARCHAR(36) NOT NULL, batch_no BIGINT NOT NULL, seq BIGINT NOT NULL,

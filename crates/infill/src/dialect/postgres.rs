@@ -68,8 +68,11 @@ impl Dialect for PostgresDialect {
             "CREATE TABLE IF NOT EXISTS infill_batches (
                 run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
                 rows_read BIGINT NOT NULL, rows_changed BIGINT NOT NULL, rows_skipped BIGINT NOT NULL,
-                batch_size BIGINT NOT NULL, duration_ms BIGINT NOT NULL, committed_at TEXT NOT NULL,
+                rows_failed BIGINT NOT NULL DEFAULT 0, batch_size BIGINT NOT NULL, duration_ms BIGINT NOT NULL, committed_at TEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no))",
+            "CREATE TABLE IF NOT EXISTS infill_failures (
+                run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, row_key TEXT NOT NULL, error_code TEXT,
+                message TEXT NOT NULL, failed_at TEXT NOT NULL, PRIMARY KEY (run_id, batch_no))",
             "CREATE TABLE IF NOT EXISTS infill_undo (
                 run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, seq BIGINT NOT NULL,
                 row_key TEXT NOT NULL, before_image TEXT NOT NULL, after_image TEXT NOT NULL,

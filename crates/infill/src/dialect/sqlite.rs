@@ -67,8 +67,11 @@ impl Dialect for SqliteDialect {
             "CREATE TABLE IF NOT EXISTS infill_batches (
                 run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
                 rows_read INTEGER NOT NULL, rows_changed INTEGER NOT NULL, rows_skipped INTEGER NOT NULL,
-                batch_size INTEGER NOT NULL, duration_ms INTEGER NOT NULL, committed_at TEXT NOT NULL,
+                rows_failed INTEGER NOT NULL DEFAULT 0, batch_size INTEGER NOT NULL, duration_ms INTEGER NOT NULL, committed_at TEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no))",
+            "CREATE TABLE IF NOT EXISTS infill_failures (
+                run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, row_key TEXT NOT NULL, error_code TEXT,
+                message TEXT NOT NULL, failed_at TEXT NOT NULL, PRIMARY KEY (run_id, batch_no))",
             "CREATE TABLE IF NOT EXISTS infill_undo (
                 run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, seq INTEGER NOT NULL,
                 row_key TEXT NOT NULL, before_image TEXT NOT NULL, after_image TEXT NOT NULL,
