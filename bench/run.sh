@@ -65,7 +65,9 @@ sys.exit(rc)' "$out" "$@"
 fi
 
 # --- build ---------------------------------------------------------------
-log "cargo build --release"
+# The source version benchmarked, taken before the build ("-dirty": local changes).
+REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
+log "cargo build --release (source $REV)"
 cargo build --release >&2
 [[ -x $BIN ]] || die "no binary at $BIN"
 
@@ -207,7 +209,7 @@ print()
 print(open(raw).read().rstrip())
 PY
 {
-  echo "# infill bench, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(psql_db -At -c 'SHOW server_version'), infill $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "# infill bench, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(psql_db -At -c 'SHOW server_version'), infill source $REV"
   echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE bench/run.sh"
   cat "$WORK/report.txt"
 } > "$OUT"
