@@ -84,6 +84,10 @@ struct RunArgs {
     /// Process at most N candidate rows now; the run stays resumable.
     #[arg(long, value_name = "N")]
     limit: Option<u64>,
+    /// Write the first N candidates, run the job's checks, and halt with
+    /// status canary_passed or canary_failed; `infill resume RUN` continues.
+    #[arg(long, value_name = "N")]
+    canary: Option<u64>,
     /// Fix the batch size (keys per batch) instead of adapting it.
     #[arg(long, value_name = "N")]
     batch_size: Option<usize>,
@@ -302,6 +306,7 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
             spec_sha256: spec.sha256.clone(),
             dry_run: a.dry_run,
             limit: a.limit,
+            canary: a.canary,
             verbose: a.verbose,
             confirm: !a.yes && !a.dry_run && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
             continue_run: None,
@@ -354,6 +359,7 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
         spec_sha256: spec.sha256.clone(),
         dry_run: false,
         limit: None,
+        canary: None,
         verbose: a.verbose,
         confirm: !a.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
         continue_run: Some(record.id.clone()),
@@ -395,6 +401,7 @@ async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
         spec_sha256: spec.sha256.clone(),
         dry_run: false,
         limit: None,
+        canary: None,
         verbose: false,
         confirm: false,
         continue_run: None,

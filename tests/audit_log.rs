@@ -44,6 +44,7 @@ const BATCH_FIELDS: &[&str] = &[
     "lower",
     "retries",
     "rows_changed",
+    "rows_failed",
     "rows_read",
     "rows_skipped",
     "run_id",

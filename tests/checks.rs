@@ -144,3 +144,76 @@ async fn a_failed_check_stops_dependents(db: TestDb) {
     );
 }
 on_all_backends!(a_failed_check_stops_dependents, a_failed_check_stops_dependents);
+
+async fn canary_halts_then_resume_finishes(db: TestDb) {
+    schema(&db).await;
+    let body = |min: i64| {
+        format!(
+            r#"
+[jobs.parents]
+source.table = "users"
+source.key = "id"
+source.where = "status IS NULL"
+action.update.status = "'active'"
+
+[[jobs.parents.checks]]
+name = "no user has a wrong status"
+sql = "SELECT COUNT(*) FROM users WHERE status IS NOT NULL AND status <> 'active'"
+expect = 0
+
+[[jobs.parents.checks]]
+name = "enough users are active"
+sql = "SELECT COUNT(*) FROM users WHERE status = 'active'"
+expect = {{ min = {min} }}
+"#
+        )
+    };
+    let spec = db.spec(&body(1));
+    let spec = spec.to_str().unwrap();
+    let out = db.run(&["run", spec, "--canary", "10", "--batch-size", "5", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], "canary_passed");
+    assert_eq!(summary["rows_changed"], 10);
+    assert_eq!(summary["checks"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM users WHERE status = 'active'").await,
+        10,
+        "the canary stops after 10 rows"
+    );
+
+    let id = summary["run_id"].as_str().unwrap().to_string();
+    let out = db.run(&["resume", &id[..8], "--spec", spec, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], "succeeded");
+    assert_eq!(summary["run_id"], id.as_str());
+    assert_eq!(db.int("SELECT COUNT(*) FROM users WHERE status = 'active'").await, 100);
+
+    // A canary whose checks fail halts with canary_failed; a plain run refuses to go on.
+    db.exec("UPDATE users SET status = NULL").await;
+    let spec = db.spec(&body(50));
+    let spec = spec.to_str().unwrap();
+    let out = db.run(&["run", spec, "--canary", "10", "--batch-size", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canary failed: 1 check(s) failed after 10 rows"),
+        "{stderr}"
+    );
+    let rows = db.texts("SELECT id, status FROM infill_runs ORDER BY id DESC").await;
+    assert_eq!(rows[0][1].as_deref(), Some("canary_failed"));
+    let out = db.run(&["run", spec]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failed its checks"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(db.int("SELECT COUNT(*) FROM users WHERE status = 'active'").await, 10);
+    let id = rows[0][0].clone().unwrap();
+    let out = db.run(&["resume", &id[..13], "--spec", spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(db.int("SELECT COUNT(*) FROM users WHERE status = 'active'").await, 100);
+}
+on_all_backends!(canary_halts_then_resume_finishes, canary_halts_then_resume_finishes);

@@ -64,7 +64,7 @@ pub async fn find_for_resume(spec: &Spec, env: Option<&str>, run: &str) -> Resul
     let job = spec.jobs.get(&record.job).ok_or_else(|| {
         Error::Usage(format!(
             "run {} belongs to job `{}`, which is not in {}",
-            &record.id[..8],
+            crate::run::short(&record.id),
             record.job,
             spec.path.display()
         ))
@@ -107,14 +107,14 @@ pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunReco
         if !found.status.is_unfinished() {
             return Err(Error::CannotProceed(format!(
                 "run {} is already {}",
-                &found.id[..8],
+                crate::run::short(&found.id),
                 found.status.as_str()
             )));
         }
         if found.status == state::RunStatus::Running && !found.process_gone() {
             return Err(Error::CannotProceed(format!(
                 "run {} is running (pid {} on {}); stop it with Ctrl-C (SIGINT) first, then cancel it",
-                &found.id[..8],
+                crate::run::short(&found.id),
                 found.pid,
                 found.host
             )));

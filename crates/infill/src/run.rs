@@ -172,6 +172,9 @@ pub struct RunRequest {
     pub dry_run: bool,
     /// Process at most this many candidates in this invocation.
     pub limit: Option<u64>,
+    /// Process this many candidates, run the checks, and halt with status
+    /// `canary_passed` or `canary_failed`; `resume` continues.
+    pub canary: Option<u64>,
     /// Report each written row.
     pub verbose: bool,
     /// Ask the observer to confirm before the first write.
@@ -270,9 +273,11 @@ fn params_sha256(r: &ResolvedJob) -> String {
     hex::encode(Sha256::digest(r.params_json().to_string().as_bytes()))
 }
 
-/// Short form of a run id for messages (its first 8 characters).
+/// Short form of a run id for messages: its first 13 characters, the
+/// UUIDv7's millisecond timestamp (8 characters only change every ~65 s, so
+/// runs started close together would share them).
 pub fn short(id: &str) -> &str {
-    &id[..id.len().min(8)]
+    &id[..id.len().min(13)]
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -311,6 +316,14 @@ async fn with_lock(
         None => state::find_unfinished(db, conn, &r.job.name, &params_sha).await?,
     };
     let (run, resumed) = match existing {
+        Some(run) if run.status == RunStatus::CanaryFailed && req.continue_run.is_none() => {
+            return Err(Error::CannotProceed(format!(
+                "the canary of run {} failed its checks; `infill resume {}` goes on anyway, `infill cancel {}` gives it up",
+                short(&run.id),
+                short(&run.id),
+                short(&run.id)
+            )));
+        }
         Some(run) => {
             if run.definition_sha256 != r.job.definition_sha256 {
                 return Err(Error::DefinitionChanged {
@@ -383,6 +396,7 @@ async fn with_lock(
             "upper": run.upper.as_ref().map(|c| key_to_json(c)),
             "undo": r.job.undo,
             "limit": req.limit,
+            "canary": req.canary,
         }),
     )?;
     let estimated = count(
@@ -431,17 +445,21 @@ async fn with_lock(
     .await;
     // A finished job runs its checks; a failed check fails the run.
     let mut checks = Vec::new();
+    // So does a canary that wrote its rows.
+    let canary = req.canary.is_some() && matches!(result, Ok(End::Limit));
     let result = match result {
-        Ok(End::Done) if !r.job.checks.is_empty() => match crate::verify::run_checks(db, r).await {
-            Ok(found) => {
-                for c in &found {
-                    audit.write("check", serde_json::to_value(c).expect("serialisable"))?;
+        Ok(end @ (End::Done | End::Limit)) if (matches!(end, End::Done) || canary) && !r.job.checks.is_empty() => {
+            match crate::verify::run_checks(db, r).await {
+                Ok(found) => {
+                    for c in &found {
+                        audit.write("check", serde_json::to_value(c).expect("serialisable"))?;
+                    }
+                    checks = found;
+                    Ok(end)
                 }
-                checks = found;
-                Ok(End::Done)
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         other => other,
     };
     let failed_checks: Vec<String> = checks
@@ -450,6 +468,31 @@ async fn with_lock(
         .map(crate::verify::describe)
         .collect();
     let (status, message, err) = match result {
+        Ok(End::Limit) if canary && failed_checks.is_empty() => (
+            RunStatus::CanaryPassed,
+            Some(format!(
+                "canary passed: {} rows written and {} check(s) hold; `infill resume {}` continues with the rest",
+                looped.session_changed,
+                checks.len(),
+                short(&run.id)
+            )),
+            None,
+        ),
+        Ok(End::Limit) if canary => {
+            let msg = format!(
+                "canary failed: {} check(s) failed after {} rows: {}. Fix the spec and cancel the run (`infill cancel {}`), or `infill resume {}` to go on anyway",
+                failed_checks.len(),
+                looped.session_changed,
+                failed_checks.join("; "),
+                short(&run.id),
+                short(&run.id)
+            );
+            (
+                RunStatus::CanaryFailed,
+                Some(msg.clone()),
+                Some(Error::ChecksFailed(msg)),
+            )
+        }
         Ok(End::Done) if !failed_checks.is_empty() => {
             let msg = format!(
                 "the backfill finished but {} check(s) failed: {}",
@@ -596,7 +639,11 @@ async fn batches(
             lock.check().await?;
             last_lock_check = Instant::now();
         }
-        let remaining = req.limit.map(|l| l.saturating_sub(looped.session_read));
+        let stop_after = match (req.limit, req.canary) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let remaining = stop_after.map(|l| l.saturating_sub(looped.session_read));
         if remaining == Some(0) {
             return Ok(End::Limit);
         }

@@ -64,7 +64,11 @@ impl RunStatus {
     pub fn is_unfinished(self) -> bool {
         matches!(
             self,
-            RunStatus::Running | RunStatus::Paused | RunStatus::Interrupted | RunStatus::CanaryPassed
+            RunStatus::Running
+                | RunStatus::Paused
+                | RunStatus::Interrupted
+                | RunStatus::CanaryPassed
+                | RunStatus::CanaryFailed
         )
     }
 }
@@ -259,7 +263,7 @@ pub async fn find_unfinished(db: &Db, c: &mut impl Exec, job: &str, params_sha25
         .fetch(&db.q(
             &format!(
                 "SELECT {RUN_COLUMNS} FROM infill_runs WHERE job = ? AND params_sha256 = ? \
-                 AND status IN ('running', 'paused', 'interrupted', 'canary_passed') ORDER BY id DESC"
+                 AND status IN ('running', 'paused', 'interrupted', 'canary_passed', 'canary_failed') ORDER BY id DESC"
             ),
             vec![Value::Text(job.into()), Value::Text(params_sha256.into())],
         ))
