@@ -81,7 +81,7 @@ async fn changed_definition_refuses_to_continue(db: TestDb) {
     assert!(
         stderr.contains(&format!(
             "run {} of job `fill` is unfinished and the job's definition changed",
-            &id[..8]
+            &id[..13]
         )),
         "{stderr}"
     );
