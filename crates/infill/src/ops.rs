@@ -92,50 +92,54 @@ pub async fn find_for_resume(spec: &Spec, env: Option<&str>, run: &str) -> Resul
     Ok((record, overrides))
 }
 
-/// Marks an unfinished run cancelled, so the next `infill run` starts a new
-/// one. A run whose process is alive must be stopped first (Ctrl-C): a live
-/// cancel through the state tables comes with `infill pause`/`cancel` control.
-pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunRecord> {
+/// The database holding a run, and the run.
+async fn locate(spec: &Spec, env: Option<&str>, run: &str) -> Result<(Db, RunRecord)> {
     for url in targets(spec, env)? {
         let db = Db::connect(&url, &ConnectOptions::default()).await?;
         let mut c = db.conn().await?;
-        let found = match state::find_run(&db, &mut c, run).await {
-            Ok(r) => r,
-            Err(Error::RunNotFound(_)) => continue,
+        match state::find_run(&db, &mut c, run).await {
+            Ok(r) => return Ok((db, r)),
+            Err(Error::RunNotFound(_)) => db.close().await,
             Err(e) => return Err(e),
-        };
-        if !found.status.is_unfinished() {
-            return Err(Error::CannotProceed(format!(
-                "run {} is already {}",
-                crate::run::short(&found.id),
-                found.status.as_str()
-            )));
         }
-        if found.status == state::RunStatus::Running && !found.process_gone() {
-            return Err(Error::CannotProceed(format!(
-                "run {} is running (pid {} on {}); stop it with Ctrl-C (SIGINT) first, then cancel it",
-                crate::run::short(&found.id),
-                found.pid,
-                found.host
-            )));
-        }
-        state::set_status(
-            &db,
-            &mut c,
-            &found.id,
-            state::RunStatus::Cancelled,
-            Some("cancelled by infill cancel"),
-        )
-        .await?;
-        let record = state::find_run(&db, &mut c, &found.id).await?;
-        drop(c);
-        db.close().await;
-        return Ok(record);
     }
     Err(Error::RunNotFound(format!(
         "no run {run} in the databases of {}",
         spec.path.display()
     )))
+}
+
+/// Marks an unfinished run cancelled, so the next `infill run` starts a new
+/// one. A run whose process is alive must be stopped first (Ctrl-C): a live
+/// cancel through the state tables comes with `infill pause`/`cancel` control.
+pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunRecord> {
+    let (db, found) = locate(spec, env, run).await?;
+    let short = crate::run::short(&found.id);
+    if !found.status.is_unfinished() {
+        return Err(Error::CannotProceed(format!(
+            "run {short} is already {}",
+            found.status.as_str()
+        )));
+    }
+    if found.status == state::RunStatus::Running && !found.process_gone() {
+        return Err(Error::CannotProceed(format!(
+            "run {short} is running (pid {} on {}); stop it with Ctrl-C (SIGINT) first, then cancel it",
+            found.pid, found.host
+        )));
+    }
+    let mut c = db.conn().await?;
+    state::set_status(
+        &db,
+        &mut c,
+        &found.id,
+        state::RunStatus::Cancelled,
+        Some("cancelled by infill cancel"),
+    )
+    .await?;
+    let record = state::find_run(&db, &mut c, &found.id).await?;
+    drop(c);
+    db.close().await;
+    Ok(record)
 }
 
 /// Runs the checks of the given jobs (dependencies first), read-only.
@@ -156,21 +160,10 @@ pub async fn verify(spec: &Spec, jobs: &[String], overrides: &Overrides) -> Resu
 
 /// A run and the rows that failed in it.
 pub async fn failures(spec: &Spec, env: Option<&str>, run: &str) -> Result<(RunRecord, Vec<state::Failure>)> {
-    for url in targets(spec, env)? {
-        let db = Db::connect(&url, &ConnectOptions::default()).await?;
-        let mut c = db.conn().await?;
-        let found = match state::find_run(&db, &mut c, run).await {
-            Ok(r) => r,
-            Err(Error::RunNotFound(_)) => continue,
-            Err(e) => return Err(e),
-        };
-        let list = state::list_failures(&db, &mut c, &found.id).await?;
-        drop(c);
-        db.close().await;
-        return Ok((found, list));
-    }
-    Err(Error::RunNotFound(format!(
-        "no run {run} in the databases of {}",
-        spec.path.display()
-    )))
+    let (db, found) = locate(spec, env, run).await?;
+    let mut c = db.conn().await?;
+    let list = state::list_failures(&db, &mut c, &found.id).await?;
+    drop(c);
+    db.close().await;
+    Ok((found, list))
 }

@@ -940,27 +940,8 @@ async fn record_failure(
     state::insert_failure(db, &mut tx, &failure)
         .await
         .map_err(fail("cannot record the failed row"))?;
-    let cp = Checkpoint {
-        batch_no,
-        lower: lo.cloned(),
-        upper,
-        rows_read: 1,
-        rows_changed: 0,
-        rows_skipped: 0,
-        rows_failed: 1,
-        batch_size,
-        duration_ms: t0.elapsed().as_millis() as u64,
-    };
-    state::checkpoint(db, &mut tx, run_id, &cp)
-        .await
-        .map_err(fail("cannot write the checkpoint"))?;
-    tx.commit().await.map_err(fail("cannot commit"))?;
-    Ok(BatchOutcome {
-        checkpoint: cp,
-        retries: 0,
-        duration: t0.elapsed(),
-        written: Vec::new(),
-    })
+    let cp = Checkpoint::new(batch_no, lo, upper, 1, 0, 1, batch_size);
+    checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await
 }
 
 struct BatchOutcome {
@@ -1019,20 +1000,8 @@ async fn apply_batch(
                 .and_then(|j| crate::value::key_from_json(&j))
                 .unwrap_or(upper);
         }
-        return checkpoint_and_commit(
-            db,
-            tx,
-            run_id,
-            batch_no,
-            lo,
-            upper,
-            read,
-            changed,
-            batch_size,
-            t0,
-            Vec::new(),
-        )
-        .await;
+        let cp = Checkpoint::new(batch_no, lo, upper, read, changed, 0, batch_size);
+        return checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await;
     }
     let rows = tx
         .fetch(&target.candidates(lo, hi, limit))
@@ -1106,48 +1075,21 @@ async fn apply_batch(
         let key = a[..nk].to_vec();
         written.push((key, names.iter().cloned().zip(a.into_iter().skip(nk)).collect()));
     }
-    checkpoint_and_commit(
-        db,
-        tx,
-        run_id,
-        batch_no,
-        lo,
-        upper,
-        rows.len() as u64,
-        changed,
-        batch_size,
-        t0,
-        written,
-    )
-    .await
+    let cp = Checkpoint::new(batch_no, lo, upper, rows.len() as u64, changed, 0, batch_size);
+    checkpoint_and_commit(db, tx, run_id, cp, t0, written).await
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Writes the batch's checkpoint (its duration measured now) and commits.
 async fn checkpoint_and_commit(
     db: &Db,
     mut tx: crate::dialect::Tx<'_>,
     run_id: &str,
-    batch_no: u64,
-    lo: Option<&Key>,
-    upper: Key,
-    read: u64,
-    changed: u64,
-    batch_size: u64,
+    mut cp: Checkpoint,
     t0: Instant,
     written: Vec<(Key, Vec<(String, Value)>)>,
 ) -> Result<BatchOutcome> {
-    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
-    let cp = Checkpoint {
-        batch_no,
-        lower: lo.cloned(),
-        upper,
-        rows_read: read,
-        rows_changed: changed,
-        rows_skipped: read.saturating_sub(changed),
-        rows_failed: 0,
-        batch_size,
-        duration_ms: t0.elapsed().as_millis() as u64,
-    };
+    let fail = |what: &str| Error::db(format!("batch {}: {what}", cp.batch_no));
+    cp.duration_ms = t0.elapsed().as_millis() as u64;
     state::checkpoint(db, &mut tx, run_id, &cp)
         .await
         .map_err(fail("cannot write the checkpoint"))?;
@@ -1182,12 +1124,7 @@ fn as_count(v: Option<&Value>) -> u64 {
 /// values. Runs in a read-only transaction and creates nothing.
 async fn dry_run(db: &Db, target: &Target, r: &ResolvedJob) -> Result<DryRunReport> {
     let d = db.dialect;
-    let mut conn = db.conn().await?.detach();
-    if let Some(stmt) = d.read_only_session() {
-        conn.execute(&crate::sql::Query::new(stmt))
-            .await
-            .map_err(Error::db("cannot make the session read-only"))?;
-    }
+    let mut conn = db.read_only_conn().await?;
     let mut tx = conn
         .begin_with(d.begin_read_only())
         .await

@@ -372,6 +372,32 @@ pub struct Checkpoint {
     pub duration_ms: u64,
 }
 
+impl Checkpoint {
+    /// A batch's checkpoint; rows read but neither written nor failed were
+    /// skipped by the guard. The duration is set when it is written.
+    pub fn new(
+        batch_no: u64,
+        lower: Option<&Key>,
+        upper: Key,
+        read: u64,
+        changed: u64,
+        failed: u64,
+        batch_size: u64,
+    ) -> Checkpoint {
+        Checkpoint {
+            batch_no,
+            lower: lower.cloned(),
+            upper,
+            rows_read: read,
+            rows_changed: changed,
+            rows_skipped: read.saturating_sub(changed + failed),
+            rows_failed: failed,
+            batch_size,
+            duration_ms: 0,
+        }
+    }
+}
+
 /// Writes a batch's checkpoint and the run's counters (inside the batch's transaction).
 pub async fn checkpoint(db: &Db, c: &mut impl Exec, run_id: &str, cp: &Checkpoint) -> Result<(), sqlx::Error> {
     let now = now();

@@ -25,12 +25,7 @@ pub struct CheckResult {
 /// Runs every check of a job against its target, read-only.
 pub async fn run_checks(db: &Db, r: &ResolvedJob) -> Result<Vec<CheckResult>> {
     let d = db.dialect;
-    let mut conn = db.conn().await?.detach();
-    if let Some(stmt) = d.read_only_session() {
-        conn.execute(&crate::sql::Query::new(stmt))
-            .await
-            .map_err(Error::db("cannot make the session read-only"))?;
-    }
+    let mut conn = db.read_only_conn().await?;
     let mut tx = conn
         .begin_with(d.begin_read_only())
         .await

@@ -493,6 +493,19 @@ impl Db {
         })
     }
 
+    /// A connection of its own that refuses writes where the engine can
+    /// (SQLite's `query_only`); open a `begin_read_only` transaction on it.
+    /// It closes when dropped, so the setting never reaches the pool.
+    pub async fn read_only_conn(&self) -> Result<DetachedConn> {
+        let mut conn = self.conn().await?.detach();
+        if let Some(stmt) = self.dialect.read_only_session() {
+            conn.execute(&Query::new(stmt))
+                .await
+                .map_err(Error::db("cannot make the session read-only"))?;
+        }
+        Ok(conn)
+    }
+
     /// Builds a state statement (see [`portable`]).
     pub fn q(&self, sql: &str, args: Vec<Value>) -> Query {
         portable(self.dialect, sql, args)
