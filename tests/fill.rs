@@ -232,3 +232,24 @@ on_all_backends!(
     single_key_with_text_param_and_limit,
     single_key_with_text_param_and_limit
 );
+
+async fn verbose_prints_each_written_row(db: TestDb) {
+    db.exec("CREATE TABLE users (id BIGINT NOT NULL PRIMARY KEY, region VARCHAR(16))")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO users (id, region) SELECT i, CASE WHEN i % 3 = 0 THEN NULL ELSE 'x' END FROM ({}) s",
+        db.series(30)
+    ))
+    .await;
+    let spec = db.spec(
+        "[jobs.regions]\nsource.table = \"users\"\nsource.key = \"id\"\nsource.where = \"region IS NULL\"\naction.update.region = \"'south'\"\n",
+    );
+    let out = db.run(&["run", spec.to_str().unwrap(), "--verbose", "--batch-size", "7"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let rows: Vec<&str> = stderr.lines().filter(|l| l.contains("region=south")).collect();
+    assert_eq!(rows.len(), 10, "one line per written row: {stderr}");
+    assert!(rows[0].contains("✓ 3 → region=south"), "{}", rows[0]);
+    assert!(rows[9].contains("✓ 30 → region=south"), "{}", rows[9]);
+}
+on_all_backends!(verbose_prints_each_written_row, verbose_prints_each_written_row);

@@ -216,8 +216,8 @@ impl Job {
     }
 }
 
-/// A loaded, validated spec file.
-#[derive(Debug)]
+/// A loaded, validated spec file. Its `Debug` leaves out the file's text
+/// and database URLs, which may hold a password written in clear.
 pub struct Spec {
     pub path: PathBuf,
     /// The folder the spec stands in: relative paths start here.
@@ -227,6 +227,16 @@ pub struct Spec {
     pub jobs: BTreeMap<String, Job>,
     text: String,
     raw: RawSpec,
+}
+
+impl fmt::Debug for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spec")
+            .field("path", &self.path)
+            .field("sha256", &self.sha256)
+            .field("jobs", &self.jobs.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a caller chooses on the command line for one job.
