@@ -48,6 +48,7 @@ const BATCH_FIELDS: &[&str] = &[
     "rows_read",
     "rows_skipped",
     "run_id",
+    "segment",
     "ts",
     "upper",
 ];

@@ -119,6 +119,17 @@ async fn kill_9_then_run_again(db: TestDb) {
         Some("running"),
         "a killed run stays unfinished"
     );
+    // A kill between a commit and its log line loses the line: simulate it.
+    let log_dir = db.path().join("infill_logs");
+    let log_file = std::fs::read_dir(&log_dir).unwrap().next().unwrap().unwrap().path();
+    let mut lines: Vec<String> = std::fs::read_to_string(&log_file)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let last_batch = lines.iter().rposition(|l| l.contains("\"event\":\"batch\"")).unwrap();
+    lines.remove(last_batch);
+    std::fs::write(&log_file, lines.join("\n") + "\n").unwrap();
 
     let out = db.run(&["run", &spec, "--batch-size", BATCH, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -146,7 +157,15 @@ async fn kill_9_then_run_again(db: TestDb) {
     let log = db.audit(None);
     let starts = log.iter().filter(|l| l["event"] == "run_start").count();
     assert_eq!(starts, 2);
-    assert_eq!(log.iter().filter(|l| l["event"] == "batch").count() as u64, ROWS / 2000);
+    assert_eq!(
+        log.iter().filter(|l| l["event"] == "batch").count() as u64,
+        ROWS / 2000,
+        "every committed batch is in the log"
+    );
+    assert!(
+        log.iter().any(|l| l["event"] == "batch" && l["recovered"] == true),
+        "the lost line is restored"
+    );
 }
 on_all_backends!(kill_9_then_run_again, kill_9_then_run_again);
 

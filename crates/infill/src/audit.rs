@@ -44,6 +44,20 @@ impl AuditLog {
         &self.path
     }
 
+    /// The highest `batch_no` among the file's `batch` lines (0 if none).
+    /// A kill between a batch's commit and its line loses the line; the
+    /// next process writes it from `infill_batches`.
+    pub fn last_batch_no(&self) -> u64 {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "batch")
+            .filter_map(|v| v["batch_no"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Appends one event line: `ts`, `event`, `run_id`, then `fields`.
     pub fn write(&mut self, event: &str, fields: Value) -> Result<()> {
         let mut line = Map::new();

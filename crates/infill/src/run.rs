@@ -358,6 +358,7 @@ async fn with_lock(
                 undo_enabled: r.job.undo,
                 cursor: None,
                 upper,
+                segment: 0,
                 batch_size: r.settings.batch_size,
                 batches: 0,
                 rows_read: 0,
@@ -395,18 +396,29 @@ async fn with_lock(
             "cursor": run.cursor.as_ref().map(|c| key_to_json(c)),
             "upper": run.upper.as_ref().map(|c| key_to_json(c)),
             "undo": r.job.undo,
+            "segment": run.segment,
+            "segments": target.segments(),
             "limit": req.limit,
             "canary": req.canary,
         }),
     )?;
-    let estimated = count(
-        conn,
-        &crate::sql::Query {
-            ..db.dialect.estimate_rows_query(&r.job.table)
-        },
-    )
-    .await
-    .ok();
+    if resumed {
+        // Batches that committed after the last line a killed process wrote.
+        let logged = audit.last_batch_no();
+        if run.batches > logged {
+            for cp in state::batches_after(db, conn, &run.id, logged).await? {
+                let mut line = serde_json::to_value(&cp).expect("serialisable");
+                line["retries"] = json!(null);
+                line["recovered"] = json!(true);
+                audit.write("batch", line)?;
+            }
+        }
+    }
+    // Each segment walks the whole key range once.
+    let estimated = count(conn, &db.dialect.estimate_rows_query(&r.job.table))
+        .await
+        .ok()
+        .map(|n| n * target.segments());
     let batch_size = if resumed && !r.settings.fixed_batch {
         run.batch_size.max(1)
     } else {
@@ -624,10 +636,18 @@ async fn batches(
     let Some(upper) = run.upper.clone() else {
         return Ok(End::Done);
     };
+    // Priority segments run one after the other over the whole key range;
+    // a cursor at the upper bound means its segment is finished.
+    let mut segment = run.segment;
     let mut cursor = run.cursor.clone();
     if cursor.as_ref() == Some(&upper) {
+        segment += 1;
+        cursor = None;
+    }
+    if segment >= target.segments() {
         return Ok(End::Done);
     }
+    let mut seg_target = target.segment(segment);
     let session_start = Instant::now();
     let mut last_lock_check = Instant::now();
     let mut per_key_ema: Option<f64> = None;
@@ -649,13 +669,13 @@ async fn batches(
         }
         let hi = {
             let mut c = db.conn().await?;
-            first_key(&mut c, &target.boundary(cursor.as_ref(), &upper, batch_size))
+            first_key(&mut c, &seg_target.boundary(cursor.as_ref(), &upper, batch_size))
                 .await?
                 .unwrap_or_else(|| upper.clone())
         };
         let settle = Settle {
             db,
-            target,
+            target: &seg_target,
             run_id: &run.id,
             undo: r.job.undo,
             batch_size,
@@ -714,7 +734,12 @@ async fn batches(
         let done = outcome.checkpoint.upper == upper;
         cursor = Some(outcome.checkpoint.upper);
         if done {
-            return Ok(End::Done);
+            segment += 1;
+            if segment >= target.segments() {
+                return Ok(End::Done);
+            }
+            cursor = None;
+            seg_target = target.segment(segment);
         }
 
         if !s.fixed_batch {
@@ -857,18 +882,7 @@ impl Settle<'_> {
                 0 => Err(err),
                 1 => {
                     let upper = if limit.is_some() { keys[0].clone() } else { hi.clone() };
-                    let o = record_failure(
-                        self.db,
-                        self.run_id,
-                        batch_no,
-                        lo,
-                        upper,
-                        &keys[0],
-                        &err,
-                        self.batch_size,
-                        self.redactor,
-                    )
-                    .await?;
+                    let o = self.record_failure(batch_no, lo, upper, &keys[0], &err).await?;
                     out.events.push((
                         "row_failed",
                         json!({ "batch_no": batch_no, "key": key_to_json(&keys[0]), "error": self.redactor.mask(&error_text(&err)), "code": error_code(&err) }),
@@ -886,6 +900,36 @@ impl Settle<'_> {
                 }
             }
         })
+    }
+    /// Records a row that fails alone, with a checkpoint past it, in one transaction.
+    async fn record_failure(
+        &self,
+        batch_no: u64,
+        lo: Option<&Key>,
+        upper: Key,
+        key: &Key,
+        err: &Error,
+    ) -> Result<BatchOutcome> {
+        let t0 = Instant::now();
+        let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+        let mut conn = self.db.conn().await?;
+        let mut tx = conn
+            .begin_with(self.db.dialect.begin_write())
+            .await
+            .map_err(fail("cannot begin"))?;
+        let failure = state::Failure {
+            run_id: self.run_id.to_string(),
+            batch_no,
+            key: key_to_json(key),
+            error_code: error_code(err),
+            message: self.redactor.mask(&error_text(err)),
+            failed_at: state::now(),
+        };
+        state::insert_failure(self.db, &mut tx, &failure)
+            .await
+            .map_err(fail("cannot record the failed row"))?;
+        let cp = Checkpoint::new(self.target.segment_no, batch_no, lo, upper, 1, 0, 1, self.batch_size);
+        checkpoint_and_commit(self.db, tx, self.run_id, cp, t0, Vec::new()).await
     }
 }
 
@@ -907,41 +951,6 @@ fn error_text(e: &Error) -> String {
         } => d.message().to_string(),
         other => other.to_string(),
     }
-}
-
-/// Records a row that fails alone, with a checkpoint past it, in one transaction.
-#[allow(clippy::too_many_arguments)]
-async fn record_failure(
-    db: &Db,
-    run_id: &str,
-    batch_no: u64,
-    lo: Option<&Key>,
-    upper: Key,
-    key: &Key,
-    err: &Error,
-    batch_size: u64,
-    redactor: &crate::secret::Redactor,
-) -> Result<BatchOutcome> {
-    let t0 = Instant::now();
-    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
-    let mut conn = db.conn().await?;
-    let mut tx = conn
-        .begin_with(db.dialect.begin_write())
-        .await
-        .map_err(fail("cannot begin"))?;
-    let failure = state::Failure {
-        run_id: run_id.to_string(),
-        batch_no,
-        key: key_to_json(key),
-        error_code: error_code(err),
-        message: redactor.mask(&error_text(err)),
-        failed_at: state::now(),
-    };
-    state::insert_failure(db, &mut tx, &failure)
-        .await
-        .map_err(fail("cannot record the failed row"))?;
-    let cp = Checkpoint::new(batch_no, lo, upper, 1, 0, 1, batch_size);
-    checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await
 }
 
 struct BatchOutcome {
@@ -1000,7 +1009,7 @@ async fn apply_batch(
                 .and_then(|j| crate::value::key_from_json(&j))
                 .unwrap_or(upper);
         }
-        let cp = Checkpoint::new(batch_no, lo, upper, read, changed, 0, batch_size);
+        let cp = Checkpoint::new(target.segment_no, batch_no, lo, upper, read, changed, 0, batch_size);
         return checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await;
     }
     let rows = tx
@@ -1075,7 +1084,16 @@ async fn apply_batch(
         let key = a[..nk].to_vec();
         written.push((key, names.iter().cloned().zip(a.into_iter().skip(nk)).collect()));
     }
-    let cp = Checkpoint::new(batch_no, lo, upper, rows.len() as u64, changed, 0, batch_size);
+    let cp = Checkpoint::new(
+        target.segment_no,
+        batch_no,
+        lo,
+        upper,
+        rows.len() as u64,
+        changed,
+        0,
+        batch_size,
+    );
     checkpoint_and_commit(db, tx, run_id, cp, t0, written).await
 }
 

@@ -87,6 +87,8 @@ pub struct RunRecord {
     pub undo_enabled: bool,
     pub cursor: Option<Key>,
     pub upper: Option<Key>,
+    /// The priority segment the cursor is in (0 without priority).
+    pub segment: u64,
     pub batch_size: u64,
     pub batches: u64,
     pub rows_read: u64,
@@ -104,7 +106,7 @@ pub struct RunRecord {
 
 const RUN_COLUMNS: &str = "id, job, status, definition_sha256, spec_sha256, params, params_sha256, env, \
     undo_enabled, cursor_key, upper_key, batch_size, batches, rows_read, rows_changed, rows_skipped, \
-    rows_failed, host, pid, os_user, started_at, updated_at, finished_at, message";
+    rows_failed, host, pid, os_user, started_at, updated_at, finished_at, message, segment";
 
 /// Current time in the form state tables and logs use (UTC, microseconds).
 pub fn now() -> String {
@@ -176,6 +178,7 @@ impl RunRecord {
             updated_at: text(&r[21]),
             finished_at: opt_text(&r[22]),
             message: opt_text(&r[23]),
+            segment: int(&r[24]),
         })
     }
 
@@ -223,7 +226,7 @@ pub async fn exists(db: &Db, c: &mut impl Exec) -> bool {
 /// Records a new run.
 pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()> {
     let q = db.q(
-        &format!("INSERT INTO infill_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+        &format!("INSERT INTO infill_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
         vec![
             Value::Text(r.id.clone()),
             Value::Text(r.job.clone()),
@@ -249,6 +252,7 @@ pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()>
             Value::Text(r.updated_at.clone()),
             r.finished_at.clone().map(Value::Text).unwrap_or(Value::Null),
             r.message.clone().map(Value::Text).unwrap_or(Value::Null),
+            Value::Int(r.segment as i64),
         ],
     );
     c.execute(&q)
@@ -370,12 +374,16 @@ pub struct Checkpoint {
     pub rows_failed: u64,
     pub batch_size: u64,
     pub duration_ms: u64,
+    /// The priority segment the batch belongs to (0 without priority).
+    pub segment: u64,
 }
 
 impl Checkpoint {
     /// A batch's checkpoint; rows read but neither written nor failed were
     /// skipped by the guard. The duration is set when it is written.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        segment: u64,
         batch_no: u64,
         lower: Option<&Key>,
         upper: Key,
@@ -394,6 +402,7 @@ impl Checkpoint {
             rows_failed: failed,
             batch_size,
             duration_ms: 0,
+            segment,
         }
     }
 }
@@ -402,11 +411,12 @@ impl Checkpoint {
 pub async fn checkpoint(db: &Db, c: &mut impl Exec, run_id: &str, cp: &Checkpoint) -> Result<(), sqlx::Error> {
     let now = now();
     c.execute(&db.q(
-        "INSERT INTO infill_batches (run_id, batch_no, lower_key, upper_key, rows_read, rows_changed, rows_skipped, rows_failed, batch_size, duration_ms, committed_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO infill_batches (run_id, batch_no, segment, lower_key, upper_key, rows_read, rows_changed, rows_skipped, rows_failed, batch_size, duration_ms, committed_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         vec![
             Value::Text(run_id.into()),
             Value::Int(cp.batch_no as i64),
+            Value::Int(cp.segment as i64),
             key_text(&cp.lower),
             key_text(&Some(cp.upper.clone())),
             Value::Int(cp.rows_read as i64),
@@ -420,10 +430,11 @@ pub async fn checkpoint(db: &Db, c: &mut impl Exec, run_id: &str, cp: &Checkpoin
     ))
     .await?;
     c.execute(&db.q(
-        "UPDATE infill_runs SET cursor_key = ?, batches = batches + 1, rows_read = rows_read + ?, \
+        "UPDATE infill_runs SET cursor_key = ?, segment = ?, batches = batches + 1, rows_read = rows_read + ?, \
          rows_changed = rows_changed + ?, rows_skipped = rows_skipped + ?, rows_failed = rows_failed + ?, batch_size = ?, updated_at = ? WHERE id = ?",
         vec![
             key_text(&Some(cp.upper.clone())),
+            Value::Int(cp.segment as i64),
             Value::Int(cp.rows_read as i64),
             Value::Int(cp.rows_changed as i64),
             Value::Int(cp.rows_skipped as i64),
@@ -521,6 +532,34 @@ pub async fn list_failures(db: &Db, c: &mut impl Exec, run_id: &str) -> Result<V
             error_code: opt_text(&r[3]),
             message: text(&r[4]),
             failed_at: text(&r[5]),
+        })
+        .collect())
+}
+
+/// Checkpoints of a run after `after_batch`, in order (to restore audit
+/// lines lost to a kill between a commit and its log line).
+pub async fn batches_after(db: &Db, c: &mut impl Exec, run_id: &str, after_batch: u64) -> Result<Vec<Checkpoint>> {
+    let rows = c
+        .fetch(&db.q(
+            "SELECT batch_no, segment, lower_key, upper_key, rows_read, rows_changed, rows_skipped, rows_failed, batch_size, duration_ms \
+             FROM infill_batches WHERE run_id = ? AND batch_no > ? ORDER BY batch_no",
+            vec![Value::Text(run_id.into()), Value::Int(after_batch as i64)],
+        ))
+        .await
+        .map_err(Error::db("cannot read infill_batches"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Checkpoint {
+            batch_no: int(&r[0]),
+            segment: int(&r[1]),
+            lower: parse_key(&r[2]),
+            upper: parse_key(&r[3]).unwrap_or_default(),
+            rows_read: int(&r[4]),
+            rows_changed: int(&r[5]),
+            rows_skipped: int(&r[6]),
+            rows_failed: int(&r[7]),
+            batch_size: int(&r[8]),
+            duration_ms: int(&r[9]),
         })
         .collect())
 }

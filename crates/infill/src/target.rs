@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use crate::dialect::{Column, Db, Dialect, Exec, SqlBuilder};
 use crate::error::{Error, Result};
 use crate::spec::{Location, ResolvedJob, SqlText};
-use crate::sql::{Fragment, Query};
+use crate::sql::{Fragment, Part, Query};
 use crate::value::{Key, Value};
 
 /// One batch's bounds and bookkeeping, for dialects that write a batch in
@@ -25,6 +25,7 @@ pub struct BatchShape<'a> {
 }
 
 /// The target of a job, ready to compose statements.
+#[derive(Clone)]
 pub struct Target {
     pub dialect: &'static dyn Dialect,
     /// Quoted table name.
@@ -34,7 +35,14 @@ pub struct Target {
     pub key_q: Vec<String>,
     /// Written columns with their expressions.
     pub sets: Vec<(Column, Fragment)>,
+    /// The candidate predicate of the segment being run (see `segment`).
     pub filter: Option<Fragment>,
+    /// `source.where` alone.
+    pub base_filter: Option<Fragment>,
+    /// `priority = [...]`, in order.
+    pub priority: Vec<Fragment>,
+    /// The segment `filter` belongs to (0 without priority).
+    pub segment_no: u64,
     pub params: BTreeMap<String, Value>,
 }
 
@@ -122,13 +130,17 @@ impl Target {
             sets.push((c, parse(expr)?));
         }
         let filter = job.filter.as_ref().map(parse).transpose()?;
+        let priority = job.priority.iter().map(parse).collect::<Result<Vec<_>>>()?;
         let target = Target {
             dialect: d,
             table: d.quote_table(&job.table),
             key_q: keys.iter().map(|k| d.quote_ident(&k.name)).collect(),
             keys,
             sets,
+            base_filter: filter.clone(),
             filter,
+            priority,
+            segment_no: 0,
             params: r.params.clone(),
         };
         target.prepare_all(db, conn, r).await?;
@@ -145,6 +157,15 @@ impl Target {
                 source: other,
             },
         };
+        for (f, text) in self.priority.iter().zip(&r.job.priority) {
+            let mut b = SqlBuilder::new(self.dialect);
+            b.push("SELECT 1 FROM ")
+                .push(&self.table)
+                .push(" WHERE (")
+                .fragment(f, &self.params)
+                .push(")");
+            conn.prepare(&b.finish()).await.map_err(|e| fail(text, e))?;
+        }
         if let (Some(f), Some(text)) = (&self.filter, &r.job.filter) {
             let mut b = SqlBuilder::new(self.dialect);
             b.push("SELECT 1 FROM ")
@@ -166,6 +187,48 @@ impl Target {
             conn.prepare(&b.finish()).await.map_err(|e| fail(text, e))?;
         }
         Ok(())
+    }
+
+    /// How many segments a run goes through: one per priority predicate,
+    /// then the rest.
+    pub fn segments(&self) -> u64 {
+        self.priority.len() as u64 + 1
+    }
+
+    /// The target restricted to one segment: priority segment `i` holds the
+    /// candidates for which predicate `i` is true and no earlier one is; the
+    /// last segment holds those for which none is. Every candidate falls in
+    /// exactly one segment, so none is processed twice.
+    pub fn segment(&self, i: u64) -> Target {
+        let mut t = self.clone();
+        t.segment_no = i;
+        if self.priority.is_empty() {
+            return t;
+        }
+        let mut parts: Vec<Part> = Vec::new();
+        let mut push = |f: &Fragment, pre: &str, post: &str| {
+            if !parts.is_empty() {
+                parts.push(Part::Sql(" AND ".into()));
+            }
+            parts.push(Part::Sql(pre.into()));
+            parts.extend(f.parts.iter().cloned());
+            parts.push(Part::Sql(post.into()));
+        };
+        if let Some(w) = &self.base_filter {
+            push(w, "(", ")");
+        }
+        for (j, p) in self.priority.iter().enumerate() {
+            match (j as u64).cmp(&i) {
+                std::cmp::Ordering::Less => push(p, "((", ") IS NOT TRUE)"),
+                std::cmp::Ordering::Equal => push(p, "((", ") IS TRUE)"),
+                std::cmp::Ordering::Greater => {}
+            }
+        }
+        t.filter = Some(Fragment {
+            source: format!("segment {i}"),
+            parts,
+        });
+        t
     }
 
     /// A select list with every item aliased `infill_cN`, so output names

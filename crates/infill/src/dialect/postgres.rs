@@ -63,10 +63,10 @@ impl Dialect for PostgresDialect {
                 rows_skipped BIGINT NOT NULL DEFAULT 0, rows_failed BIGINT NOT NULL DEFAULT 0,
                 host TEXT NOT NULL, pid BIGINT NOT NULL, os_user TEXT NOT NULL,
                 started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,
-                control TEXT, message TEXT)",
+                control TEXT, message TEXT, segment BIGINT NOT NULL DEFAULT 0)",
             "CREATE INDEX IF NOT EXISTS infill_runs_job ON infill_runs (job, status)",
             "CREATE TABLE IF NOT EXISTS infill_batches (
-                run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
+                run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, segment BIGINT NOT NULL DEFAULT 0, lower_key TEXT, upper_key TEXT NOT NULL,
                 rows_read BIGINT NOT NULL, rows_changed BIGINT NOT NULL, rows_skipped BIGINT NOT NULL,
                 rows_failed BIGINT NOT NULL DEFAULT 0, batch_size BIGINT NOT NULL, duration_ms BIGINT NOT NULL, committed_at TEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no))",

@@ -62,10 +62,10 @@ impl Dialect for SqliteDialect {
                 rows_skipped INTEGER NOT NULL DEFAULT 0, rows_failed INTEGER NOT NULL DEFAULT 0,
                 host TEXT NOT NULL, pid INTEGER NOT NULL, os_user TEXT NOT NULL,
                 started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,
-                control TEXT, message TEXT)",
+                control TEXT, message TEXT, segment INTEGER NOT NULL DEFAULT 0)",
             "CREATE INDEX IF NOT EXISTS infill_runs_job ON infill_runs (job, status)",
             "CREATE TABLE IF NOT EXISTS infill_batches (
-                run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, lower_key TEXT, upper_key TEXT NOT NULL,
+                run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, segment INTEGER NOT NULL DEFAULT 0, lower_key TEXT, upper_key TEXT NOT NULL,
                 rows_read INTEGER NOT NULL, rows_changed INTEGER NOT NULL, rows_skipped INTEGER NOT NULL,
                 rows_failed INTEGER NOT NULL DEFAULT 0, batch_size INTEGER NOT NULL, duration_ms INTEGER NOT NULL, committed_at TEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no))",

@@ -203,6 +203,8 @@ pub struct Job {
     pub depends_on: Vec<String>,
     /// Verification queries, run by `infill verify` and after the job.
     pub checks: Vec<Check>,
+    /// `priority = [...]`: predicates whose rows run first, in order.
+    pub priority: Vec<SqlText>,
     /// sha256 of the normalised definition (source, action, params, undo).
     pub definition_sha256: String,
     pub location: Location,
@@ -212,7 +214,10 @@ pub struct Job {
 impl Job {
     /// Every SQL fragment of the job, for validation against the target.
     pub fn fragments(&self) -> impl Iterator<Item = &SqlText> {
-        self.filter.iter().chain(self.updates.iter().map(|(_, s)| s))
+        self.filter
+            .iter()
+            .chain(self.updates.iter().map(|(_, s)| s))
+            .chain(self.priority.iter())
     }
 }
 
@@ -569,9 +574,12 @@ impl Spec {
         for (cname, c) in &raw.categories {
             sql(c, jf(&format!("categories.{cname}")))?;
         }
-        for (i, p) in raw.priority.iter().enumerate() {
-            sql(p, jf(&format!("priority[{i}]")))?;
-        }
+        let priority = raw
+            .priority
+            .iter()
+            .enumerate()
+            .map(|(i, p)| sql(p, jf(&format!("priority[{i}]"))))
+            .collect::<Result<Vec<_>>>()?;
         let mut checks = Vec::new();
         for (i, check) in raw.checks.iter().enumerate() {
             let c = check.get_ref();
@@ -594,6 +602,7 @@ impl Spec {
             updates: Vec<(&'a str, &'a str)>,
             params: &'a [ParamDecl],
             undo: bool,
+            priority: Vec<&'a str>,
         }
         let database = raw
             .database
@@ -609,6 +618,7 @@ impl Spec {
             updates: updates.iter().map(|(c, s)| (c.as_str(), s.sql.as_str())).collect(),
             params: &params,
             undo,
+            priority: priority.iter().map(|p| p.sql.as_str()).collect(),
         };
         let definition_sha256 = hex::encode(Sha256::digest(serde_json::to_vec(&def).expect("serialisable")));
         Ok(Job {
@@ -625,6 +635,7 @@ impl Spec {
             undo,
             depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
             checks,
+            priority,
             definition_sha256,
             location: self.location(job_span),
             settings: raw.settings(),
