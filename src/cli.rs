@@ -415,17 +415,34 @@ async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
     output::summary(&summary, false);
     let after = infill::quickstart::counts(&demo.database).await?;
     println!(
-        "\nNow {} answers lack a syllabus their cohort has (was {}); the {} without a cohort syllabus were left alone by the guard.",
+        "\nNow {} answers lack a syllabus their cohort has (was {}). The {} whose cohort has none were not candidates and stay as they were.",
         after.missing, before.missing, after.unfillable
     );
-    let spec_arg = demo.spec.display();
+    // Name the binary as it was invoked, so the commands work as printed.
+    let infill = std::env::args()
+        .next()
+        .filter(|a| a.contains('/'))
+        .unwrap_or_else(|| "infill".into());
+    let spec_arg = demo.spec.display().to_string();
+    let tries = [
+        (
+            format!("{infill} run {spec_arg} --dry-run"),
+            "read-only: counts, batches and a sample (nothing left to do now)",
+        ),
+        (
+            format!("{infill} status --spec {spec_arg}"),
+            "the run, its batches and counters",
+        ),
+        (
+            format!("less {}", summary.audit_log),
+            "the audit log, one JSON line per batch",
+        ),
+        (format!("{infill} run --help"), "every option, and the exit codes"),
+    ];
+    let width = tries.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
     println!("\nTry next:");
-    println!("  infill run {spec_arg} --dry-run        # read-only: nothing left to do, and a sample");
-    println!("  infill status --spec {spec_arg}        # the run, its batches and counters");
-    println!(
-        "  less {}                                # the audit log, one JSON line per batch",
-        summary.audit_log
-    );
-    println!("  infill run --help                       # every option, and the exit codes");
+    for (command, what) in tries {
+        println!("  {command:<width$}  # {what}");
+    }
     Ok(ExitCode::Success)
 }
