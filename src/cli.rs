@@ -64,19 +64,38 @@ struct SpecArg {
     env: Option<String>,
 }
 
+/// Which spec, environment, jobs and params a command works on.
 #[derive(Debug, Args)]
-struct RunArgs {
+struct JobsArg {
     /// The spec file [default: ./infill.toml].
     #[arg(value_name = "SPEC")]
     spec_file: Option<PathBuf>,
     #[command(flatten)]
     spec: SpecArg,
-    /// The job to run (required only when the spec has several and you want one).
+    /// Only this job (default: every job of the spec, in dependency order).
     #[arg(long, value_name = "JOB")]
     job: Option<String>,
     /// A value for one of the job's params, e.g. --param block=7 (repeatable).
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     params: Vec<(String, String)>,
+}
+
+impl JobsArg {
+    /// Loads the spec and lists the jobs to work on, dependencies first.
+    fn load(&self) -> Result<(Spec, Vec<String>), Error> {
+        let spec = Spec::load(spec_path(self.spec_file.as_deref(), self.spec.spec.as_deref())?)?;
+        let jobs = match &self.job {
+            Some(j) => vec![spec.pick_job(Some(j))?.name.clone()],
+            None => spec.job_order(spec.jobs.keys().cloned().collect())?,
+        };
+        Ok((spec, jobs))
+    }
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    target: JobsArg,
     /// Write nothing: count the candidates and batches, and show a sample of
     /// rows with their values before and after, in a read-only transaction.
     #[arg(long)]
@@ -107,17 +126,8 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
-    /// The spec file [default: ./infill.toml].
-    #[arg(value_name = "SPEC")]
-    spec_file: Option<PathBuf>,
     #[command(flatten)]
-    spec: SpecArg,
-    /// Only this job's checks (default: every job's, in dependency order).
-    #[arg(long, value_name = "JOB")]
-    job: Option<String>,
-    /// A value for one of the job's params, e.g. --param block=7 (repeatable).
-    #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
-    params: Vec<(String, String)>,
+    target: JobsArg,
     /// Print JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -281,17 +291,10 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
 }
 
 async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
-    let spec = Spec::load(spec_path(a.spec_file.as_deref(), a.spec.spec.as_deref())?)?;
-    let jobs = match &a.job {
-        Some(j) => {
-            spec.pick_job(Some(j))?;
-            vec![j.clone()]
-        }
-        None => spec.job_order(spec.jobs.keys().cloned().collect())?,
-    };
+    let (spec, jobs) = a.target.load()?;
     let overrides = Overrides {
-        env: a.spec.env.clone(),
-        params: a.params.clone(),
+        env: a.target.spec.env.clone(),
+        params: a.target.params.clone(),
         batch_size: a.batch_size,
         rate: a.rate.clone(),
     };
@@ -331,14 +334,10 @@ async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, E
 }
 
 async fn verify(a: VerifyArgs) -> Result<ExitCode, Error> {
-    let spec = Spec::load(spec_path(a.spec_file.as_deref(), a.spec.spec.as_deref())?)?;
-    let jobs = match &a.job {
-        Some(j) => vec![spec.pick_job(Some(j))?.name.clone()],
-        None => spec.job_order(spec.jobs.keys().cloned().collect())?,
-    };
+    let (spec, jobs) = a.target.load()?;
     let overrides = Overrides {
-        env: a.spec.env.clone(),
-        params: a.params.clone(),
+        env: a.target.spec.env.clone(),
+        params: a.target.params.clone(),
         ..Default::default()
     };
     let results = infill::ops::verify(&spec, &jobs, &overrides).await?;

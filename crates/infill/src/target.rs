@@ -157,16 +157,13 @@ impl Target {
                 source: other,
             },
         };
-        for (f, text) in self.priority.iter().zip(&r.job.priority) {
-            let mut b = SqlBuilder::new(self.dialect);
-            b.push("SELECT 1 FROM ")
-                .push(&self.table)
-                .push(" WHERE (")
-                .fragment(f, &self.params)
-                .push(")");
-            conn.prepare(&b.finish()).await.map_err(|e| fail(text, e))?;
-        }
-        if let (Some(f), Some(text)) = (&self.filter, &r.job.filter) {
+        // Predicates: the filter, then each priority segment's.
+        let predicates = self
+            .filter
+            .iter()
+            .zip(&r.job.filter)
+            .chain(self.priority.iter().zip(&r.job.priority));
+        for (f, text) in predicates {
             let mut b = SqlBuilder::new(self.dialect);
             b.push("SELECT 1 FROM ")
                 .push(&self.table)
