@@ -145,8 +145,15 @@ impl Settings {
             Some(r) => Some(Rate::parse(r).map_err(|m| Error::Usage(format!("--rate: {m}")))?),
             None => last!(rate).map(|r| Rate::parse(&r).expect("checked at load")),
         };
-        let min_batch = last!(min_batch).unwrap_or(100) as u64;
-        let max_batch = last!(max_batch).unwrap_or(20_000) as u64;
+        // An explicit batch_size outside the default bounds moves them: a
+        // spec asking for batches of 20 means 20, not the default minimum.
+        let first = last!(batch_size).map(|n| n as u64);
+        let min_batch = last!(min_batch)
+            .map(|n| n as u64)
+            .unwrap_or_else(|| first.map_or(100, |f| f.min(100)));
+        let max_batch = last!(max_batch)
+            .map(|n| n as u64)
+            .unwrap_or_else(|| first.map_or(20_000, |f| f.max(20_000)));
         if min_batch > max_batch {
             return Err(Error::Usage(format!(
                 "min_batch ({min_batch}) is larger than max_batch ({max_batch})"
@@ -155,7 +162,7 @@ impl Settings {
         let batch_size = match o.batch_size {
             Some(0) => return Err(Error::Usage("--batch-size must be at least 1".into())),
             Some(n) => n as u64,
-            None => (last!(batch_size).unwrap_or(1000) as u64).clamp(min_batch, max_batch),
+            None => first.unwrap_or(1000).clamp(min_batch, max_batch),
         };
         Ok(Settings {
             batch_size,
@@ -199,6 +206,24 @@ fn parse_max_failures(v: &toml::Value) -> std::result::Result<MaxFailures, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_explicit_batch_size_moves_the_default_bounds() {
+        let layer = |text: &str| -> RawSettings { toml::from_str(text).unwrap() };
+        let s = Settings::resolve(&[layer("batch_size = 20")], &Overrides::default(), false).unwrap();
+        assert_eq!((s.batch_size, s.min_batch, s.max_batch), (20, 20, 20_000));
+        let s = Settings::resolve(&[layer("batch_size = 50000")], &Overrides::default(), false).unwrap();
+        assert_eq!((s.batch_size, s.min_batch, s.max_batch), (50_000, 100, 50_000));
+        let s = Settings::resolve(
+            &[layer("batch_size = 20\nmin_batch = 100")],
+            &Overrides::default(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(s.batch_size, 100, "explicit bounds still clamp");
+        let s = Settings::resolve(&[layer("")], &Overrides::default(), false).unwrap();
+        assert_eq!((s.batch_size, s.min_batch, s.max_batch), (1000, 100, 20_000));
+    }
 
     #[test]
     fn durations_and_rates() {
