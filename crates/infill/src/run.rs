@@ -1143,10 +1143,7 @@ fn as_count(v: Option<&Value>) -> u64 {
 async fn dry_run(db: &Db, target: &Target, r: &ResolvedJob) -> Result<DryRunReport> {
     let d = db.dialect;
     let mut conn = db.read_only_conn().await?;
-    let mut tx = conn
-        .begin_with(d.begin_read_only())
-        .await
-        .map_err(Error::db("cannot begin a read-only transaction"))?;
+    let mut tx = conn.begin_read_only(d).await?;
     let mut report = DryRunReport {
         job: r.job.name.clone(),
         target: db.redacted_url().to_string(),

@@ -26,10 +26,7 @@ pub struct CheckResult {
 pub async fn run_checks(db: &Db, r: &ResolvedJob) -> Result<Vec<CheckResult>> {
     let d = db.dialect;
     let mut conn = db.read_only_conn().await?;
-    let mut tx = conn
-        .begin_with(d.begin_read_only())
-        .await
-        .map_err(Error::db("cannot begin a read-only transaction"))?;
+    let mut tx = conn.begin_read_only(d).await?;
     let mut out = Vec::new();
     for check in &r.job.checks {
         let frag = Fragment::parse(&check.sql.sql, d.backslash_escapes()).map_err(|m| Error::Spec {

@@ -335,6 +335,13 @@ impl Conn {
 }
 
 impl DetachedConn {
+    /// Opens the dialect's read-only transaction (plan, dry run, checks).
+    pub async fn begin_read_only(&mut self, dialect: &dyn Dialect) -> Result<Tx<'_>> {
+        self.begin_with(dialect.begin_read_only())
+            .await
+            .map_err(Error::db("cannot begin a read-only transaction"))
+    }
+
     /// Opens a transaction with the given statement.
     pub async fn begin_with(&mut self, statement: &'static str) -> Result<Tx<'_>, sqlx::Error> {
         use sqlx::Connection;
