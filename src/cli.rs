@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use infill::approval::PlanFile;
 use infill::run::{Outcome, RunRequest, Stop};
 use infill::spec::{Overrides, Spec};
 use infill::{Error, ExitCode};
@@ -35,6 +36,19 @@ enum Command {
     /// unfinished run. With no --job, every job of the spec runs in
     /// dependency order.
     Run(RunArgs),
+    /// Analyse what a run would do, read-only: candidates, categories, a
+    /// sample before and after, writes, batches, duration and a fingerprint.
+    ///
+    /// Every SQL fragment is prepared against the target, so an unknown
+    /// table or column is reported here (exit 2). With --out, the plan is
+    /// written as JSON for `infill approve`.
+    Plan(PlanArgs),
+    /// Approve a plan written by `infill plan --out`: records who approved
+    /// it in the target's infill_approvals table.
+    ///
+    /// Where require_approval = true applies, `infill run` needs an approval
+    /// whose fingerprint matches the spec, params and target as they are.
+    Approve(ApproveArgs),
     /// Run the jobs' checks and print PASS or FAIL for each; exit 1 if any fails.
     ///
     /// Read-only: fit for CI and cron.
@@ -113,6 +127,10 @@ struct RunArgs {
     /// Limit rows written per second or minute, e.g. 500/s or 20/min.
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
+    /// The approved plan to run under (where approval is required); without
+    /// it, the latest matching approval counts.
+    #[arg(long, value_name = "PLAN.json")]
+    plan: Option<PathBuf>,
     /// Print each written row's key and new values.
     #[arg(long, short)]
     verbose: bool,
@@ -120,6 +138,44 @@ struct RunArgs {
     #[arg(long, short)]
     yes: bool,
     /// Print the outcome as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    target: JobsArg,
+    /// Use the query planner's row estimates instead of counting (for
+    /// tables too big to count; SQLite has none and counts).
+    #[arg(long)]
+    estimate: bool,
+    /// Write the plan as JSON to this file (for `infill approve`).
+    #[arg(long, value_name = "PLAN.json")]
+    out: Option<PathBuf>,
+    /// Print the plan as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ApproveArgs {
+    /// The plan file written by `infill plan --out`.
+    #[arg(value_name = "PLAN.json")]
+    plan: PathBuf,
+    /// Who approves (recorded with the approval).
+    #[arg(long, value_name = "NAME")]
+    by: String,
+    /// Why, or what was checked (recorded with the approval).
+    #[arg(long, value_name = "TEXT")]
+    note: Option<String>,
+    /// The spec file [default: the one the plan was made from].
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// The environment [default: the plan's].
+    #[arg(long, value_name = "NAME")]
+    env: Option<String>,
+    /// Print the approval as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -267,6 +323,8 @@ fn spec_path(positional: Option<&Path>, flag: Option<&Path>) -> Result<PathBuf, 
 async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
     match command {
         Command::Run(a) => run(a, stop).await,
+        Command::Plan(a) => plan(a).await,
+        Command::Approve(a) => approve(a).await,
         Command::Resume(a) => resume(a, stop).await,
         Command::Verify(a) => verify(a).await,
         Command::Status(a) => status(a).await,
@@ -303,7 +361,14 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
         .iter()
         .map(|j| spec.resolve(j, &overrides))
         .collect::<Result<Vec<_>, _>>()?;
-    for r in resolved {
+    let plan = a.plan.as_deref().map(PlanFile::read).transpose()?;
+    // A group's gate is checked for every job before the first one runs.
+    let passes = if a.dry_run {
+        vec![None; resolved.len()]
+    } else {
+        infill::approval::check_jobs(&resolved, plan.as_ref()).await?
+    };
+    for (r, approved) in resolved.into_iter().zip(passes) {
         let req = RunRequest {
             job: r,
             spec_sha256: spec.sha256.clone(),
@@ -313,6 +378,8 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
             verbose: a.verbose,
             confirm: !a.yes && !a.dry_run && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
             continue_run: None,
+            plan: plan.clone(),
+            approved,
         };
         let code = execute(req, a.json, stop).await?;
         if code != ExitCode::Success {
@@ -330,6 +397,47 @@ async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, E
         Outcome::DryRun(report) => output::dry_run(&report, json),
         Outcome::Ran(summary) => output::summary(&summary, json),
     }
+    Ok(ExitCode::Success)
+}
+
+async fn plan(a: PlanArgs) -> Result<ExitCode, Error> {
+    let (spec, jobs) = a.target.load()?;
+    let overrides = Overrides {
+        env: a.target.spec.env.clone(),
+        params: a.target.params.clone(),
+        ..Default::default()
+    };
+    let resolved = jobs
+        .iter()
+        .map(|j| spec.resolve(j, &overrides))
+        .collect::<Result<Vec<_>, _>>()?;
+    let opts = infill::plan::PlanOptions { estimate: a.estimate };
+    let plan = infill::plan::plan(&spec, &resolved, opts).await?;
+    if let Some(out) = &a.out {
+        let text = serde_json::to_string_pretty(&plan).expect("serialisable") + "\n";
+        std::fs::write(out, text).map_err(|e| Error::Io {
+            path: out.clone(),
+            source: e,
+        })?;
+    }
+    output::plan(&plan, a.json);
+    if let Some(out) = &a.out
+        && !a.json
+    {
+        println!(
+            "\nWrote {}. To approve it: infill approve {} --by NAME",
+            out.display(),
+            out.display()
+        );
+    }
+    Ok(ExitCode::Success)
+}
+
+async fn approve(a: ApproveArgs) -> Result<ExitCode, Error> {
+    let plan = PlanFile::read(&a.plan)?;
+    let spec = Spec::load(a.spec.clone().unwrap_or_else(|| plan.spec.clone()))?;
+    let list = infill::approval::approve(&spec, &plan, a.env.as_deref(), &a.by, a.note.as_deref()).await?;
+    output::approved(&list, a.json);
     Ok(ExitCode::Success)
 }
 
@@ -362,6 +470,8 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
         verbose: a.verbose,
         confirm: !a.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
         continue_run: Some(record.id.clone()),
+        plan: None,
+        approved: None,
     };
     execute(req, a.json, stop).await
 }
@@ -404,6 +514,8 @@ async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
         verbose: false,
         confirm: false,
         continue_run: None,
+        plan: None,
+        approved: None,
     };
     let progress = Progress::new(false);
     let outcome = infill::run::run(req, &progress, stop).await;

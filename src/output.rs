@@ -1,6 +1,9 @@
 //! What infill prints: human text on a terminal, stable JSON with `--json`.
 
-use infill::run::{DryRunReport, RunSummary, short};
+use infill::approval::Approval;
+use infill::plan::{Counted, JobPlan, Plan};
+use infill::run::{RunSummary, short};
+use infill::spec::Expect;
 use infill::state::{RunRecord, RunStatus};
 use infill::value::key_display;
 
@@ -99,33 +102,180 @@ pub fn checks(results: &[infill::verify::CheckResult], json: bool) {
     }
 }
 
-/// A dry run's findings.
-pub fn dry_run(r: &DryRunReport, json: bool) {
+/// A dry run's findings: the plan of one job.
+pub fn dry_run(p: &JobPlan, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(r).expect("serialisable"));
+        println!("{}", serde_json::to_string_pretty(p).expect("serialisable"));
         return;
     }
-    println!("Dry run of job {} on {}: nothing was written.", r.job, r.target);
-    println!("  candidates:    {}", thousands(r.candidates));
+    println!("Dry run of job {} on {}: nothing was written.", p.job, p.target);
+    job_plan(p);
+}
+
+/// `infill plan`.
+pub fn plan(p: &Plan, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(p).expect("serialisable"));
+        return;
+    }
+    let env = p.env.as_ref().map(|e| format!(", environment {e}")).unwrap_or_default();
     println!(
-        "  keys in range: {} -> {} batches of {} keys (first batch; later ones adapt)",
-        thousands(r.keys_in_range),
-        thousands(r.batches),
-        thousands(r.batch_size)
+        "Plan of {}{env}: {} job{}, fingerprint {}",
+        p.spec.display(),
+        p.jobs.len(),
+        if p.jobs.len() == 1 { "" } else { "s" },
+        &p.fingerprint[..16]
     );
-    if r.sample.is_empty() {
-        println!("  no candidate rows: nothing to do.");
+    println!("Read-only: nothing was written. Counted at {}.", p.created_at);
+    for j in &p.jobs {
+        println!("\njob {} on {}", j.job, j.target);
+        job_plan(j);
+    }
+}
+
+/// The body of a job's plan, shared by `plan` and `run --dry-run`.
+fn job_plan(p: &JobPlan) {
+    let row = |label: &str, text: String| println!("  {label:<12}{text}");
+    if let Some(d) = &p.description {
+        row("about", d.clone());
+    }
+    row("table", format!("{} (key {})", p.table, p.key.join(", ")));
+    if p.params.as_object().is_some_and(|m| !m.is_empty()) {
+        row("params", infill::plan::params_text(&p.params));
+    }
+    if !p.depends_on.is_empty() {
+        row(
+            "after",
+            format!(
+                "{} (its counts are as of now, before those run)",
+                p.depends_on.join(", ")
+            ),
+        );
+    }
+    let approx = if p.counted == Counted::Estimate { "~" } else { "" };
+    row(
+        "candidates",
+        format!(
+            "{approx}{}{}",
+            thousands(p.candidates),
+            if p.counted == Counted::Estimate {
+                " (the planner's estimate)"
+            } else {
+                ""
+            }
+        ),
+    );
+    if !p.categories.is_empty() {
+        let width = p.categories.iter().map(|c| c.name.len()).max().unwrap_or(0).max(15);
+        println!("  categories  (they may overlap)");
+        for c in &p.categories {
+            println!(
+                "    {:<width$} {:>12}   {}",
+                c.name,
+                format!("{approx}{}", thousands(c.rows)),
+                c.predicate
+            );
+        }
+        if let Some(n) = p.uncategorised {
+            println!("    {:<width$} {:>12}", "(in none)", thousands(n));
+        }
+    }
+    if !p.priority.is_empty() {
+        println!("  priority    (these first, in order; then the rest)");
+        let mut rest = p.candidates;
+        for (i, s) in p.priority.iter().enumerate() {
+            println!("    {}. {:>12}   {}", i + 1, thousands(s.rows), s.predicate);
+            rest = rest.saturating_sub(s.rows);
+        }
+        println!("    -> {:>12}   the rest", thousands(rest));
+    }
+    if p.sample.is_empty() {
+        row("sample", "no candidate rows: nothing to do".into());
+    } else {
+        println!("  sample      ({} rows, before -> after)", p.sample.len());
+        for s in &p.sample {
+            let changes: Vec<String> = s
+                .before
+                .iter()
+                .zip(&s.after)
+                .map(|((col, b), (_, a))| format!("{col}: {} -> {}", b.display(), a.display()))
+                .collect();
+            println!("    key {}  {}", key_display(&s.key), changes.join(", "));
+        }
+    }
+    println!("  writes");
+    for w in &p.writes {
+        println!(
+            "    {:<24} {:>12}   {}",
+            w.table,
+            format!("{approx}{}", thousands(w.rows)),
+            w.what
+        );
+    }
+    row(
+        "batches",
+        format!(
+            "{approx}{} over {approx}{} keys in range, {} keys per batch at first (later ones adapt unless fixed)",
+            thousands(p.batches),
+            thousands(p.keys_in_range),
+            thousands(p.batch_size)
+        ),
+    );
+    row(
+        "duration",
+        match (p.estimated_seconds, p.rate_per_second) {
+            (Some(s), Some(r)) => format!("at least {} under the rate limit of {r}/s and pauses", seconds(s)),
+            (Some(s), None) => format!("at least {} of pauses between batches", seconds(s)),
+            _ => "unthrottled: the server sets the pace (set rate = \"N/s\" to bound it)".into(),
+        },
+    );
+    for c in &p.checks {
+        row("check", format!("{} must be {}", c.name, expect_text(&c.expect)));
+    }
+    row("fingerprint", p.fingerprint.sha256.clone());
+}
+
+fn seconds(s: f64) -> String {
+    match s {
+        s if s < 120.0 => format!("{s:.1} s"),
+        s if s < 7200.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
+}
+
+fn expect_text(e: &Expect) -> String {
+    match e {
+        Expect::Equal(v) => format!("{v}"),
+        Expect::Range { min, max } => match (min, max) {
+            (Some(a), Some(b)) => format!("between {a} and {b}"),
+            (Some(a), None) => format!("at least {a}"),
+            (None, Some(b)) => format!("at most {b}"),
+            (None, None) => "anything".into(),
+        },
+    }
+}
+
+/// `infill approve`.
+pub fn approved(list: &[Approval], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list).expect("serialisable"));
         return;
     }
-    println!("  sample ({} rows, before -> after):", r.sample.len());
-    for row in &r.sample {
-        let changes: Vec<String> = row
-            .before
+    for a in list {
+        let jobs: Vec<String> = a
+            .jobs
             .iter()
-            .zip(&row.after)
-            .map(|((col, b), (_, a))| format!("{col}: {} -> {}", b.display(), a.display()))
+            .map(|j| format!("{} ({} candidates)", j.job, thousands(j.candidates)))
             .collect();
-        println!("    key {}  {}", key_display(&row.key), changes.join(", "));
+        println!(
+            "approved by {} at {}: {} (plan {}, approval {} in database `{}`)",
+            a.approved_by,
+            a.approved_at,
+            jobs.join(", "),
+            &a.fingerprint[..16],
+            short(&a.id),
+            a.database
+        );
     }
 }
 

@@ -6,12 +6,14 @@
 //! parses arguments, calls [`run::run`] and friends, draws progress from
 //! [`run::Event`]s and maps [`Error`] to exit codes.
 
+pub mod approval;
 pub mod audit;
 pub mod dialect;
 pub mod error;
 pub mod host;
 pub mod lock;
 pub mod ops;
+pub mod plan;
 pub mod quickstart;
 pub mod run;
 pub mod secret;

@@ -15,10 +15,12 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
+use crate::approval::{GatePass, PlanFile};
 use crate::audit::AuditLog;
 use crate::dialect::{ConnectOptions, Db, Exec};
 use crate::error::{Error, Result};
 use crate::lock::JobLock;
+use crate::plan::{PlanOptions, as_count, count, first_key};
 use crate::spec::{MaxFailures, ResolvedJob};
 use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
 use crate::target::{BatchShape, Target};
@@ -136,31 +138,11 @@ pub struct RunSummary {
     pub checks: Vec<crate::verify::CheckResult>,
 }
 
-/// A row of the dry run's sample.
-#[derive(Debug, Clone, Serialize)]
-pub struct SampleRow {
-    pub key: Key,
-    pub before: Vec<(String, Value)>,
-    pub after: Vec<(String, Value)>,
-}
-
-/// What a dry run found; nothing was written anywhere.
-#[derive(Debug, Clone, Serialize)]
-pub struct DryRunReport {
-    pub job: String,
-    pub target: String,
-    pub candidates: u64,
-    pub keys_in_range: u64,
-    pub batch_size: u64,
-    pub batches: u64,
-    pub sample: Vec<SampleRow>,
-}
-
 /// What `run` did.
 #[derive(Debug)]
 pub enum Outcome {
     Ran(RunSummary),
-    DryRun(DryRunReport),
+    DryRun(Box<crate::plan::JobPlan>),
 }
 
 /// A request to run (or dry-run) one job.
@@ -181,9 +163,12 @@ pub struct RunRequest {
     pub confirm: bool,
     /// Continue this run (`infill resume RUN`) instead of finding one.
     pub continue_run: Option<String>,
+    /// Where approval is required: the plan named with `--plan`, if any.
+    pub plan: Option<PlanFile>,
+    /// The gate, passed already (a run group checks all its jobs first).
+    pub approved: Option<GatePass>,
 }
 
-const SAMPLE_ROWS: u64 = 10;
 const MAX_RETRIES: u32 = 3;
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
 
@@ -199,13 +184,6 @@ fn connect_options(r: &ResolvedJob) -> ConnectOptions {
 /// Runs (or dry-runs) one job to its end, an interruption, or an error.
 pub async fn run(req: RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
     let r = &req.job;
-    if r.settings.require_approval && !req.dry_run {
-        return Err(Error::Approval(
-            "this environment requires an approved plan (require_approval = true), and this version of infill \
-             cannot record approvals yet; use an environment that does not require approval, or --dry-run"
-                .into(),
-        ));
-    }
     let db = Db::connect(&r.target, &connect_options(r)).await?;
     let result = run_on(&db, &req, obs, stop).await;
     db.close().await;
@@ -214,11 +192,16 @@ pub async fn run(req: RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Out
 
 async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
     let r = &req.job;
+    if req.dry_run {
+        return crate::plan::plan_job(db, r, PlanOptions::default())
+            .await
+            .map(|p| Outcome::DryRun(Box::new(p)));
+    }
     let mut conn = db.conn().await?;
     let target = Target::inspect(db, &mut conn, r).await?;
-    if req.dry_run {
-        drop(conn);
-        return dry_run(db, &target, r).await.map(Outcome::DryRun);
+    if r.approval.is_some() && !req.approved.as_ref().is_some_and(|p| p.admits(r)) {
+        let continuing = req.continue_run.is_some() || crate::approval::continuing(db, &mut conn, r).await?;
+        crate::approval::check(db, &mut conn, r, &target, req.plan.as_ref(), continuing).await?;
     }
 
     let ident = conn
@@ -269,7 +252,7 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
     outcome.map(Outcome::Ran)
 }
 
-fn params_sha256(r: &ResolvedJob) -> String {
+pub(crate) fn params_sha256(r: &ResolvedJob) -> String {
     hex::encode(Sha256::digest(r.params_json().to_string().as_bytes()))
 }
 
@@ -1118,73 +1101,4 @@ async fn checkpoint_and_commit(
         duration: t0.elapsed(),
         written,
     })
-}
-
-async fn first_key(c: &mut impl Exec, q: &crate::sql::Query) -> Result<Option<Key>> {
-    let rows = c.fetch(q).await.map_err(Error::db("cannot read the key range"))?;
-    Ok(rows.into_iter().next())
-}
-
-async fn count(c: &mut impl Exec, q: &crate::sql::Query) -> Result<u64> {
-    let rows = c.fetch(q).await.map_err(Error::db("cannot count"))?;
-    Ok(as_count(rows.first().and_then(|r| r.first())))
-}
-
-fn as_count(v: Option<&Value>) -> u64 {
-    match v {
-        Some(Value::Int(n)) => *n as u64,
-        Some(Value::Text(s)) => s.parse().unwrap_or(0),
-        _ => 0,
-    }
-}
-
-/// A read-only look: counts, batches, and a sample with before and after
-/// values. Runs in a read-only transaction and creates nothing.
-async fn dry_run(db: &Db, target: &Target, r: &ResolvedJob) -> Result<DryRunReport> {
-    let d = db.dialect;
-    let mut conn = db.read_only_conn().await?;
-    let mut tx = conn.begin_read_only(d).await?;
-    let mut report = DryRunReport {
-        job: r.job.name.clone(),
-        target: db.redacted_url().to_string(),
-        candidates: 0,
-        keys_in_range: 0,
-        batch_size: r.settings.batch_size,
-        batches: 0,
-        sample: Vec::new(),
-    };
-    if let Some(upper) = first_key(&mut tx, &target.max_key()).await? {
-        report.candidates = count(&mut tx, &target.count_candidates(None, &upper)).await?;
-        report.keys_in_range = count(&mut tx, &target.count_keys(None, &upper)).await?;
-        report.batches = report.keys_in_range.div_ceil(report.batch_size.max(1));
-        let nk = target.keys.len();
-        let ns = target.sets.len();
-        let names: Vec<String> = target.sets.iter().map(|(c, _)| c.name.clone()).collect();
-        let rows = tx
-            .fetch(&target.sample(&upper, SAMPLE_ROWS))
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Database(dbe) => Error::Sql {
-                    location: r.job.location.clone(),
-                    field: format!("jobs.{}.action.update", r.job.name),
-                    database: db.name.clone(),
-                    message: r.redactor.mask(dbe.message()),
-                },
-                other => Error::Database {
-                    context: "cannot read the sample".into(),
-                    source: other,
-                },
-            })?;
-        for row in rows {
-            report.sample.push(SampleRow {
-                key: row[..nk].to_vec(),
-                before: names.iter().cloned().zip(row[nk..nk + ns].iter().cloned()).collect(),
-                after: names.iter().cloned().zip(row[nk + ns..].iter().cloned()).collect(),
-            });
-        }
-    }
-    tx.rollback()
-        .await
-        .map_err(Error::db("cannot end the read-only transaction"))?;
-    Ok(report)
 }

@@ -41,6 +41,8 @@ pub struct Target {
     pub base_filter: Option<Fragment>,
     /// `priority = [...]`, in order.
     pub priority: Vec<Fragment>,
+    /// `categories.NAME`, in name order.
+    pub categories: Vec<(String, Fragment)>,
     /// The segment `filter` belongs to (0 without priority).
     pub segment_no: u64,
     pub params: BTreeMap<String, Value>,
@@ -131,6 +133,11 @@ impl Target {
         }
         let filter = job.filter.as_ref().map(parse).transpose()?;
         let priority = job.priority.iter().map(parse).collect::<Result<Vec<_>>>()?;
+        let categories = job
+            .categories
+            .iter()
+            .map(|(n, s)| Ok((n.clone(), parse(s)?)))
+            .collect::<Result<Vec<_>>>()?;
         let target = Target {
             dialect: d,
             table: d.quote_table(&job.table),
@@ -140,6 +147,7 @@ impl Target {
             base_filter: filter.clone(),
             filter,
             priority,
+            categories,
             segment_no: 0,
             params: r.params.clone(),
         };
@@ -157,12 +165,18 @@ impl Target {
                 source: other,
             },
         };
-        // Predicates: the filter, then each priority segment's.
+        // Predicates: the filter, each priority segment's, each category's.
         let predicates = self
             .filter
             .iter()
             .zip(&r.job.filter)
-            .chain(self.priority.iter().zip(&r.job.priority));
+            .chain(self.priority.iter().zip(&r.job.priority))
+            .chain(
+                self.categories
+                    .iter()
+                    .map(|(_, f)| f)
+                    .zip(r.job.categories.iter().map(|(_, s)| s)),
+            );
         for (f, text) in predicates {
             let mut b = SqlBuilder::new(self.dialect);
             b.push("SELECT 1 FROM ")
@@ -487,6 +501,51 @@ impl Target {
         b.push(" FROM ").push(&self.table);
         self.push_range(&mut b, None, Some(upper), true);
         b.push(&self.order_by(false)).push(&format!(" LIMIT {n}"));
+        b.finish()
+    }
+
+    /// Counts of the candidates up to `upper`, one column each: per
+    /// category, then those in no category, then per priority segment
+    /// (rows of an earlier segment are not counted again).
+    pub fn breakdown(&self, upper: &Key) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        b.push("SELECT COUNT(*)");
+        for (_, c) in &self.categories {
+            b.push(", COUNT(CASE WHEN (")
+                .fragment(c, &self.params)
+                .push(") THEN 1 END)");
+        }
+        if !self.categories.is_empty() {
+            b.push(", COUNT(CASE");
+            for (_, c) in &self.categories {
+                b.push(" WHEN (").fragment(c, &self.params).push(") THEN NULL");
+            }
+            b.push(" ELSE 1 END)");
+        }
+        for (i, p) in self.priority.iter().enumerate() {
+            b.push(", COUNT(CASE");
+            for earlier in &self.priority[..i] {
+                b.push(" WHEN (").fragment(earlier, &self.params).push(") THEN NULL");
+            }
+            b.push(" WHEN (").fragment(p, &self.params).push(") THEN 1 END)");
+        }
+        b.push(" FROM ").push(&self.table);
+        self.push_range(&mut b, None, Some(upper), true);
+        b.finish()
+    }
+
+    /// A query the planner can estimate: the candidates, optionally those
+    /// of one more predicate too.
+    pub fn estimate_of(&self, also: Option<&Fragment>) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        b.push("SELECT 1 FROM ").push(&self.table);
+        let mut conds: Vec<&Fragment> = self.filter.iter().collect();
+        conds.extend(also);
+        for (i, f) in conds.iter().enumerate() {
+            b.push(if i == 0 { " WHERE (" } else { " AND (" })
+                .fragment(f, &self.params)
+                .push(")");
+        }
         b.finish()
     }
 }

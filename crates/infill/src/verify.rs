@@ -5,10 +5,10 @@
 
 use serde::Serialize;
 
-use crate::dialect::{Db, Exec, SqlBuilder};
+use crate::dialect::{Db, Dialect, Exec, SqlBuilder};
 use crate::error::{Error, Result};
-use crate::spec::{Expect, ResolvedJob};
-use crate::sql::Fragment;
+use crate::spec::{Check, Expect, ResolvedJob};
+use crate::sql::{Fragment, Query};
 use crate::value::Value;
 
 /// The outcome of one check.
@@ -29,28 +29,10 @@ pub async fn run_checks(db: &Db, r: &ResolvedJob) -> Result<Vec<CheckResult>> {
     let mut tx = conn.begin_read_only(d).await?;
     let mut out = Vec::new();
     for check in &r.job.checks {
-        let frag = Fragment::parse(&check.sql.sql, d.backslash_escapes()).map_err(|m| Error::Spec {
-            location: check.sql.location.clone(),
-            field: check.sql.field.clone(),
-            message: m,
-        })?;
-        let mut b = SqlBuilder::new(d);
-        b.push("SELECT ");
-        let mark = b.mark();
-        b.push("(").fragment(&frag, &r.params).push(")");
-        b.wrap_since(mark, |q| d.value_out(q));
-        let rows = tx.fetch(&b.finish()).await.map_err(|e| match e {
-            sqlx::Error::Database(dbe) => Error::Sql {
-                location: check.sql.location.clone(),
-                field: check.sql.field.clone(),
-                database: db.name.clone(),
-                message: r.redactor.mask(dbe.message()),
-            },
-            other => Error::Database {
-                context: format!("check `{}`", check.name),
-                source: other,
-            },
-        })?;
+        let rows = tx
+            .fetch(&check_query(d, check, r)?)
+            .await
+            .map_err(|e| check_error(db, check, r, e))?;
         let value = rows.first().and_then(|row| row.first()).and_then(number);
         let passed = value.is_some_and(|v| check.expect.accepts(v));
         out.push(CheckResult {
@@ -65,6 +47,37 @@ pub async fn run_checks(db: &Db, r: &ResolvedJob) -> Result<Vec<CheckResult>> {
         .await
         .map_err(Error::db("cannot end the read-only transaction"))?;
     Ok(out)
+}
+
+/// The statement a check runs: its query as a scalar subquery.
+pub(crate) fn check_query(d: &dyn Dialect, check: &Check, r: &ResolvedJob) -> Result<Query> {
+    let frag = Fragment::parse(&check.sql.sql, d.backslash_escapes()).map_err(|m| Error::Spec {
+        location: check.sql.location.clone(),
+        field: check.sql.field.clone(),
+        message: m,
+    })?;
+    let mut b = SqlBuilder::new(d);
+    b.push("SELECT ");
+    let mark = b.mark();
+    b.push("(").fragment(&frag, &r.params).push(")");
+    b.wrap_since(mark, |q| d.value_out(q));
+    Ok(b.finish())
+}
+
+/// A check's failure, naming its spec field.
+pub(crate) fn check_error(db: &Db, check: &Check, r: &ResolvedJob, e: sqlx::Error) -> Error {
+    match e {
+        sqlx::Error::Database(dbe) => Error::Sql {
+            location: check.sql.location.clone(),
+            field: check.sql.field.clone(),
+            database: db.name.clone(),
+            message: r.redactor.mask(dbe.message()),
+        },
+        other => Error::Database {
+            context: format!("check `{}`", check.name),
+            source: other,
+        },
+    }
 }
 
 fn number(v: &Value) -> Option<f64> {

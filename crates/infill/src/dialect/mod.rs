@@ -114,6 +114,15 @@ pub trait Dialect: Send + Sync {
     fn estimate_rows_query(&self, table: &[String]) -> Query;
     /// A query returning (identity, database name) of the server.
     fn identity_query(&self) -> &'static str;
+    /// The planner's view of a SELECT, from which `explained_rows` reads its
+    /// row estimate; None where the engine gives no estimate.
+    fn explain(&self, _select: &Query) -> Option<Query> {
+        None
+    }
+    /// The row estimate in the output of `explain`.
+    fn explained_rows(&self, _rows: &[Vec<Value>]) -> Option<u64> {
+        None
+    }
     /// A query taking the job lock without waiting; returns 1 when taken.
     /// None where the lock is a row of `infill_locks`.
     fn try_lock_query(&self, name: &str) -> Option<Query>;
@@ -377,6 +386,19 @@ impl Tx<'_> {
     }
 }
 
+/// See [`Db::identity`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub server: String,
+    pub database: String,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} / {}", self.server, self.database)
+    }
+}
+
 /// A database handle: a small pool of connections and the dialect.
 #[derive(Clone)]
 pub struct Db {
@@ -511,6 +533,25 @@ impl Db {
                 .map_err(Error::db("cannot make the session read-only"))?;
         }
         Ok(conn)
+    }
+
+    /// The server as it identifies itself (PostgreSQL's system identifier,
+    /// MySQL's host, port and server id, the SQLite file) and the database
+    /// name: what an approval is bound to. Where the server will not say
+    /// (a role without access to `pg_control_system()`), the URL without
+    /// its password stands in.
+    pub async fn identity(&self, c: &mut impl Exec) -> Identity {
+        let found = c.fetch(&Query::new(self.dialect.identity_query())).await.ok();
+        let row = found.as_ref().and_then(|rows| rows.first());
+        let text = |i: usize| {
+            row.and_then(|r| r.get(i))
+                .filter(|v| !matches!(v, Value::Null))
+                .map(Value::display)
+        };
+        Identity {
+            server: text(0).unwrap_or_else(|| self.redacted_url.clone()),
+            database: text(1).unwrap_or_else(|| self.name.clone()),
+        }
     }
 
     /// Builds a state statement (see [`portable`]).

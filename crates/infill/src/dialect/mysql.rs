@@ -108,6 +108,11 @@ impl Dialect for MySqlDialect {
                 row_key TEXT NOT NULL, before_image LONGTEXT NOT NULL, after_image LONGTEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no, seq)
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            "CREATE TABLE IF NOT EXISTS infill_approvals (
+                id VARCHAR(36) NOT NULL PRIMARY KEY, fingerprint VARCHAR(64) NOT NULL, jobs LONGTEXT NOT NULL,
+                approved_by VARCHAR(200) NOT NULL, note TEXT, approved_at VARCHAR(40) NOT NULL,
+                os_user VARCHAR(200) NOT NULL, host VARCHAR(255) NOT NULL, plan_created_at VARCHAR(40) NOT NULL
+            ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
         ]
     }
     fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String> {
@@ -145,6 +150,34 @@ impl Dialect for MySqlDialect {
                 .into(),
             args: vec![schema, name],
         }
+    }
+    fn explain(&self, select: &Query) -> Option<Query> {
+        Some(Query {
+            sql: format!("EXPLAIN FORMAT=JSON {}", select.sql),
+            args: select.args.clone(),
+        })
+    }
+    /// The first table's rows examined times its `filtered` share (MySQL
+    /// says `rows_examined_per_scan`, MariaDB `rows`).
+    fn explained_rows(&self, rows: &[Vec<Value>]) -> Option<u64> {
+        let Some(Value::Text(text)) = rows.first()?.first() else {
+            return None;
+        };
+        let plan: serde_json::Value = serde_json::from_str(text).ok()?;
+        fn first_table(v: &serde_json::Value) -> Option<&serde_json::Value> {
+            match v {
+                serde_json::Value::Object(m) => m
+                    .get("table")
+                    .filter(|t| t.is_object())
+                    .or_else(|| m.values().find_map(first_table)),
+                serde_json::Value::Array(a) => a.iter().find_map(first_table),
+                _ => None,
+            }
+        }
+        let t = first_table(&plan)?;
+        let num = |k: &str| t.get(k).and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()));
+        let rows = num("rows_examined_per_scan").or_else(|| num("rows"))?;
+        Some((rows * num("filtered").unwrap_or(100.0) / 100.0).round() as u64)
     }
     fn identity_query(&self) -> &'static str {
         "SELECT CAST(CONCAT(@@hostname, ':', @@port, '#', @@server_id) AS CHAR), CAST(DATABASE() AS CHAR)"

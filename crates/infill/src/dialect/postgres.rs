@@ -77,6 +77,10 @@ impl Dialect for PostgresDialect {
                 run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, seq BIGINT NOT NULL,
                 row_key TEXT NOT NULL, before_image TEXT NOT NULL, after_image TEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no, seq))",
+            "CREATE TABLE IF NOT EXISTS infill_approvals (
+                id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, jobs TEXT NOT NULL,
+                approved_by TEXT NOT NULL, note TEXT, approved_at TEXT NOT NULL,
+                os_user TEXT NOT NULL, host TEXT NOT NULL, plan_created_at TEXT NOT NULL)",
         ]
     }
     fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String> {
@@ -99,6 +103,23 @@ impl Dialect for PostgresDialect {
             sql: "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass($1)".into(),
             args: vec![Value::Text(self.quote_table(table))],
         }
+    }
+    fn explain(&self, select: &Query) -> Option<Query> {
+        Some(Query {
+            sql: format!("EXPLAIN {}", select.sql),
+            args: select.args.clone(),
+        })
+    }
+    /// The top plan node's `rows=N` (text format: the JSON format comes back
+    /// as `json`, which the row decoder does not read as text).
+    fn explained_rows(&self, rows: &[Vec<Value>]) -> Option<u64> {
+        let Some(Value::Text(line)) = rows.first()?.first() else {
+            return None;
+        };
+        let after = &line[line.find(" rows=")? + 6..];
+        after[..after.find(|c: char| !c.is_ascii_digit()).unwrap_or(after.len())]
+            .parse()
+            .ok()
     }
     fn identity_query(&self) -> &'static str {
         "SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database()::text"

@@ -76,6 +76,10 @@ impl Dialect for SqliteDialect {
                 run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, seq INTEGER NOT NULL,
                 row_key TEXT NOT NULL, before_image TEXT NOT NULL, after_image TEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no, seq))",
+            "CREATE TABLE IF NOT EXISTS infill_approvals (
+                id TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, jobs TEXT NOT NULL,
+                approved_by TEXT NOT NULL, note TEXT, approved_at TEXT NOT NULL,
+                os_user TEXT NOT NULL, host TEXT NOT NULL, plan_created_at TEXT NOT NULL)",
             "CREATE TABLE IF NOT EXISTS infill_locks (
                 name TEXT PRIMARY KEY, run_id TEXT, host TEXT NOT NULL, pid INTEGER NOT NULL,
                 heartbeat TEXT NOT NULL)",

@@ -14,7 +14,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-pub use settings::{MaxFailures, Rate, Settings, parse_duration};
+pub use settings::{ApprovalPolicy, Drift, MaxFailures, Rate, Settings, parse_duration};
 
 use crate::error::{Error, Result};
 use crate::secret::{Redactor, redact_url};
@@ -205,8 +205,14 @@ pub struct Job {
     pub checks: Vec<Check>,
     /// `priority = [...]`: predicates whose rows run first, in order.
     pub priority: Vec<SqlText>,
-    /// sha256 of the normalised definition (source, action, params, undo).
+    /// `categories.NAME = "<predicate>"`: how `plan` breaks the candidates down.
+    pub categories: Vec<(String, SqlText)>,
+    /// sha256 of the normalised definition (source, action, params, undo,
+    /// priority): a run refuses to continue under a different one.
     pub definition_sha256: String,
+    /// sha256 of the definition plus checks and categories: what an
+    /// approval covers (see `plan`).
+    pub approval_sha256: String,
     pub location: Location,
     settings: raw::RawSettings,
 }
@@ -218,6 +224,7 @@ impl Job {
             .iter()
             .chain(self.updates.iter().map(|(_, s)| s))
             .chain(self.priority.iter())
+            .chain(self.categories.iter().map(|(_, s)| s))
     }
 }
 
@@ -293,6 +300,8 @@ pub struct ResolvedJob {
     pub env: Option<String>,
     pub params: BTreeMap<String, Value>,
     pub settings: Settings,
+    /// Set where `require_approval = true` applies: what a run must show.
+    pub approval: Option<ApprovalPolicy>,
     pub log_dir: PathBuf,
     pub redactor: Redactor,
 }
@@ -406,12 +415,51 @@ impl Spec {
         self.job_order(self.jobs.keys().cloned().collect())?;
         // Settings must parse wherever they stand.
         Settings::check(&self.raw.defaults.settings(), "defaults", &|s, f, m| self.err(s, f, m))?;
+        let d = &self.raw.defaults;
+        self.check_approval_keys("defaults", &d.approval_ttl, &d.drift)?;
         for (name, env) in &self.raw.env {
-            Settings::check(&env.get_ref().settings(), &format!("env.{name}"), &|s, f, m| {
-                self.err(s, f, m)
-            })?;
+            let e = env.get_ref();
+            Settings::check(&e.settings(), &format!("env.{name}"), &|s, f, m| self.err(s, f, m))?;
+            self.check_approval_keys(&format!("env.{name}"), &e.approval_ttl, &e.drift)?;
         }
         Ok(())
+    }
+
+    fn check_approval_keys(
+        &self,
+        prefix: &str,
+        ttl: &Option<Spanned<String>>,
+        drift: &Option<Spanned<toml::Value>>,
+    ) -> Result<()> {
+        if let Some(t) = ttl {
+            parse_duration(t.get_ref()).map_err(|m| self.err(t.span(), format!("{prefix}.approval_ttl"), m))?;
+        }
+        if let Some(d) = drift {
+            Drift::parse(d.get_ref()).map_err(|m| self.err(d.span(), format!("{prefix}.drift"), m))?;
+        }
+        Ok(())
+    }
+
+    /// The approval policy of an environment (or of `[defaults]` alone).
+    fn approval_policy(&self, env: Option<&raw::RawEnv>) -> Option<ApprovalPolicy> {
+        let d = &self.raw.defaults;
+        macro_rules! pick {
+            ($field:ident) => {
+                env.and_then(|e| e.$field.as_ref())
+                    .or(d.$field.as_ref())
+                    .map(|v| v.get_ref())
+            };
+        }
+        if !pick!(require_approval).copied().unwrap_or(false) {
+            return None;
+        }
+        Some(ApprovalPolicy {
+            ttl: pick!(approval_ttl).map(|t| parse_duration(t).expect("checked at load")),
+            approver_must_differ: pick!(approver_must_differ).copied().unwrap_or(false),
+            drift: pick!(drift)
+                .map(|v| Drift::parse(v).expect("checked at load"))
+                .unwrap_or(Drift::Rows(0)),
+        })
     }
 
     fn validate_job(&self, name: &str, spanned: &Spanned<RawJob>) -> Result<Job> {
@@ -571,9 +619,11 @@ impl Spec {
             }
             updates.push((col.clone(), sql(expr, jf(&format!("action.update.{col}")))?));
         }
-        for (cname, c) in &raw.categories {
-            sql(c, jf(&format!("categories.{cname}")))?;
-        }
+        let categories = raw
+            .categories
+            .iter()
+            .map(|(cname, c)| Ok((cname.clone(), sql(c, jf(&format!("categories.{cname}")))?)))
+            .collect::<Result<Vec<_>>>()?;
         let priority = raw
             .priority
             .iter()
@@ -621,6 +671,12 @@ impl Spec {
             priority: priority.iter().map(|p| p.sql.as_str()).collect(),
         };
         let definition_sha256 = hex::encode(Sha256::digest(serde_json::to_vec(&def).expect("serialisable")));
+        let approved = serde_json::json!({
+            "definition": definition_sha256,
+            "checks": checks.iter().map(|c| (&c.name, &c.sql.sql, &c.expect)).collect::<Vec<_>>(),
+            "categories": categories.iter().map(|(n, c)| (n, &c.sql)).collect::<Vec<_>>(),
+        });
+        let approval_sha256 = hex::encode(Sha256::digest(approved.to_string().as_bytes()));
         Ok(Job {
             name: name.to_string(),
             description: raw.description.clone(),
@@ -636,7 +692,9 @@ impl Spec {
             depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
             checks,
             priority,
+            categories,
             definition_sha256,
+            approval_sha256,
             location: self.location(job_span),
             settings: raw.settings(),
         })
@@ -783,12 +841,8 @@ impl Spec {
             layers.push(e.settings());
         }
         layers.push(job.settings.clone());
-        let require_approval = env
-            .and_then(|e| e.require_approval.as_ref())
-            .or(self.raw.defaults.require_approval.as_ref())
-            .map(|b| *b.get_ref())
-            .unwrap_or(false);
-        let settings = Settings::resolve(&layers, o, require_approval)?;
+        let settings = Settings::resolve(&layers, o)?;
+        let approval = self.approval_policy(env);
         let log_dir = env
             .and_then(|e| e.log_dir.as_ref())
             .or(self.raw.defaults.log_dir.as_ref())
@@ -800,6 +854,7 @@ impl Spec {
             env: o.env.clone(),
             params,
             settings,
+            approval,
             log_dir,
             redactor,
         })

@@ -5,6 +5,8 @@
 use std::ops::Range;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use super::Overrides;
 use super::raw::RawSettings;
 use crate::error::{Error, Result};
@@ -78,7 +80,71 @@ pub struct Settings {
     pub concurrency: u64,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
-    pub require_approval: bool,
+}
+
+/// How far the candidate count may move between a plan's approval and the
+/// run: `drift = 50` (rows) or `drift = "2%"` (of the approved count).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Drift {
+    Rows(u64),
+    Percent(f64),
+}
+
+impl Drift {
+    pub(super) fn parse(v: &toml::Value) -> std::result::Result<Drift, String> {
+        let bad = || {
+            format!(
+                "`{}`: write a row count (50) or a percentage (\"2%\")",
+                super::toml_text(v)
+            )
+        };
+        match v {
+            toml::Value::Integer(n) if *n >= 0 => Ok(Drift::Rows(*n as u64)),
+            toml::Value::String(s) => {
+                let t = s.trim();
+                match t.strip_suffix('%') {
+                    Some(p) => p
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|p| *p >= 0.0 && p.is_finite())
+                        .map(Drift::Percent)
+                        .ok_or_else(bad),
+                    None => t.parse::<u64>().map(Drift::Rows).map_err(|_| bad()),
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The largest change allowed from `approved` rows.
+    pub fn allowance(self, approved: u64) -> u64 {
+        match self {
+            Drift::Rows(n) => n,
+            Drift::Percent(p) => (approved as f64 * p / 100.0).floor() as u64,
+        }
+    }
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drift::Rows(n) => write!(f, "{n} rows"),
+            Drift::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// What `require_approval = true` asks of a run (see `approval`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalPolicy {
+    /// Approvals older than this no longer count.
+    pub ttl: Option<Duration>,
+    /// The approver may not be the one who runs.
+    pub approver_must_differ: bool,
+    /// Allowed change of the candidate count since the approval (default: none).
+    pub drift: Drift,
 }
 
 type ErrFn<'a> = &'a dyn Fn(Range<usize>, String, String) -> Error;
@@ -128,7 +194,7 @@ impl Settings {
     }
 
     /// Layers settings (lowest precedence first), then the command line.
-    pub(super) fn resolve(layers: &[RawSettings], o: &Overrides, require_approval: bool) -> Result<Settings> {
+    pub(super) fn resolve(layers: &[RawSettings], o: &Overrides) -> Result<Settings> {
         macro_rules! last {
             ($field:ident) => {
                 layers
@@ -179,7 +245,6 @@ impl Settings {
             concurrency: last!(concurrency).unwrap_or(1) as u64,
             lock_timeout: dur(last!(lock_timeout), Duration::from_secs(2)),
             statement_timeout: dur(last!(statement_timeout), Duration::from_secs(30)),
-            require_approval,
         })
     }
 }
@@ -210,18 +275,13 @@ mod tests {
     #[test]
     fn an_explicit_batch_size_moves_the_default_bounds() {
         let layer = |text: &str| -> RawSettings { toml::from_str(text).unwrap() };
-        let s = Settings::resolve(&[layer("batch_size = 20")], &Overrides::default(), false).unwrap();
+        let s = Settings::resolve(&[layer("batch_size = 20")], &Overrides::default()).unwrap();
         assert_eq!((s.batch_size, s.min_batch, s.max_batch), (20, 20, 20_000));
-        let s = Settings::resolve(&[layer("batch_size = 50000")], &Overrides::default(), false).unwrap();
+        let s = Settings::resolve(&[layer("batch_size = 50000")], &Overrides::default()).unwrap();
         assert_eq!((s.batch_size, s.min_batch, s.max_batch), (50_000, 100, 50_000));
-        let s = Settings::resolve(
-            &[layer("batch_size = 20\nmin_batch = 100")],
-            &Overrides::default(),
-            false,
-        )
-        .unwrap();
+        let s = Settings::resolve(&[layer("batch_size = 20\nmin_batch = 100")], &Overrides::default()).unwrap();
         assert_eq!(s.batch_size, 100, "explicit bounds still clamp");
-        let s = Settings::resolve(&[layer("")], &Overrides::default(), false).unwrap();
+        let s = Settings::resolve(&[layer("")], &Overrides::default()).unwrap();
         assert_eq!((s.batch_size, s.min_batch, s.max_batch), (1000, 100, 20_000));
     }
 
