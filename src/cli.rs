@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use infill::approval::PlanFile;
+use infill::ops::Resumable;
 use infill::run::{Outcome, RunRequest, Stop};
 use infill::spec::{Overrides, Spec};
+use infill::state::RunStatus;
 use infill::{Error, ExitCode};
 
 use crate::output;
@@ -368,20 +370,28 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
     } else {
         infill::approval::check_jobs(&resolved, plan.as_ref()).await?
     };
+    let group = (a.target.job.is_none() && resolved.len() > 1 && !a.dry_run).then(infill::run::new_id);
+    if let Some(g) = &group {
+        let names: Vec<&str> = resolved.iter().map(|r| r.job.name.as_str()).collect();
+        eprintln!("run group {g}: {}", names.join(" -> "));
+    }
     for (r, approved) in resolved.into_iter().zip(passes) {
         let req = RunRequest {
-            job: r,
-            spec_sha256: spec.sha256.clone(),
             dry_run: a.dry_run,
             limit: a.limit,
             canary: a.canary,
             verbose: a.verbose,
             confirm: !a.yes && !a.dry_run && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
-            continue_run: None,
             plan: plan.clone(),
             approved,
+            group: group.clone(),
+            ..RunRequest::new(r, &spec.sha256)
         };
-        let code = execute(req, a.json, stop).await?;
+        let code = execute(req, a.json, stop).await.inspect_err(|_| {
+            if let Some(g) = &group {
+                eprintln!("the run group stopped here; finish it with: infill resume {g}");
+            }
+        })?;
         if code != ExitCode::Success {
             return Ok(code);
         }
@@ -459,21 +469,49 @@ async fn verify(a: VerifyArgs) -> Result<ExitCode, Error> {
 
 async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
     let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
-    let (record, overrides) = infill::ops::find_for_resume(&spec, a.spec.env.as_deref(), &a.run).await?;
-    let r = spec.resolve(&record.job, &overrides)?;
-    let req = RunRequest {
-        job: r,
-        spec_sha256: spec.sha256.clone(),
-        dry_run: false,
-        limit: None,
-        canary: None,
-        verbose: a.verbose,
-        confirm: !a.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
-        continue_run: Some(record.id.clone()),
-        plan: None,
-        approved: None,
+    let env = a.spec.env.as_deref();
+    let confirm = !a.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    let (group, runs) = match infill::ops::find_for_resume(&spec, env, &a.run).await? {
+        Resumable::Run(record, overrides) => {
+            let req = RunRequest {
+                verbose: a.verbose,
+                confirm,
+                continue_run: Some(record.id.clone()),
+                ..RunRequest::new(spec.resolve(&record.job, &overrides)?, &spec.sha256)
+            };
+            return execute(req, a.json, stop).await;
+        }
+        Resumable::Group { id, runs } => (id, runs),
     };
-    execute(req, a.json, stop).await
+    // A group: every job of the spec in dependency order, skipping those
+    // that succeeded in it and continuing those left unfinished.
+    eprintln!("continuing run group {group}");
+    for job in spec.job_order(spec.jobs.keys().cloned().collect())? {
+        let latest = runs.iter().rev().find(|r| r.job == job);
+        let continue_run = match latest {
+            Some(r) if r.status == RunStatus::Succeeded => {
+                eprintln!("job {job}: done in run {}", infill::run::short(&r.id));
+                continue;
+            }
+            Some(r) if r.status.is_unfinished() || r.status == RunStatus::Failed => Some(r.id.clone()),
+            _ => None,
+        };
+        let overrides = infill::ops::overrides_for(&spec, env, &job, &runs)?;
+        let req = RunRequest {
+            verbose: a.verbose,
+            confirm,
+            continue_run,
+            group: Some(group.clone()),
+            ..RunRequest::new(spec.resolve(&job, &overrides)?, &spec.sha256)
+        };
+        let code = execute(req, a.json, stop).await.inspect_err(|_| {
+            eprintln!("the run group stopped here; finish it with: infill resume {group}");
+        })?;
+        if code != ExitCode::Success {
+            return Ok(code);
+        }
+    }
+    Ok(ExitCode::Success)
 }
 
 async fn status(a: StatusArgs) -> Result<ExitCode, Error> {
@@ -505,18 +543,7 @@ async fn quickstart(a: QuickstartArgs, stop: &Stop) -> Result<ExitCode, Error> {
     println!();
     let spec = Spec::load(&demo.spec)?;
     let r = spec.resolve("fill_syllabus", &Overrides::default())?;
-    let req = RunRequest {
-        job: r,
-        spec_sha256: spec.sha256.clone(),
-        dry_run: false,
-        limit: None,
-        canary: None,
-        verbose: false,
-        confirm: false,
-        continue_run: None,
-        plan: None,
-        approved: None,
-    };
+    let req = RunRequest::new(r, &spec.sha256);
     let progress = Progress::new(false);
     let outcome = infill::run::run(req, &progress, stop).await;
     progress.finish();

@@ -309,7 +309,10 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool) {
         println!("run       {}", r.id);
         println!("job       {}", r.job);
         println!("status    {}", state(r));
-        println!("params    {}", r.params);
+        println!("params    {}", infill::plan::params_text(&r.params));
+        if let Some(g) = &r.group_id {
+            println!("group     {g}");
+        }
         if let Some(env) = &r.env {
             println!("env       {env}");
         }

@@ -142,6 +142,35 @@ async fn a_failed_check_stops_dependents(db: TestDb) {
             .await,
         0
     );
+
+    // The run was a group; with the check fixed, resuming the group
+    // re-checks the failed job and runs its dependent, in the same group.
+    let group = stderr
+        .split("run group ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .expect("the group id is printed")
+        .to_string();
+    assert!(
+        stderr.contains(&format!("finish it with: infill resume {group}")),
+        "{stderr}"
+    );
+    db.spec(&spec_text());
+    let out = db.run(&["resume", &group[..13]]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let runs = db
+        .texts("SELECT job, status, group_id FROM infill_runs ORDER BY id")
+        .await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for (run, job) in runs.iter().zip(["parents", "children"]) {
+        assert_eq!(run[0].as_deref(), Some(job));
+        assert_eq!(run[1].as_deref(), Some("succeeded"), "{runs:?}");
+        assert_eq!(run[2].as_deref(), Some(group.as_str()));
+    }
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM entries WHERE user_status IS NULL").await,
+        0
+    );
 }
 on_all_backends!(a_failed_check_stops_dependents, a_failed_check_stops_dependents);
 

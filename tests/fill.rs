@@ -253,3 +253,25 @@ async fn verbose_prints_each_written_row(db: TestDb) {
     assert!(rows[9].contains("✓ 30 → region=south"), "{}", rows[9]);
 }
 on_all_backends!(verbose_prints_each_written_row, verbose_prints_each_written_row);
+
+/// State tables written by an earlier infill (schema version 1, without
+/// run groups) are migrated in place by the next run.
+async fn migrates_version_1_state(db: TestDb) {
+    schema(&db, 300).await;
+    let spec = db.spec(SPEC);
+    let spec = spec.to_str().unwrap();
+    let out = db.run(&["run", spec, "--param", "block=1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    db.exec("ALTER TABLE infill_runs DROP COLUMN group_id").await;
+    db.exec("UPDATE infill_schema SET version = 1").await;
+
+    let out = db.run(&["run", spec, "--param", "block=2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(db.int("SELECT COUNT(*) FROM infill_schema WHERE version = 2").await, 1);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs WHERE group_id IS NULL").await,
+        2,
+        "both runs are there, the column is back"
+    );
+}
+on_all_backends!(migrates_version_1_state, migrates_version_1_state);

@@ -54,42 +54,77 @@ pub async fn status(spec: &Spec, env: Option<&str>, run: Option<&str>) -> Result
     Ok(out)
 }
 
-/// Finds a run and the overrides that continue it (its params and env).
-pub async fn find_for_resume(spec: &Spec, env: Option<&str>, run: &str) -> Result<(RunRecord, Overrides)> {
-    let found = status(spec, env, Some(run)).await?;
-    let record = found
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::RunNotFound(format!("no run {run}")))?;
-    let job = spec.jobs.get(&record.job).ok_or_else(|| {
+/// What `infill resume ID` continues.
+#[derive(Debug)]
+pub enum Resumable {
+    /// One run, and the overrides that continue it (its params and env).
+    Run(RunRecord, Overrides),
+    /// A run group: its runs so far, oldest first.
+    Group { id: String, runs: Vec<RunRecord> },
+}
+
+/// Finds the run, or else the run group, that `id` names.
+pub async fn find_for_resume(spec: &Spec, env: Option<&str>, id: &str) -> Result<Resumable> {
+    let record = match status(spec, env, Some(id)).await {
+        Ok(found) => found.into_iter().next(),
+        Err(Error::RunNotFound(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let Some(record) = record else {
+        for url in targets(spec, env)? {
+            let db = Db::connect(&url, &ConnectOptions::default()).await?;
+            let mut c = db.conn().await?;
+            let runs = state::find_group(&db, &mut c, id).await;
+            drop(c);
+            db.close().await;
+            let runs = runs?;
+            if let Some(first) = runs.first() {
+                let id = first.group_id.clone().unwrap_or_default();
+                return Ok(Resumable::Group { id, runs });
+            }
+        }
+        return Err(Error::RunNotFound(format!(
+            "no run or run group {id} in the databases of {}",
+            spec.path.display()
+        )));
+    };
+    let overrides = overrides_for(spec, env, &record.job, std::slice::from_ref(&record))?;
+    Ok(Resumable::Run(record, overrides))
+}
+
+/// The overrides that run `job` as the given runs did: their environment,
+/// and the params the job declares (secrets must come from the spec's
+/// defaults: they are never stored).
+pub fn overrides_for(spec: &Spec, env: Option<&str>, job: &str, runs: &[RunRecord]) -> Result<Overrides> {
+    let decl = spec.jobs.get(job).ok_or_else(|| {
         Error::Usage(format!(
-            "run {} belongs to job `{}`, which is not in {}",
-            crate::run::short(&record.id),
-            record.job,
+            "job `{job}` of run {} is not in {}",
+            runs.first().map(|r| crate::run::short(&r.id)).unwrap_or_default(),
             spec.path.display()
         ))
     })?;
-    let mut params = Vec::new();
-    if let serde_json::Value::Object(m) = &record.params {
+    let mut params = BTreeMap::new();
+    for record in runs {
+        let serde_json::Value::Object(m) = &record.params else {
+            continue;
+        };
         for (k, v) in m {
-            if job
+            let declared = decl
                 .params
                 .iter()
-                .any(|p| &p.name == k && p.kind == crate::spec::ParamKind::Secret)
-            {
-                continue;
-            }
-            if let Some(val) = Value::from_json(v) {
-                params.push((k.clone(), val.display()));
+                .any(|p| &p.name == k && p.kind != crate::spec::ParamKind::Secret);
+            if let (true, Some(val)) = (declared, Value::from_json(v)) {
+                params.insert(k.clone(), val.display());
             }
         }
     }
-    let overrides = Overrides {
-        env: env.map(String::from).or(record.env.clone()),
-        params,
+    Ok(Overrides {
+        env: env
+            .map(String::from)
+            .or_else(|| runs.iter().find_map(|r| r.env.clone())),
+        params: params.into_iter().collect(),
         ..Default::default()
-    };
-    Ok((record, overrides))
+    })
 }
 
 /// The database holding a run, and the run.

@@ -167,6 +167,32 @@ pub struct RunRequest {
     pub plan: Option<PlanFile>,
     /// The gate, passed already (a run group checks all its jobs first).
     pub approved: Option<GatePass>,
+    /// The run group a new run joins (`infill run SPEC` over several jobs).
+    pub group: Option<String>,
+}
+
+impl RunRequest {
+    /// A plain run of a job: no limit, no canary, no prompt.
+    pub fn new(job: ResolvedJob, spec_sha256: &str) -> RunRequest {
+        RunRequest {
+            job,
+            spec_sha256: spec_sha256.to_string(),
+            dry_run: false,
+            limit: None,
+            canary: None,
+            verbose: false,
+            confirm: false,
+            continue_run: None,
+            plan: None,
+            approved: None,
+            group: None,
+        }
+    }
+}
+
+/// A new run (or run group) id: a UUIDv7, so ids sort by time.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 const MAX_RETRIES: u32 = 3;
@@ -233,7 +259,7 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
     }
 
     state::ensure_schema(db, &mut conn).await?;
-    let new_id = uuid::Uuid::now_v7().to_string();
+    let new_id = new_id();
     let mut lock = match JobLock::acquire(db, &lock_name, &r.job.name, &new_id).await {
         Ok(l) => l,
         Err(Error::JobBusy { job, holder }) if holder.is_empty() => {
@@ -355,6 +381,7 @@ async fn with_lock(
                 updated_at: now,
                 finished_at: None,
                 message: None,
+                group_id: req.group.clone(),
             };
             state::insert_run(db, conn, &run).await?;
             (run, false)

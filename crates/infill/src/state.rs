@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::value::{Key, Value, key_from_json, key_to_json};
 
 /// The state tables' current version.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -102,11 +102,13 @@ pub struct RunRecord {
     pub updated_at: String,
     pub finished_at: Option<String>,
     pub message: Option<String>,
+    /// The run group (`infill run SPEC` over several jobs) it belongs to.
+    pub group_id: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, job, status, definition_sha256, spec_sha256, params, params_sha256, env, \
     undo_enabled, cursor_key, upper_key, batch_size, batches, rows_read, rows_changed, rows_skipped, \
-    rows_failed, host, pid, os_user, started_at, updated_at, finished_at, message, segment";
+    rows_failed, host, pid, os_user, started_at, updated_at, finished_at, message, segment, group_id";
 
 /// Current time in the form state tables and logs use (UTC, microseconds).
 pub fn now() -> String {
@@ -179,6 +181,7 @@ impl RunRecord {
             finished_at: opt_text(&r[22]),
             message: opt_text(&r[23]),
             segment: int(&r[24]),
+            group_id: opt_text(&r[25]),
         })
     }
 
@@ -203,6 +206,18 @@ pub async fn ensure_schema(db: &Db, c: &mut impl Exec) -> Result<()> {
         Some(Value::Int(v)) if *v > SCHEMA_VERSION => Err(Error::CannotProceed(format!(
             "the state tables have schema version {v}, newer than this infill knows ({SCHEMA_VERSION}); upgrade infill"
         ))),
+        Some(Value::Int(1)) => {
+            // Version 2 adds run groups.
+            for stmt in [
+                "ALTER TABLE infill_runs ADD COLUMN group_id VARCHAR(36)",
+                "UPDATE infill_schema SET version = 2",
+            ] {
+                c.execute(&db.q(stmt, vec![]))
+                    .await
+                    .map_err(Error::db("cannot migrate infill's state tables to version 2"))?;
+            }
+            Ok(())
+        }
         Some(Value::Int(_)) => Ok(()),
         _ => {
             c.execute(&db.q(
@@ -226,7 +241,7 @@ pub async fn exists(db: &Db, c: &mut impl Exec) -> bool {
 /// Records a new run.
 pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()> {
     let q = db.q(
-        &format!("INSERT INTO infill_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+        &format!("INSERT INTO infill_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
         vec![
             Value::Text(r.id.clone()),
             Value::Text(r.job.clone()),
@@ -253,6 +268,7 @@ pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()>
             r.finished_at.clone().map(Value::Text).unwrap_or(Value::Null),
             r.message.clone().map(Value::Text).unwrap_or(Value::Null),
             Value::Int(r.segment as i64),
+            r.group_id.clone().map(Value::Text).unwrap_or(Value::Null),
         ],
     );
     c.execute(&q)
@@ -303,6 +319,32 @@ pub async fn find_run(db: &Db, c: &mut impl Exec, prefix: &str) -> Result<RunRec
             "{n} runs start with {prefix}; give more characters"
         ))),
     }
+}
+
+/// The runs of a group (by id or a prefix of 8+ characters), oldest first.
+pub async fn find_group(db: &Db, c: &mut impl Exec, prefix: &str) -> Result<Vec<RunRecord>> {
+    if prefix.len() < 8 || !exists(db, c).await {
+        return Ok(Vec::new());
+    }
+    let rows = c
+        .fetch(&db.q(
+            &format!("SELECT {RUN_COLUMNS} FROM infill_runs WHERE group_id LIKE ? ORDER BY id"),
+            vec![Value::Text(format!("{}%", prefix.to_ascii_lowercase()))],
+        ))
+        .await
+        .map_err(Error::db("cannot read infill_runs"))?;
+    let runs = rows
+        .iter()
+        .map(|r| RunRecord::from_row(r))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(other) = runs.iter().find(|r| r.group_id != runs[0].group_id) {
+        return Err(Error::Usage(format!(
+            "several run groups start with {prefix} ({} and {}); give more characters",
+            runs[0].group_id.as_deref().unwrap_or_default(),
+            other.group_id.as_deref().unwrap_or_default()
+        )));
+    }
+    Ok(runs)
 }
 
 /// The most recent runs, newest first.
