@@ -58,7 +58,7 @@ pub async fn status(spec: &Spec, env: Option<&str>, run: Option<&str>) -> Result
 #[derive(Debug)]
 pub enum Resumable {
     /// One run, and the overrides that continue it (its params and env).
-    Run(RunRecord, Overrides),
+    Run(Box<RunRecord>, Overrides),
     /// A run group: its runs so far, oldest first.
     Group { id: String, runs: Vec<RunRecord> },
 }
@@ -89,7 +89,7 @@ pub async fn find_for_resume(spec: &Spec, env: Option<&str>, id: &str) -> Result
         )));
     };
     let overrides = overrides_for(spec, env, &record.job, std::slice::from_ref(&record))?;
-    Ok(Resumable::Run(record, overrides))
+    Ok(Resumable::Run(Box::new(record), overrides))
 }
 
 /// The overrides that run `job` as the given runs did: their environment,
