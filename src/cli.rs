@@ -51,6 +51,13 @@ enum Command {
     /// Where require_approval = true applies, `infill run` needs an approval
     /// whose fingerprint matches the spec, params and target as they are.
     Approve(ApproveArgs),
+    /// Put back what a run wrote, from its undo images, as a run of its own.
+    ///
+    /// A value goes back only where the row still holds exactly what the run
+    /// wrote; rows changed since are kept and listed as conflicts (exit 1).
+    /// Undoing twice changes nothing the second time. An interrupted undo
+    /// continues where it stopped when given again.
+    Undo(UndoArgs),
     /// Run the jobs' checks and print PASS or FAIL for each; exit 1 if any fails.
     ///
     /// Read-only: fit for CI and cron.
@@ -178,6 +185,30 @@ struct ApproveArgs {
     #[arg(long, value_name = "NAME")]
     env: Option<String>,
     /// Print the approval as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct UndoArgs {
+    /// The run to undo: its id, or a prefix of 8 or more characters.
+    run: String,
+    #[command(flatten)]
+    spec: SpecArg,
+    /// Only batches committed at or after this time (UTC unless it has an
+    /// offset), e.g. "2026-11-24 18:00".
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Only batches committed at or before this time.
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Count what would be restored and the conflicts; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Do not ask for confirmation on a terminal.
+    #[arg(long, short)]
+    yes: bool,
+    /// Print the outcome as JSON on stdout.
     #[arg(long)]
     json: bool,
 }
@@ -327,6 +358,16 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
         Command::Run(a) => run(a, stop).await,
         Command::Plan(a) => plan(a).await,
         Command::Approve(a) => approve(a).await,
+        Command::Undo(a) => {
+            let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
+            let opts = infill::undo::UndoOptions {
+                since: a.since.clone(),
+                until: a.until.clone(),
+                dry_run: a.dry_run,
+                confirm: !a.yes && !a.dry_run && std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
+            };
+            undo(&spec, a.spec.env.as_deref(), &a.run, &opts, a.json, stop).await
+        }
         Command::Resume(a) => resume(a, stop).await,
         Command::Verify(a) => verify(a).await,
         Command::Status(a) => status(a).await,
@@ -451,6 +492,26 @@ async fn approve(a: ApproveArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::Success)
 }
 
+async fn undo(
+    spec: &Spec,
+    env: Option<&str>,
+    run: &str,
+    opts: &infill::undo::UndoOptions,
+    json: bool,
+    stop: &Stop,
+) -> Result<ExitCode, Error> {
+    let progress = Progress::new(false);
+    let outcome = infill::undo::undo(spec, env, run, opts, &progress, stop).await;
+    progress.finish();
+    let summary = outcome?;
+    output::undone(&summary, json);
+    Ok(if summary.conflicts > 0 {
+        ExitCode::Failed
+    } else {
+        ExitCode::Success
+    })
+}
+
 async fn verify(a: VerifyArgs) -> Result<ExitCode, Error> {
     let (spec, jobs) = a.target.load()?;
     let overrides = Overrides {
@@ -472,6 +533,13 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
     let env = a.spec.env.as_deref();
     let confirm = !a.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
     let (group, runs) = match infill::ops::find_for_resume(&spec, env, &a.run).await? {
+        Resumable::Run(record, _) if record.undo_of.is_some() => {
+            let opts = infill::undo::UndoOptions {
+                confirm,
+                ..Default::default()
+            };
+            return undo(&spec, env, &record.id, &opts, a.json, stop).await;
+        }
         Resumable::Run(record, overrides) => {
             let req = RunRequest {
                 verbose: a.verbose,

@@ -5,6 +5,7 @@ use infill::plan::{Counted, JobPlan, Plan};
 use infill::run::{RunSummary, short};
 use infill::spec::Expect;
 use infill::state::{RunRecord, RunStatus};
+use infill::undo::UndoSummary;
 use infill::value::key_display;
 
 /// An error with its causes, one per line.
@@ -255,6 +256,53 @@ fn expect_text(e: &Expect) -> String {
     }
 }
 
+/// `infill undo`.
+pub fn undone(u: &UndoSummary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(u).expect("serialisable"));
+        return;
+    }
+    let (head, verb) = if u.dry_run {
+        ("dry run (nothing written)", "would restore")
+    } else {
+        match u.status {
+            Some(RunStatus::Succeeded) if u.conflicts == 0 => ("undone", "restored"),
+            Some(RunStatus::Succeeded) => ("undone, with conflicts", "restored"),
+            Some(s) => (s.as_str(), "restored"),
+            None => ("", "restored"),
+        }
+    };
+    println!(
+        "{head}: run {} of job {}: {verb} {} of {} rows, {} already as before, {} changed since (kept){}; {:.1}s",
+        short(&u.undo_of),
+        u.job,
+        thousands(u.restored),
+        thousands(u.images),
+        thousands(u.already),
+        thousands(u.conflicts),
+        u.run_id
+            .as_deref()
+            .map(|id| format!("; undo run {}", short(id)))
+            .unwrap_or_default(),
+        u.duration_ms as f64 / 1000.0
+    );
+    if u.conflicts > 0 {
+        println!("  rows changed since the run wrote them, left as they are:");
+        for c in &u.conflict_rows {
+            match &c.column {
+                Some(col) => println!("    key {}  ({col} changed)", c.key),
+                None => println!("    key {}  (the row is gone)", c.key),
+            }
+        }
+        if u.conflicts as usize > u.conflict_rows.len() {
+            println!("    ... {} more", u.conflicts as usize - u.conflict_rows.len());
+        }
+    }
+    if let Some(log) = &u.audit_log {
+        println!("  audit log: {log}");
+    }
+}
+
 /// `infill approve`.
 pub fn approved(list: &[Approval], json: bool) {
     if json {
@@ -308,6 +356,9 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool) {
         let r = &runs[0];
         println!("run       {}", r.id);
         println!("job       {}", r.job);
+        if let Some(of) = &r.undo_of {
+            println!("undo of   {of}");
+        }
         println!("status    {}", state(r));
         println!("params    {}", infill::plan::params_text(&r.params));
         if let Some(g) = &r.group_id {
@@ -362,7 +413,10 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool) {
         println!(
             "{:<10} {:<24} {:<27} {:>9} {:>12}  {}",
             short(&r.id),
-            r.job,
+            match &r.undo_of {
+                Some(_) => format!("undo {}", r.job),
+                None => r.job.clone(),
+            },
             state(r),
             thousands(r.batches),
             thousands(r.rows_changed),

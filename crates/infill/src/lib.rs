@@ -21,6 +21,7 @@ pub mod spec;
 pub mod sql;
 pub mod state;
 pub mod target;
+pub mod undo;
 pub mod value;
 pub mod verify;
 

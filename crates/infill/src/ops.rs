@@ -128,7 +128,7 @@ pub fn overrides_for(spec: &Spec, env: Option<&str>, job: &str, runs: &[RunRecor
 }
 
 /// The database holding a run, and the run.
-async fn locate(spec: &Spec, env: Option<&str>, run: &str) -> Result<(Db, RunRecord)> {
+pub(crate) async fn locate(spec: &Spec, env: Option<&str>, run: &str) -> Result<(Db, RunRecord)> {
     for url in targets(spec, env)? {
         let db = Db::connect(&url, &ConnectOptions::default()).await?;
         let mut c = db.conn().await?;

@@ -21,7 +21,7 @@ use crate::dialect::{ConnectOptions, Db, Exec};
 use crate::error::{Error, Result};
 use crate::lock::JobLock;
 use crate::plan::{PlanOptions, as_count, count, first_key};
-use crate::spec::{MaxFailures, ResolvedJob};
+use crate::spec::{MaxFailures, ResolvedJob, Settings};
 use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
 use crate::target::{BatchShape, Target};
 use crate::value::{Key, Value, key_display, key_to_json};
@@ -230,17 +230,7 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
         crate::approval::check(db, &mut conn, r, &target, req.plan.as_ref(), continuing).await?;
     }
 
-    let ident = conn
-        .fetch(&crate::sql::Query::new(db.dialect.identity_query()))
-        .await
-        .ok();
-    let database = ident
-        .as_ref()
-        .and_then(|rows| rows.first())
-        .and_then(|row| row.last())
-        .map(Value::display)
-        .unwrap_or_else(|| db.name.clone());
-    let lock_name = format!("infill:{database}:{}:{}", r.job.table.join("."), r.job.name);
+    let lock_name = lock_name(db, &mut conn, r).await;
 
     if req.confirm {
         let upper = first_key(&mut conn, &target.max_key()).await?;
@@ -276,6 +266,13 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
     let outcome = with_lock(db, &mut conn, req, obs, stop, &target, &mut lock, new_id).await;
     lock.release().await;
     outcome.map(Outcome::Ran)
+}
+
+/// The name of a job's lock: the database as the server names it, the
+/// table and the job. A run and an undo of the same job share it.
+pub(crate) async fn lock_name(db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -> String {
+    let database = db.identity(conn).await.database;
+    format!("infill:{database}:{}:{}", r.job.table.join("."), r.job.name)
 }
 
 pub(crate) fn params_sha256(r: &ResolvedJob) -> String {
@@ -382,6 +379,7 @@ async fn with_lock(
                 finished_at: None,
                 message: None,
                 group_id: req.group.clone(),
+                undo_of: None,
             };
             state::insert_run(db, conn, &run).await?;
             (run, false)
@@ -766,16 +764,23 @@ async fn batches(
                 .clamp(s.min_batch, s.max_batch);
         }
 
-        let mut pause = s.pause_between + outcome.duration.mul_f64(s.sleep_coef);
-        if let Some(rate) = s.rate {
-            let due = Duration::from_secs_f64(looped.session_changed as f64 / rate.per_second);
-            pause = pause.max(due.saturating_sub(session_start.elapsed()));
-        }
-        if !pause.is_zero() {
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.until(1) => {}
-            }
+        throttle(s, outcome.duration, looped.session_changed, session_start, stop).await;
+    }
+}
+
+/// Sleeps between batches: `pause_between`, `sleep_coef` times the batch's
+/// duration, and whatever keeps the rows written since `since` under the
+/// rate. A stop request cuts the sleep short.
+pub(crate) async fn throttle(s: &Settings, batch: Duration, written: u64, since: Instant, stop: &Stop) {
+    let mut pause = s.pause_between + batch.mul_f64(s.sleep_coef);
+    if let Some(rate) = s.rate {
+        let due = Duration::from_secs_f64(written as f64 / rate.per_second);
+        pause = pause.max(due.saturating_sub(since.elapsed()));
+    }
+    if !pause.is_zero() {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.until(1) => {}
         }
     }
 }

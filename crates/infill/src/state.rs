@@ -104,11 +104,13 @@ pub struct RunRecord {
     pub message: Option<String>,
     /// The run group (`infill run SPEC` over several jobs) it belongs to.
     pub group_id: Option<String>,
+    /// For an undo run: the run it undoes.
+    pub undo_of: Option<String>,
 }
 
 const RUN_COLUMNS: &str = "id, job, status, definition_sha256, spec_sha256, params, params_sha256, env, \
     undo_enabled, cursor_key, upper_key, batch_size, batches, rows_read, rows_changed, rows_skipped, \
-    rows_failed, host, pid, os_user, started_at, updated_at, finished_at, message, segment, group_id";
+    rows_failed, host, pid, os_user, started_at, updated_at, finished_at, message, segment, group_id, undo_of";
 
 /// Current time in the form state tables and logs use (UTC, microseconds).
 pub fn now() -> String {
@@ -182,6 +184,7 @@ impl RunRecord {
             message: opt_text(&r[23]),
             segment: int(&r[24]),
             group_id: opt_text(&r[25]),
+            undo_of: opt_text(&r[26]),
         })
     }
 
@@ -207,9 +210,10 @@ pub async fn ensure_schema(db: &Db, c: &mut impl Exec) -> Result<()> {
             "the state tables have schema version {v}, newer than this infill knows ({SCHEMA_VERSION}); upgrade infill"
         ))),
         Some(Value::Int(1)) => {
-            // Version 2 adds run groups.
+            // Version 2 adds run groups and undo runs.
             for stmt in [
                 "ALTER TABLE infill_runs ADD COLUMN group_id VARCHAR(36)",
+                "ALTER TABLE infill_runs ADD COLUMN undo_of VARCHAR(36)",
                 "UPDATE infill_schema SET version = 2",
             ] {
                 c.execute(&db.q(stmt, vec![]))
@@ -241,7 +245,7 @@ pub async fn exists(db: &Db, c: &mut impl Exec) -> bool {
 /// Records a new run.
 pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()> {
     let q = db.q(
-        &format!("INSERT INTO infill_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+        &format!("INSERT INTO infill_runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
         vec![
             Value::Text(r.id.clone()),
             Value::Text(r.job.clone()),
@@ -269,6 +273,7 @@ pub async fn insert_run(db: &Db, c: &mut impl Exec, r: &RunRecord) -> Result<()>
             r.message.clone().map(Value::Text).unwrap_or(Value::Null),
             Value::Int(r.segment as i64),
             r.group_id.clone().map(Value::Text).unwrap_or(Value::Null),
+            r.undo_of.clone().map(Value::Text).unwrap_or(Value::Null),
         ],
     );
     c.execute(&q)
@@ -345,6 +350,18 @@ pub async fn find_group(db: &Db, c: &mut impl Exec, prefix: &str) -> Result<Vec<
         )));
     }
     Ok(runs)
+}
+
+/// The undo runs of a run, newest first.
+pub async fn list_undo_runs(db: &Db, c: &mut impl Exec, of: &str) -> Result<Vec<RunRecord>> {
+    let rows = c
+        .fetch(&db.q(
+            &format!("SELECT {RUN_COLUMNS} FROM infill_runs WHERE undo_of = ? ORDER BY id DESC"),
+            vec![Value::Text(of.into())],
+        ))
+        .await
+        .map_err(Error::db("cannot read infill_runs"))?;
+    rows.iter().map(|r| RunRecord::from_row(r)).collect()
 }
 
 /// The most recent runs, newest first.

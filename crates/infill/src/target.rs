@@ -43,6 +43,8 @@ pub struct Target {
     pub priority: Vec<Fragment>,
     /// `categories.NAME`, in name order.
     pub categories: Vec<(String, Fragment)>,
+    /// Every column of the table, as the server types them.
+    pub columns: Vec<Column>,
     /// The segment `filter` belongs to (0 without priority).
     pub segment_no: u64,
     pub params: BTreeMap<String, Value>,
@@ -148,6 +150,7 @@ impl Target {
             filter,
             priority,
             categories,
+            columns,
             segment_no: 0,
             params: r.params.clone(),
         };
@@ -546,6 +549,57 @@ impl Target {
                 .fragment(f, &self.params)
                 .push(")");
         }
+        b.finish()
+    }
+
+    /// A column of the table by name (as the engine compares names).
+    pub fn column(&self, db: &Db, name: &str) -> Option<Column> {
+        find_column(db, &self.columns, name)
+    }
+
+    fn push_key_eq(&self, b: &mut SqlBuilder<'_>, key: &Key) {
+        let conds: Vec<String> = self
+            .bind_key(b, key)
+            .into_iter()
+            .zip(&self.key_q)
+            .map(|(v, k)| format!("{k} = {v}"))
+            .collect();
+        b.push(&conds.join(" AND "));
+    }
+
+    /// Undo's write: sets each column back to its before value where the
+    /// row still holds exactly its after value (`Dialect::same_value`).
+    pub fn restore(&self, key: &Key, cols: &[(Column, Value, Value)]) -> Query {
+        let d = self.dialect;
+        let mut b = SqlBuilder::new(d);
+        b.push("UPDATE ").push(&self.table).push(" SET ");
+        for (i, (c, before, _)) in cols.iter().enumerate() {
+            let ph = b.arg(before.clone());
+            b.push(if i > 0 { ", " } else { "" })
+                .push(&d.quote_ident(&c.name))
+                .push(" = ")
+                .push(&d.value_in(&ph, c));
+        }
+        b.push(" WHERE ");
+        self.push_key_eq(&mut b, key);
+        for (c, _, after) in cols {
+            let ph = b.arg(after.clone());
+            b.push(" AND ").push(&d.same_value(&d.quote_ident(&c.name), &ph));
+        }
+        b.finish()
+    }
+
+    /// The current values of some columns of one row, as `value_out` renders them.
+    pub fn current(&self, key: &Key, cols: &[Column]) -> Query {
+        let d = self.dialect;
+        let mut b = SqlBuilder::new(d);
+        let list: Vec<String> = cols.iter().map(|c| d.value_out(&d.quote_ident(&c.name))).collect();
+        b.push("SELECT ")
+            .push(&Self::select_list(&list))
+            .push(" FROM ")
+            .push(&self.table)
+            .push(" WHERE ");
+        self.push_key_eq(&mut b, key);
         b.finish()
     }
 }

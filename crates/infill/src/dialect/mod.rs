@@ -89,6 +89,10 @@ pub trait Dialect: Send + Sync {
         row_compare(keys, value, "<=")
     }
     /// The weakest row lock that keeps a concurrent writer out until commit.
+    /// True when column `col` holds exactly the value bound at `placeholder`
+    /// (as `value_out` rendered it): null-safe, byte for byte, whatever the
+    /// column's collation. Undo's guard.
+    fn same_value(&self, col: &str, placeholder: &str) -> String;
     fn lock_clause(&self) -> &'static str;
     /// Statement opening a writing transaction.
     fn begin_write(&self) -> &'static str;

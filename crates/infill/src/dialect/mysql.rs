@@ -63,6 +63,9 @@ impl Dialect for MySqlDialect {
     fn key_at_most(&self, keys: &[String], value: &mut dyn FnMut(usize) -> String) -> String {
         expanded_compare(keys, value, "<", "<=")
     }
+    fn same_value(&self, col: &str, placeholder: &str) -> String {
+        format!("CAST(CAST({col} AS CHAR) AS BINARY) <=> CAST({placeholder} AS BINARY)")
+    }
     fn lock_clause(&self) -> &'static str {
         " FOR UPDATE"
     }
@@ -91,7 +94,7 @@ impl Dialect for MySqlDialect {
                 rows_skipped BIGINT NOT NULL DEFAULT 0, rows_failed BIGINT NOT NULL DEFAULT 0,
                 host VARCHAR(255) NOT NULL, pid BIGINT NOT NULL, os_user VARCHAR(255) NOT NULL,
                 started_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL, finished_at VARCHAR(40),
-                control TEXT, message TEXT, segment BIGINT NOT NULL DEFAULT 0, group_id VARCHAR(36), KEY infill_runs_job (job, status)
+                control TEXT, message TEXT, segment BIGINT NOT NULL DEFAULT 0, group_id VARCHAR(36), undo_of VARCHAR(36), KEY infill_runs_job (job, status)
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
             "CREATE TABLE IF NOT EXISTS infill_batches (
                 run_id VARCHAR(36) NOT NULL, batch_no BIGINT NOT NULL, segment BIGINT NOT NULL DEFAULT 0, lower_key TEXT, upper_key TEXT NOT NULL,

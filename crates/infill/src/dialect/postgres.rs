@@ -35,6 +35,9 @@ impl Dialect for PostgresDialect {
     fn value_in(&self, placeholder: &str, column: &Column) -> String {
         format!("CAST({placeholder} AS {})", column.sql_type)
     }
+    fn same_value(&self, col: &str, placeholder: &str) -> String {
+        format!("({col})::text IS NOT DISTINCT FROM {placeholder}")
+    }
     fn lock_clause(&self) -> &'static str {
         " FOR NO KEY UPDATE"
     }
@@ -63,7 +66,7 @@ impl Dialect for PostgresDialect {
                 rows_skipped BIGINT NOT NULL DEFAULT 0, rows_failed BIGINT NOT NULL DEFAULT 0,
                 host TEXT NOT NULL, pid BIGINT NOT NULL, os_user TEXT NOT NULL,
                 started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,
-                control TEXT, message TEXT, segment BIGINT NOT NULL DEFAULT 0, group_id VARCHAR(36))",
+                control TEXT, message TEXT, segment BIGINT NOT NULL DEFAULT 0, group_id VARCHAR(36), undo_of VARCHAR(36))",
             "CREATE INDEX IF NOT EXISTS infill_runs_job ON infill_runs (job, status)",
             "CREATE TABLE IF NOT EXISTS infill_batches (
                 run_id TEXT NOT NULL, batch_no BIGINT NOT NULL, segment BIGINT NOT NULL DEFAULT 0, lower_key TEXT, upper_key TEXT NOT NULL,

@@ -31,6 +31,9 @@ impl Dialect for SqliteDialect {
     fn value_in(&self, placeholder: &str, _column: &Column) -> String {
         placeholder.to_string()
     }
+    fn same_value(&self, col: &str, placeholder: &str) -> String {
+        format!("{col} IS ({placeholder} COLLATE BINARY)")
+    }
     fn lock_clause(&self) -> &'static str {
         ""
     }
@@ -62,7 +65,7 @@ impl Dialect for SqliteDialect {
                 rows_skipped INTEGER NOT NULL DEFAULT 0, rows_failed INTEGER NOT NULL DEFAULT 0,
                 host TEXT NOT NULL, pid INTEGER NOT NULL, os_user TEXT NOT NULL,
                 started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,
-                control TEXT, message TEXT, segment INTEGER NOT NULL DEFAULT 0, group_id VARCHAR(36))",
+                control TEXT, message TEXT, segment INTEGER NOT NULL DEFAULT 0, group_id VARCHAR(36), undo_of VARCHAR(36))",
             "CREATE INDEX IF NOT EXISTS infill_runs_job ON infill_runs (job, status)",
             "CREATE TABLE IF NOT EXISTS infill_batches (
                 run_id TEXT NOT NULL, batch_no INTEGER NOT NULL, segment INTEGER NOT NULL DEFAULT 0, lower_key TEXT, upper_key TEXT NOT NULL,

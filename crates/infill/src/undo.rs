@@ -1,0 +1,660 @@
+//! `infill undo RUN`: puts back the values a run wrote, from its undo
+//! images, as a run of its own (audited, checkpointed, resumable, shown by
+//! `status`). A value goes back only where the row still holds exactly what
+//! infill wrote, compared on the server (`Dialect::same_value`: null-safe,
+//! byte for byte); a row someone changed since is left as it is and
+//! reported as a conflict. A row that already holds its before value is
+//! counted as such, so undoing twice changes nothing the second time.
+//!
+//! Images are read in (batch, seq) order, a page per transaction; the
+//! undo run's cursor is the last image restored, committed with the page.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::audit::AuditLog;
+use crate::dialect::{Column, Db, Exec};
+use crate::error::{Error, Result};
+use crate::lock::JobLock;
+use crate::run::{BatchReport, Event, Observer, Stop, short};
+use crate::spec::{ParamKind, ResolvedJob, Spec};
+use crate::state::{self, Checkpoint, RunRecord, RunStatus};
+use crate::target::Target;
+use crate::value::{Key, Value, key_from_json};
+
+/// Which images to restore, and whether to write.
+#[derive(Debug, Clone, Default)]
+pub struct UndoOptions {
+    /// Only batches committed at or after this time (see `ParamKind::Timestamp`).
+    pub since: Option<String>,
+    /// Only batches committed at or before this time.
+    pub until: Option<String>,
+    /// Count what would be restored, write nothing.
+    pub dry_run: bool,
+    /// Ask the observer to confirm before writing.
+    pub confirm: bool,
+}
+
+/// A row left as it is: changed since infill wrote it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Conflict {
+    pub key: serde_json::Value,
+    /// The first column that no longer holds infill's value (None: the row is gone).
+    pub column: Option<String>,
+}
+
+/// How an undo ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct UndoSummary {
+    /// The undo run (None for a dry run).
+    pub run_id: Option<String>,
+    pub undo_of: String,
+    pub job: String,
+    pub status: Option<RunStatus>,
+    pub dry_run: bool,
+    pub images: u64,
+    pub restored: u64,
+    /// Rows that already hold their before values.
+    pub already: u64,
+    pub conflicts: u64,
+    /// The conflicting rows (the first 1,000; `infill failures UNDO_RUN` has all).
+    pub conflict_rows: Vec<Conflict>,
+    pub duration_ms: u64,
+    pub audit_log: Option<String>,
+}
+
+const CONFLICTS_SHOWN: usize = 1000;
+
+/// The time window, as `committed_at` text (UTC, microseconds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+struct Window {
+    since: Option<String>,
+    until: Option<String>,
+}
+
+fn window_time(flag: &str, text: &str) -> Result<String> {
+    let v = ParamKind::Timestamp
+        .value(text)
+        .map_err(|m| Error::Usage(format!("{flag}: {m}")))?;
+    let utc = match v {
+        Value::TimestampTz(t) => t,
+        Value::Timestamp(t) => t.and_utc(),
+        _ => unreachable!("a timestamp param"),
+    };
+    Ok(utc.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+}
+
+/// One image as stored.
+struct Image {
+    batch_no: i64,
+    seq: i64,
+    key_json: serde_json::Value,
+    key: Key,
+    cols: Vec<(Column, Value, Value)>,
+}
+
+/// Undoes a run (or continues an interrupted undo of it).
+pub async fn undo(
+    spec: &Spec,
+    env: Option<&str>,
+    run: &str,
+    opts: &UndoOptions,
+    obs: &dyn Observer,
+    stop: &Stop,
+) -> Result<UndoSummary> {
+    let (db, original) = crate::ops::locate(spec, env, run).await?;
+    let result = undo_on(&db, spec, env, original, opts, obs, stop).await;
+    db.close().await;
+    result
+}
+
+async fn undo_on(
+    db: &Db,
+    spec: &Spec,
+    env: Option<&str>,
+    mut original: RunRecord,
+    opts: &UndoOptions,
+    obs: &dyn Observer,
+    stop: &Stop,
+) -> Result<UndoSummary> {
+    let mut conn = db.conn().await?;
+    if let Some(of) = &original.undo_of {
+        // `infill undo UNDO_RUN` or `resume UNDO_RUN`: continue that undo.
+        original = state::find_run(db, &mut conn, of).await?;
+    }
+    let sid = short(&original.id).to_string();
+    if !original.undo_enabled {
+        return Err(Error::CannotProceed(format!(
+            "run {sid} kept no undo images (its job says undo = false): it cannot be undone"
+        )));
+    }
+    if original.status == RunStatus::Running && !original.process_gone() {
+        return Err(Error::CannotProceed(format!(
+            "run {sid} is still running (pid {} on {}); stop it (Ctrl-C) before undoing it",
+            original.pid, original.host
+        )));
+    }
+    let overrides = crate::ops::overrides_for(spec, env, &original.job, std::slice::from_ref(&original))?;
+    let r = spec.resolve(&original.job, &overrides)?;
+    if r.job.definition_sha256 != original.definition_sha256 {
+        obs.on_event(&Event::Notice(&format!(
+            "job {} changed since run {sid}; the undo uses table {} and key {} from the spec, and the columns named in the images",
+            r.job.name,
+            r.job.table.join("."),
+            r.job.key.join(", ")
+        )));
+    }
+    let target = Target::inspect(db, &mut conn, &r).await?;
+    let asked = Window {
+        since: opts.since.as_deref().map(|t| window_time("--since", t)).transpose()?,
+        until: opts.until.as_deref().map(|t| window_time("--until", t)).transpose()?,
+    };
+    if opts.dry_run {
+        drop(conn);
+        return dry_run(db, &r, &target, &original, &asked).await;
+    }
+
+    if opts.confirm {
+        let images = count_images(db, &mut conn, &original.id, &asked).await?;
+        let c = crate::run::Confirmation {
+            job: &r.job.name,
+            target: db.redacted_url(),
+            candidates: images,
+        };
+        if !obs.confirm(&c) {
+            return Err(Error::CannotProceed("not confirmed; nothing was written".into()));
+        }
+    }
+    state::ensure_schema(db, &mut conn).await?;
+    let new_id = crate::run::new_id();
+    let lock_name = crate::run::lock_name(db, &mut conn, &r).await;
+    let mut lock = JobLock::acquire(db, &lock_name, &r.job.name, &new_id).await?;
+    let outcome = with_lock(
+        db, &mut conn, &r, &target, &original, asked, new_id, &mut lock, obs, stop,
+    )
+    .await;
+    lock.release().await;
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn with_lock(
+    db: &Db,
+    conn: &mut crate::dialect::Conn,
+    r: &ResolvedJob,
+    target: &Target,
+    original: &RunRecord,
+    asked: Window,
+    new_id: String,
+    lock: &mut JobLock,
+    obs: &dyn Observer,
+    stop: &Stop,
+) -> Result<UndoSummary> {
+    let started = Instant::now();
+    let sid = short(&original.id).to_string();
+    // An unfinished undo of this run is continued, with its own window.
+    let existing = state::list_undo_runs(db, conn, &original.id)
+        .await?
+        .into_iter()
+        .find(|u| u.status.is_unfinished());
+    let (run, window, resumed) = match existing {
+        Some(u) => {
+            let window: Window = Window {
+                since: u.params["since"].as_str().map(String::from),
+                until: u.params["until"].as_str().map(String::from),
+            };
+            let given = asked.since.is_some() || asked.until.is_some();
+            if given && window != asked {
+                return Err(Error::CannotProceed(format!(
+                    "undo run {} of run {sid} is unfinished with another window (since {:?}, until {:?}); run `infill undo {sid}` without --since/--until to finish it, or `infill cancel {}`",
+                    short(&u.id),
+                    window.since,
+                    window.until,
+                    short(&u.id)
+                )));
+            }
+            if u.status == RunStatus::Running && !u.process_gone() {
+                return Err(Error::JobBusy {
+                    job: r.job.name.clone(),
+                    holder: format!(" (undo run {}, pid {} on {})", short(&u.id), u.pid, u.host),
+                });
+            }
+            state::claim(db, conn, &u.id, &u.spec_sha256).await?;
+            obs.on_event(&Event::Notice(&format!(
+                "continuing undo run {} of run {sid}",
+                short(&u.id)
+            )));
+            (u, window, true)
+        }
+        None => {
+            let last = fetch_images(db, conn, target, &original.id, None, &asked, 1, true).await?;
+            let now = state::now();
+            let params = json!({ "undo_of": original.id, "since": asked.since, "until": asked.until });
+            let run = RunRecord {
+                id: new_id,
+                job: original.job.clone(),
+                status: RunStatus::Running,
+                definition_sha256: original.definition_sha256.clone(),
+                spec_sha256: original.spec_sha256.clone(),
+                params_sha256: {
+                    use sha2::{Digest, Sha256};
+                    hex::encode(Sha256::digest(format!("undo of {}", original.id).as_bytes()))
+                },
+                params,
+                env: original.env.clone(),
+                undo_enabled: false,
+                cursor: None,
+                upper: last.first().map(|i| vec![Value::Int(i.batch_no), Value::Int(i.seq)]),
+                segment: 0,
+                batch_size: r.settings.batch_size,
+                batches: 0,
+                rows_read: 0,
+                rows_changed: 0,
+                rows_skipped: 0,
+                rows_failed: 0,
+                host: crate::host::hostname(),
+                pid: std::process::id(),
+                os_user: crate::host::os_user(),
+                started_at: now.clone(),
+                updated_at: now,
+                finished_at: None,
+                message: None,
+                group_id: None,
+                undo_of: Some(original.id.clone()),
+            };
+            state::insert_run(db, conn, &run).await?;
+            (run, asked, false)
+        }
+    };
+    lock.set_run(&run.id).await?;
+    let mut audit = AuditLog::open(&r.log_dir, &run.id, r.redactor.clone())?;
+    audit.write(
+        "undo_start",
+        json!({
+            "undo_of": original.id,
+            "job": r.job.name,
+            "target": db.redacted_url(),
+            "since": window.since,
+            "until": window.until,
+            "user": crate::host::os_user(),
+            "host": crate::host::hostname(),
+            "pid": std::process::id(),
+            "infill_version": env!("CARGO_PKG_VERSION"),
+            "resumed": resumed,
+        }),
+    )?;
+    let total = count_images(db, conn, &original.id, &window).await?;
+    obs.on_event(&Event::Started {
+        run_id: &run.id,
+        job: &r.job.name,
+        estimated_keys: Some(total),
+        scanned_keys: run.rows_read,
+        resumed,
+    });
+
+    let mut summary = UndoSummary {
+        run_id: Some(run.id.clone()),
+        undo_of: original.id.clone(),
+        job: r.job.name.clone(),
+        status: None,
+        dry_run: false,
+        images: run.rows_read,
+        restored: run.rows_changed,
+        already: run.rows_skipped,
+        conflicts: run.rows_failed,
+        conflict_rows: Vec::new(),
+        duration_ms: 0,
+        audit_log: Some(audit.path().display().to_string()),
+    };
+    let mut cursor = run.cursor.as_ref().and_then(|k| match k.as_slice() {
+        [Value::Int(b), Value::Int(s)] => Some((*b, *s)),
+        _ => None,
+    });
+    let mut batch_no = run.batches;
+    let session_start = Instant::now();
+    let mut session_changed = 0u64;
+    let result: Result<()> = async {
+        loop {
+            if stop.requested() {
+                return Err(Error::Interrupted(format!(
+                    "undo run {} stopped after the batch in flight; `infill undo {sid}` continues it",
+                    short(&run.id)
+                )));
+            }
+            lock.check().await?;
+            let batch_start = Instant::now();
+            let page = fetch_images(
+                db,
+                conn,
+                target,
+                &original.id,
+                cursor,
+                &window,
+                r.settings.batch_size,
+                false,
+            )
+            .await?;
+            let Some(last) = page.last() else { break };
+            let (lo, hi) = (cursor, (last.batch_no, last.seq));
+            let mut tx = conn
+                .begin_with(db.dialect.begin_write())
+                .await
+                .map_err(Error::db("cannot begin the undo batch"))?;
+            let mut outcome = PageOutcome::default();
+            for img in &page {
+                restore_one(&mut tx, target, img, &mut outcome, true).await?;
+            }
+            batch_no += 1;
+            for (i, c) in outcome.conflicts.iter().enumerate() {
+                let f = state::Failure {
+                    run_id: run.id.clone(),
+                    batch_no: summary.conflicts + i as u64 + 1,
+                    key: c.key.clone(),
+                    error_code: Some("conflict".into()),
+                    message: match &c.column {
+                        Some(col) => format!("column {col} changed since run {sid} wrote it: kept"),
+                        None => "the row is gone".into(),
+                    },
+                    failed_at: state::now(),
+                };
+                state::insert_failure(db, &mut tx, &f)
+                    .await
+                    .map_err(Error::db("cannot record a conflict"))?;
+            }
+            let key = |p: (i64, i64)| vec![Value::Int(p.0), Value::Int(p.1)];
+            let mut cp = Checkpoint::new(
+                0,
+                batch_no,
+                lo.map(key).as_ref(),
+                key(hi),
+                page.len() as u64,
+                outcome.restored,
+                outcome.conflicts.len() as u64,
+                r.settings.batch_size,
+            );
+            cp.duration_ms = batch_start.elapsed().as_millis() as u64;
+            state::checkpoint(db, &mut tx, &run.id, &cp)
+                .await
+                .map_err(Error::db("cannot write the checkpoint"))?;
+            tx.commit().await.map_err(Error::db("cannot commit the undo batch"))?;
+            cursor = Some(hi);
+            summary.images += page.len() as u64;
+            summary.restored += outcome.restored;
+            summary.already += outcome.already;
+            summary.conflicts += outcome.conflicts.len() as u64;
+            session_changed += outcome.restored;
+            for c in &outcome.conflicts {
+                audit.write("conflict", serde_json::to_value(c).expect("serialisable"))?;
+            }
+            let room = CONFLICTS_SHOWN.saturating_sub(summary.conflict_rows.len());
+            summary.conflict_rows.extend(outcome.conflicts.into_iter().take(room));
+            let report = BatchReport { batch: cp, retries: 0 };
+            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
+            obs.on_event(&Event::Batch(&report));
+            crate::run::throttle(&r.settings, batch_start.elapsed(), session_changed, session_start, stop).await;
+        }
+        Ok(())
+    }
+    .await;
+    if resumed && summary.conflict_rows.len() < summary.conflicts as usize {
+        // Conflicts of an earlier process: from the state tables.
+        let all = state::list_failures(db, conn, &run.id).await.unwrap_or_default();
+        summary.conflict_rows = all
+            .into_iter()
+            .take(CONFLICTS_SHOWN)
+            .map(|f| Conflict {
+                key: f.key,
+                column: f
+                    .message
+                    .strip_prefix("column ")
+                    .and_then(|m| m.split(' ').next())
+                    .map(String::from),
+            })
+            .collect();
+    }
+    let (status, message, err) = match result {
+        Ok(()) => (RunStatus::Succeeded, None, None),
+        Err(e) => {
+            let status = match &e {
+                Error::Interrupted(_) => RunStatus::Interrupted,
+                e if e.is_transient() => RunStatus::Interrupted,
+                _ => RunStatus::Failed,
+            };
+            let msg = e.to_string();
+            let _ = audit.write("error", json!({ "message": msg }));
+            (status, Some(msg), Some(e))
+        }
+    };
+    let mut c = db.conn().await;
+    if let Ok(c) = c.as_mut() {
+        let _ = state::set_status(db, c, &run.id, status, message.as_deref()).await;
+        // The original run is undone when all of it was, with nothing kept.
+        if status == RunStatus::Succeeded && window == Window::default() && summary.conflicts == 0 {
+            let note = format!("undone by run {}", short(&run.id));
+            let _ = state::set_status(db, c, &original.id, RunStatus::Undone, Some(&note)).await;
+        }
+    }
+    summary.status = Some(status);
+    summary.duration_ms = started.elapsed().as_millis() as u64;
+    audit.write(
+        "undo_end",
+        json!({
+            "status": status.as_str(),
+            "images": summary.images,
+            "restored": summary.restored,
+            "already": summary.already,
+            "conflicts": summary.conflicts,
+            "duration_ms": summary.duration_ms,
+            "message": message,
+        }),
+    )?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+#[derive(Default)]
+struct PageOutcome {
+    restored: u64,
+    already: u64,
+    conflicts: Vec<Conflict>,
+}
+
+/// Restores one row (or, without `write`, only classifies it).
+async fn restore_one(
+    c: &mut impl Exec,
+    target: &Target,
+    img: &Image,
+    out: &mut PageOutcome,
+    write: bool,
+) -> Result<()> {
+    if write {
+        let n = c
+            .execute(&target.restore(&img.key, &img.cols))
+            .await
+            .map_err(Error::db("cannot restore a row"))?;
+        if n > 0 {
+            out.restored += 1;
+            return Ok(());
+        }
+    }
+    // Not restored: already as before, or changed since (or gone).
+    let cols: Vec<Column> = img.cols.iter().map(|(c, _, _)| c.clone()).collect();
+    let rows = c
+        .fetch(&target.current(&img.key, &cols))
+        .await
+        .map_err(Error::db("cannot read a row to undo"))?;
+    let Some(now) = rows.first() else {
+        out.conflicts.push(Conflict {
+            key: img.key_json.clone(),
+            column: None,
+        });
+        return Ok(());
+    };
+    let holds = |pick: fn(&(Column, Value, Value)) -> &Value| img.cols.iter().zip(now).all(|(c, v)| pick(c) == v);
+    if holds(|c| &c.1) {
+        out.already += 1;
+    } else if !write && holds(|c| &c.2) {
+        out.restored += 1;
+    } else {
+        let column = img
+            .cols
+            .iter()
+            .zip(now)
+            .find(|((_, _, after), v)| after != *v)
+            .map(|((c, _, _), _)| c.name.clone());
+        out.conflicts.push(Conflict {
+            key: img.key_json.clone(),
+            column,
+        });
+    }
+    Ok(())
+}
+
+/// Counts, read-only, what an undo would restore.
+async fn dry_run(
+    db: &Db,
+    r: &ResolvedJob,
+    target: &Target,
+    original: &RunRecord,
+    window: &Window,
+) -> Result<UndoSummary> {
+    let started = Instant::now();
+    let mut conn = db.read_only_conn().await?;
+    let mut tx = conn.begin_read_only(db.dialect).await?;
+    let mut outcome = PageOutcome::default();
+    let mut images = 0;
+    let mut cursor = None;
+    loop {
+        let page = fetch_images(
+            db,
+            &mut tx,
+            target,
+            &original.id,
+            cursor,
+            window,
+            r.settings.batch_size,
+            false,
+        )
+        .await?;
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.batch_no, last.seq));
+        images += page.len() as u64;
+        for img in &page {
+            restore_one(&mut tx, target, img, &mut outcome, false).await?;
+        }
+    }
+    tx.rollback()
+        .await
+        .map_err(Error::db("cannot end the read-only transaction"))?;
+    let conflicts = outcome.conflicts.len() as u64;
+    outcome.conflicts.truncate(CONFLICTS_SHOWN);
+    Ok(UndoSummary {
+        run_id: None,
+        undo_of: original.id.clone(),
+        job: r.job.name.clone(),
+        status: None,
+        dry_run: true,
+        images,
+        restored: outcome.restored,
+        already: outcome.already,
+        conflicts,
+        conflict_rows: outcome.conflicts,
+        duration_ms: started.elapsed().as_millis() as u64,
+        audit_log: None,
+    })
+}
+
+async fn count_images(db: &Db, c: &mut impl Exec, run_id: &str, w: &Window) -> Result<u64> {
+    let (sql, args) = images_sql(run_id, None, w);
+    let q = db.q(&format!("SELECT COUNT(*) {sql}"), args);
+    crate::plan::count(c, &q).await
+}
+
+/// `FROM ... WHERE ...` of a run's images after a cursor, in a window.
+fn images_sql(run_id: &str, after: Option<(i64, i64)>, w: &Window) -> (String, Vec<Value>) {
+    let mut sql = String::from(
+        "FROM infill_undo u JOIN infill_batches b ON b.run_id = u.run_id AND b.batch_no = u.batch_no WHERE u.run_id = ?",
+    );
+    let mut args = vec![Value::Text(run_id.into())];
+    if let Some((bn, seq)) = after {
+        sql.push_str(" AND (u.batch_no > ? OR (u.batch_no = ? AND u.seq > ?))");
+        args.extend([Value::Int(bn), Value::Int(bn), Value::Int(seq)]);
+    }
+    if let Some(s) = &w.since {
+        sql.push_str(" AND b.committed_at >= ?");
+        args.push(Value::Text(s.clone()));
+    }
+    if let Some(u) = &w.until {
+        sql.push_str(" AND b.committed_at <= ?");
+        args.push(Value::Text(u.clone()));
+    }
+    (sql, args)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_images(
+    db: &Db,
+    c: &mut impl Exec,
+    target: &Target,
+    run_id: &str,
+    after: Option<(i64, i64)>,
+    w: &Window,
+    limit: u64,
+    last: bool,
+) -> Result<Vec<Image>> {
+    let (sql, args) = images_sql(run_id, after, w);
+    let order = if last {
+        "u.batch_no DESC, u.seq DESC"
+    } else {
+        "u.batch_no, u.seq"
+    };
+    let q = db.q(
+        &format!(
+            "SELECT u.batch_no, u.seq, u.row_key, u.before_image, u.after_image {sql} ORDER BY {order} LIMIT {}",
+            limit.max(1)
+        ),
+        args,
+    );
+    let rows = c.fetch(&q).await.map_err(Error::db("cannot read the undo images"))?;
+    rows.iter()
+        .map(|row| {
+            let int = |v: &Value| match v {
+                Value::Int(i) => *i,
+                other => other.display().parse().unwrap_or(0),
+            };
+            let json = |v: &Value| -> Result<serde_json::Value> {
+                serde_json::from_str(&v.display()).map_err(|e| {
+                    Error::CannotProceed(format!("an undo image of run {} is unreadable: {e}", short(run_id)))
+                })
+            };
+            let key_json = json(&row[2])?;
+            let key = key_from_json(&key_json).ok_or_else(|| {
+                Error::CannotProceed(format!("an undo image key of run {} is unreadable", short(run_id)))
+            })?;
+            let (before, after) = (json(&row[3])?, json(&row[4])?);
+            let mut cols = Vec::new();
+            for (name, b) in before.as_object().into_iter().flatten() {
+                let col = target.column(db, name).ok_or_else(|| {
+                    Error::CannotProceed(format!(
+                        "column `{name}` of run {}'s undo images is no longer in table `{}`",
+                        short(run_id),
+                        target.table
+                    ))
+                })?;
+                let v = |j: &serde_json::Value| Value::from_json(j).unwrap_or(Value::Null);
+                cols.push((col, v(b), v(&after[name.as_str()])));
+            }
+            Ok(Image {
+                batch_no: int(&row[0]),
+                seq: int(&row[1]),
+                key_json,
+                key,
+                cols,
+            })
+        })
+        .collect()
+}
