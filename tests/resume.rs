@@ -18,11 +18,15 @@ const BATCH: &str = "2000";
 /// `items`: even ids are candidates (val NULL), odd ids are not (val -1);
 /// `writes` counts every UPDATE of a row, by trigger.
 async fn schema(db: &TestDb) {
+    schema_of(db, ROWS).await
+}
+
+async fn schema_of(db: &TestDb, rows: u64) {
     db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, val BIGINT, writes INTEGER NOT NULL DEFAULT 0)")
         .await;
     db.exec(&format!(
         "INSERT INTO items (id, val, writes) SELECT i, CASE WHEN i % 2 = 0 THEN NULL ELSE -1 END, 0 FROM ({}) s",
-        db.series(ROWS)
+        db.series(rows)
     ))
     .await;
     match db.backend {
@@ -285,3 +289,71 @@ on_all_backends!(
     a_concurrent_writer_keeps_its_values,
     a_concurrent_writer_keeps_its_values
 );
+
+/// A kill -9 in the middle of an undo: the batches it committed are
+/// restored once, and `infill undo RUN` again continues that undo run, so
+/// every row ends written exactly twice (the run, the undo) and as before.
+async fn kill_9_during_undo(db: TestDb) {
+    schema_of(&db, 20_000).await;
+    let spec = db.spec(
+        r#"
+[jobs.fill]
+source.table = "items"
+source.key = ["id"]
+source.where = "val IS NULL"
+action.update.val = "id * 2"
+batch_size = 500
+pause_between = "30ms"
+"#,
+    );
+    let spec = spec.to_str().unwrap();
+    let out = db.run(&["run", spec, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = run["run_id"].as_str().unwrap()[..13].to_string();
+
+    let undo_batches =
+        "SELECT COUNT(*) FROM infill_batches b JOIN infill_runs r ON r.id = b.run_id WHERE r.undo_of IS NOT NULL";
+    let mut child = spawn(&db, &["undo", &id]);
+    let start = Instant::now();
+    while db.try_int(undo_batches).await.unwrap_or(0) < 3 {
+        assert!(child.try_wait().unwrap().is_none(), "the undo ended before 3 batches");
+        assert!(start.elapsed() < Duration::from_secs(60), "no undo progress in 60 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    let committed = db.int(undo_batches).await;
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE writes = 2").await,
+        committed * 500,
+        "exactly the committed undo batches' rows are restored"
+    );
+
+    let out = db.run(&["undo", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("continuing undo run"), "{}", text(&out));
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 0 AND (writes <> 2 OR val IS NOT NULL)")
+            .await,
+        0,
+        "every candidate written by the run, then restored once"
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE id % 2 = 1 AND writes <> 0")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs WHERE undo_of IS NOT NULL")
+            .await,
+        1,
+        "one undo run, continued"
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs WHERE undo_of IS NULL AND status = 'undone'")
+            .await,
+        1
+    );
+}
+on_all_backends!(kill_9_during_undo, kill_9_during_undo);
