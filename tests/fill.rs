@@ -255,7 +255,7 @@ async fn verbose_prints_each_written_row(db: TestDb) {
 on_all_backends!(verbose_prints_each_written_row, verbose_prints_each_written_row);
 
 /// State tables written by an earlier infill (schema version 1, without
-/// run groups) are migrated in place by the next run.
+/// run groups and undo runs) are migrated in place by the next run.
 async fn migrates_version_1_state(db: TestDb) {
     schema(&db, 300).await;
     let spec = db.spec(SPEC);
@@ -263,6 +263,7 @@ async fn migrates_version_1_state(db: TestDb) {
     let out = db.run(&["run", spec, "--param", "block=1"]);
     assert!(out.status.success(), "{}", text(&out));
     db.exec("ALTER TABLE infill_runs DROP COLUMN group_id").await;
+    db.exec("ALTER TABLE infill_runs DROP COLUMN undo_of").await;
     db.exec("UPDATE infill_schema SET version = 1").await;
 
     let out = db.run(&["run", spec, "--param", "block=2"]);

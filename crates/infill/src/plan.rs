@@ -298,10 +298,17 @@ pub(crate) async fn analyse(
         plan.sample = sample(&mut tx, db, target, r, &upper).await?;
     }
     plan.batches = plan.keys_in_range.div_ceil(plan.batch_size.max(1)) * target.segments();
-    plan.writes.push(TableWrites {
-        table: plan.table.clone(),
-        rows: plan.candidates,
-        what: "rows updated (at most: a row changed since is skipped)".into(),
+    plan.writes.push(match &job.call {
+        Some(c) => TableWrites {
+            table: "(action.call)".into(),
+            rows: plan.candidates,
+            what: format!("calls of: {}", c.sql),
+        },
+        None => TableWrites {
+            table: plan.table.clone(),
+            rows: plan.candidates,
+            what: "rows updated (at most: a row changed since is skipped)".into(),
+        },
     });
     if job.undo {
         plan.writes.push(TableWrites {

@@ -1006,7 +1006,7 @@ async fn apply_batch(
         limit,
         undo,
     };
-    if let Some(q) = target.fused_batch(&shape).filter(|_| !verbose) {
+    if let Some(q) = target.fused_batch(&shape).filter(|_| !verbose && target.call.is_none()) {
         let row = tx
             .fetch(&q)
             .await
@@ -1042,7 +1042,15 @@ async fn apply_batch(
     let keys: Vec<Key> = rows.iter().map(|r| r[..nk].to_vec()).collect();
     let mut changed = 0u64;
     let mut after: Vec<Vec<Value>> = Vec::new();
-    if !keys.is_empty() {
+    if target.call.is_some() {
+        // One statement per row, in the batch's transaction.
+        for row in &rows {
+            tx.execute(&target.call_statement(&row[nk..]))
+                .await
+                .map_err(fail("cannot call"))?;
+            changed += 1;
+        }
+    } else if !keys.is_empty() {
         if d.update_by_key_list() {
             for chunk in keys.chunks((KEYS_PER_STATEMENT / nk).max(1)) {
                 let q = target.update_keys(chunk);

@@ -45,6 +45,9 @@ pub struct Target {
     pub categories: Vec<(String, Fragment)>,
     /// Every column of the table, as the server types them.
     pub columns: Vec<Column>,
+    /// `action.call`, and the row's columns it binds (read with the candidates).
+    pub call: Option<Fragment>,
+    pub row_cols: Vec<Column>,
     /// The segment `filter` belongs to (0 without priority).
     pub segment_no: u64,
     pub params: BTreeMap<String, Value>,
@@ -134,6 +137,30 @@ impl Target {
             sets.push((c, parse(expr)?));
         }
         let filter = job.filter.as_ref().map(parse).transpose()?;
+        let call = job.call.as_ref().map(parse).transpose()?;
+        let mut row_cols: Vec<Column> = Vec::new();
+        if let (Some(f), Some(text)) = (&call, &job.call) {
+            for name in f.params() {
+                if r.params.contains_key(name) || row_cols.iter().any(|c| c.name == name) {
+                    continue;
+                }
+                let c = find_column(db, &columns, name).ok_or_else(|| {
+                    sql_error(
+                        db,
+                        &text.location,
+                        &text.field,
+                        format!(
+                            ":{name} is neither a param of the job nor a column of table `{}`",
+                            job.table.join(".")
+                        ),
+                    )
+                })?;
+                row_cols.push(Column {
+                    name: name.to_string(),
+                    ..c
+                });
+            }
+        }
         let priority = job.priority.iter().map(parse).collect::<Result<Vec<_>>>()?;
         let categories = job
             .categories
@@ -151,6 +178,8 @@ impl Target {
             priority,
             categories,
             columns,
+            call,
+            row_cols,
             segment_no: 0,
             params: r.params.clone(),
         };
@@ -188,6 +217,12 @@ impl Target {
                 .fragment(f, &self.params)
                 .push(")");
             conn.prepare(&b.finish()).await.map_err(|e| fail(text, e))?;
+        }
+        if let (Some(_), Some(text)) = (&self.call, &r.job.call) {
+            let nulls = vec![Value::Null; self.row_cols.len()];
+            conn.prepare(&self.call_statement(&nulls))
+                .await
+                .map_err(|e| fail(text, e))?;
         }
         for ((col, f), (_, text)) in self.sets.iter().zip(&r.job.updates) {
             let mut b = SqlBuilder::new(self.dialect);
@@ -372,7 +407,12 @@ impl Target {
     /// columns, locked; at most `limit` rows.
     pub fn candidates(&self, lo: Option<&Key>, hi: &Key, limit: Option<u64>) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
-        let cols = self.key_and_set_out();
+        let mut cols = self.key_and_set_out();
+        cols.extend(
+            self.row_cols
+                .iter()
+                .map(|c| self.dialect.value_out(&self.dialect.quote_ident(&c.name))),
+        );
         b.push("SELECT ")
             .push(&Self::select_list(&cols))
             .push(" FROM ")
@@ -600,6 +640,31 @@ impl Target {
             .push(&self.table)
             .push(" WHERE ");
         self.push_key_eq(&mut b, key);
+        b.finish()
+    }
+
+    /// `action.call` for one row: `:name` binds a param, or the row's column
+    /// (`values`, in `row_cols` order, cast back to the column's type).
+    pub fn call_statement(&self, values: &[Value]) -> Query {
+        let d = self.dialect;
+        let mut b = SqlBuilder::new(d);
+        let f = self.call.as_ref().expect("a call job");
+        for part in &f.parts {
+            match part {
+                Part::Sql(s) => {
+                    b.push(s);
+                }
+                Part::Param(name) => match self.row_cols.iter().position(|c| &c.name == name) {
+                    Some(i) => {
+                        let ph = b.arg(values.get(i).cloned().unwrap_or(Value::Null));
+                        b.push(&d.value_in(&ph, &self.row_cols[i]));
+                    }
+                    None => {
+                        b.bind(self.params.get(name).cloned().unwrap_or(Value::Null));
+                    }
+                },
+            }
+        }
         b.finish()
     }
 }

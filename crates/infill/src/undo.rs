@@ -127,7 +127,7 @@ async fn undo_on(
     let sid = short(&original.id).to_string();
     if !original.undo_enabled {
         return Err(Error::CannotProceed(format!(
-            "run {sid} kept no undo images (its job says undo = false): it cannot be undone"
+            "run {sid} kept no undo images (its job sets undo = false, or its action is a call): it cannot be undone"
         )));
     }
     if original.status == RunStatus::Running && !original.process_gone() {

@@ -198,6 +198,9 @@ pub struct Job {
     pub filter: Option<SqlText>,
     /// `action.update.<column> = <expression>`, in column order.
     pub updates: Vec<(String, SqlText)>,
+    /// `action.call`: one statement per row; `:name` binds a param or a
+    /// column of the row.
+    pub call: Option<SqlText>,
     pub params: Vec<ParamDecl>,
     pub undo: bool,
     pub depends_on: Vec<String>,
@@ -223,6 +226,7 @@ impl Job {
         self.filter
             .iter()
             .chain(self.updates.iter().map(|(_, s)| s))
+            .chain(self.call.iter())
             .chain(self.priority.iter())
             .chain(self.categories.iter().map(|(_, s)| s))
     }
@@ -524,7 +528,6 @@ impl Spec {
         let act = action.get_ref();
         for (kind, span) in [
             ("insert", act.insert.as_ref().map(|v| v.span())),
-            ("call", act.call.as_ref().map(|v| v.span())),
             ("http", act.http.as_ref().map(|v| v.span())),
             ("exec", act.exec.as_ref().map(|v| v.span())),
             ("export", act.export.as_ref().map(|v| v.span())),
@@ -533,7 +536,9 @@ impl Spec {
                 return Err(self.err(
                     span,
                     jf(&format!("action.{kind}")),
-                    format!("action.{kind} is not supported by this version of infill yet; use action.update"),
+                    format!(
+                        "action.{kind} is not supported by this version of infill yet; use action.update or action.call"
+                    ),
                 ));
             }
         }
@@ -546,13 +551,25 @@ impl Spec {
                 "with source.table, the action writes that table; leave action.table out",
             ));
         }
-        let update = act.update.as_ref().filter(|u| !u.is_empty()).ok_or_else(|| {
-            self.err(
-                action.span(),
-                jf("action.update"),
-                "missing: set at least one column (action.update.<column> = \"<SQL expression>\")",
-            )
-        })?;
+        let no_update = BTreeMap::new();
+        let update = match (act.update.as_ref().filter(|u| !u.is_empty()), &act.call) {
+            (Some(_), Some(c)) => {
+                return Err(self.err(
+                    c.span(),
+                    jf("action.call"),
+                    "a job has one action: action.update or action.call, not both",
+                ));
+            }
+            (Some(u), None) => u,
+            (None, Some(_)) => &no_update,
+            (None, None) => {
+                return Err(self.err(
+                    action.span(),
+                    jf("action.update"),
+                    "missing: set at least one column (action.update.<column> = \"<SQL expression>\") or give action.call",
+                ));
+            }
+        };
 
         let mut params = Vec::new();
         for (pname, p) in &raw.params {
@@ -587,10 +604,12 @@ impl Spec {
             });
         }
 
-        let sql = |s: &Spanned<String>, field: String| -> Result<SqlText> {
+        // `row_binds`: `:name` may also name a column of the row (checked
+        // against the table when the run starts).
+        let sql_with = |s: &Spanned<String>, field: String, row_binds: bool| -> Result<SqlText> {
             let frag = Fragment::parse(s.get_ref(), false).map_err(|m| self.err(s.span(), field.clone(), m))?;
             for p in frag.params() {
-                if !params.iter().any(|d| d.name == p) {
+                if !row_binds && !params.iter().any(|d| d.name == p) {
                     return Err(self.err(
                         s.span(),
                         field.clone(),
@@ -607,6 +626,12 @@ impl Spec {
                 location: self.location(s.span()),
             })
         };
+        let sql = |s: &Spanned<String>, field: String| sql_with(s, field, false);
+        let call = act
+            .call
+            .as_ref()
+            .map(|c| sql_with(c, jf("action.call"), true))
+            .transpose()?;
         let filter = src.where_.as_ref().map(|w| sql(w, jf("source.where"))).transpose()?;
         let mut updates = Vec::new();
         for (col, expr) in update {
@@ -650,6 +675,8 @@ impl Spec {
             key: &'a [String],
             filter: Option<&'a str>,
             updates: Vec<(&'a str, &'a str)>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            call: Option<&'a str>,
             params: &'a [ParamDecl],
             undo: bool,
             priority: Vec<&'a str>,
@@ -659,13 +686,15 @@ impl Spec {
             .as_ref()
             .map(|d| d.get_ref().clone())
             .unwrap_or_else(|| "target".into());
-        let undo = raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
+        // A call's effects cannot be imaged: its runs are not undoable.
+        let undo = call.is_none() && raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
         let def = Definition {
             database: &database,
             table: &table_parts,
             key: &key,
             filter: filter.as_ref().map(|f| f.sql.as_str()),
             updates: updates.iter().map(|(c, s)| (c.as_str(), s.sql.as_str())).collect(),
+            call: call.as_ref().map(|c| c.sql.as_str()),
             params: &params,
             undo,
             priority: priority.iter().map(|p| p.sql.as_str()).collect(),
@@ -687,6 +716,7 @@ impl Spec {
             key_at: self.location(key_spanned.span()),
             filter,
             updates,
+            call,
             params,
             undo,
             depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),

@@ -154,7 +154,7 @@ pub struct RawAction {
     pub table: Option<Spanned<String>>,
     pub update: Option<BTreeMap<String, Spanned<String>>>,
     pub insert: Option<Spanned<toml::Value>>,
-    pub call: Option<Spanned<toml::Value>>,
+    pub call: Option<Spanned<String>>,
     pub http: Option<Spanned<toml::Value>>,
     pub exec: Option<Spanned<toml::Value>>,
     pub export: Option<Spanned<toml::Value>>,
