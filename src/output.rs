@@ -289,9 +289,10 @@ pub fn undone(u: &UndoSummary, json: bool) {
     if u.conflicts > 0 {
         println!("  rows changed since the run wrote them, left as they are:");
         for c in &u.conflict_rows {
-            match &c.column {
-                Some(col) => println!("    key {}  ({col} changed)", c.key),
-                None => println!("    key {}  (the row is gone)", c.key),
+            match (&c.column, &c.reason) {
+                (_, Some(why)) => println!("    key {}  (inserted row kept: {why})", c.key),
+                (Some(col), None) => println!("    key {}  ({col} changed)", c.key),
+                (None, None) => println!("    key {}  (the row is gone)", c.key),
             }
         }
         if u.conflicts as usize > u.conflict_rows.len() {

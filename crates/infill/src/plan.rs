@@ -298,13 +298,18 @@ pub(crate) async fn analyse(
         plan.sample = sample(&mut tx, db, target, r, &upper).await?;
     }
     plan.batches = plan.keys_in_range.div_ceil(plan.batch_size.max(1)) * target.segments();
-    plan.writes.push(match &job.call {
-        Some(c) => TableWrites {
+    plan.writes.push(match (&job.call, &job.insert) {
+        (Some(c), _) => TableWrites {
             table: "(action.call)".into(),
             rows: plan.candidates,
             what: format!("calls of: {}", c.sql),
         },
-        None => TableWrites {
+        (_, Some(i)) => TableWrites {
+            table: i.table.join("."),
+            rows: plan.candidates,
+            what: "rows inserted (at most: a row whose unique key is taken is skipped)".into(),
+        },
+        _ => TableWrites {
             table: plan.table.clone(),
             rows: plan.candidates,
             what: "rows updated (at most: a row changed since is skipped)".into(),

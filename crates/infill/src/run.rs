@@ -1006,7 +1006,10 @@ async fn apply_batch(
         limit,
         undo,
     };
-    if let Some(q) = target.fused_batch(&shape).filter(|_| !verbose && target.call.is_none()) {
+    if let Some(q) = target
+        .fused_batch(&shape)
+        .filter(|_| !verbose && target.call.is_none() && target.insert.is_none())
+    {
         let row = tx
             .fetch(&q)
             .await
@@ -1049,6 +1052,14 @@ async fn apply_batch(
                 .await
                 .map_err(fail("cannot call"))?;
             changed += 1;
+        }
+    } else if target.insert.is_some() {
+        let images = insert_rows(db, &mut tx, target, &rows[..], nk, batch_no).await?;
+        changed = images.len() as u64;
+        if undo && !images.is_empty() {
+            state::insert_undo(db, &mut tx, run_id, batch_no, &images)
+                .await
+                .map_err(fail("cannot store the undo images"))?;
         }
     } else if !keys.is_empty() {
         if d.update_by_key_list() {
@@ -1118,6 +1129,86 @@ async fn apply_batch(
         batch_size,
     );
     checkpoint_and_commit(db, tx, run_id, cp, t0, written).await
+}
+
+/// `action.insert` for each candidate: the rows inserted, as undo images
+/// (key, no before, the stored values after). A row whose unique key is
+/// taken already is skipped.
+async fn insert_rows(
+    db: &Db,
+    tx: &mut crate::dialect::Tx<'_>,
+    target: &Target,
+    rows: &[Vec<Value>],
+    nk: usize,
+    batch_no: u64,
+) -> Result<Vec<UndoImage>> {
+    let d = db.dialect;
+    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+    let ins = target.insert.as_ref().expect("an insert job");
+    let names: Vec<String> = ins.columns.iter().map(|(c, _)| c.name.clone()).collect();
+    let inserted: Vec<crate::dialect::Column> = ins.columns.iter().map(|(c, _)| c.clone()).collect();
+    let view = target.insert_view().expect("an insert job");
+    let npk = ins.key.len();
+    let mut images = Vec::new();
+    for row in rows {
+        let binds = &row[nk..];
+        let stored: Option<Vec<Value>> = if d.insert_on_conflict() {
+            tx.fetch(&target.insert_row(binds))
+                .await
+                .map_err(fail("cannot insert"))?
+                .into_iter()
+                .next()
+        } else {
+            let computed = tx
+                .fetch(&target.insert_values(binds))
+                .await
+                .map_err(fail("cannot compute the inserted values"))?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            if tx
+                .execute(&target.insert_guarded(&computed))
+                .await
+                .map_err(fail("cannot insert"))?
+                == 0
+            {
+                None
+            } else {
+                let from_values: Option<Key> = ins
+                    .key
+                    .iter()
+                    .map(|k| names.iter().position(|n| *n == k.name).map(|i| computed[i].clone()))
+                    .collect();
+                let key = match from_values {
+                    Some(k) => k,
+                    None => {
+                        let id = tx
+                            .fetch(&crate::sql::Query::new("SELECT CAST(LAST_INSERT_ID() AS CHAR)"))
+                            .await
+                            .map_err(fail("cannot read the generated key"))?;
+                        id.into_iter().next().unwrap_or_default()
+                    }
+                };
+                let back = tx
+                    .fetch(&view.current(&key, &inserted))
+                    .await
+                    .map_err(fail("cannot read the inserted row"))?;
+                back.into_iter()
+                    .next()
+                    .map(|vals| key.into_iter().chain(vals).collect())
+            }
+        };
+        if let Some(s) = stored {
+            images.push(UndoImage {
+                key: key_to_json(&s[..npk]),
+                before: serde_json::Value::Null,
+                after: serde_json::Value::Object(
+                    names.iter().cloned().zip(s[npk..].iter().map(Value::to_json)).collect(),
+                ),
+            });
+        }
+    }
+    Ok(images)
 }
 
 /// Writes the batch's checkpoint (its duration measured now) and commits.

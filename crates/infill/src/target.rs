@@ -24,6 +24,23 @@ pub struct BatchShape<'a> {
     pub undo: bool,
 }
 
+/// The table `action.insert` writes: its columns, keys and expressions.
+#[derive(Clone)]
+pub struct InsertTarget {
+    /// Quoted table name.
+    pub table: String,
+    pub parts: Vec<String>,
+    /// Inserted columns with their expressions.
+    pub columns: Vec<(Column, Fragment)>,
+    /// The key an inserted row is known by (primary key, else the first
+    /// unique key): what its undo image holds.
+    pub key: Vec<Column>,
+    /// Every unique key (MySQL guards its inserts with them).
+    pub unique: Vec<Vec<Column>>,
+    /// Every column of the table.
+    pub all: Vec<Column>,
+}
+
 /// The target of a job, ready to compose statements.
 #[derive(Clone)]
 pub struct Target {
@@ -45,8 +62,10 @@ pub struct Target {
     pub categories: Vec<(String, Fragment)>,
     /// Every column of the table, as the server types them.
     pub columns: Vec<Column>,
-    /// `action.call`, and the row's columns it binds (read with the candidates).
+    /// `action.call`, and the row's columns it and `insert` bind (read
+    /// with the candidates).
     pub call: Option<Fragment>,
+    pub insert: Option<InsertTarget>,
     pub row_cols: Vec<Column>,
     /// The segment `filter` belongs to (0 without priority).
     pub segment_no: u64,
@@ -74,6 +93,87 @@ fn find_column(db: &Db, columns: &[Column], name: &str) -> Option<Column> {
             }
         })
         .cloned()
+}
+
+/// Reads the insert table's columns and unique keys.
+async fn inspect_insert(
+    db: &Db,
+    conn: &mut impl Exec,
+    spec: &crate::spec::Insert,
+    exprs: Vec<Fragment>,
+) -> Result<InsertTarget> {
+    let d = db.dialect;
+    let field = spec.columns[0]
+        .1
+        .field
+        .replace(&format!(".insert.{}", spec.columns[0].0), ".table");
+    let rows = conn
+        .fetch(&d.columns_query(&spec.table))
+        .await
+        .map_err(Error::db("cannot read the insert table's columns"))?;
+    let all: Vec<Column> = rows
+        .iter()
+        .map(|r| Column {
+            name: r[0].display(),
+            sql_type: r[1].display(),
+        })
+        .collect();
+    let name = spec.table.join(".");
+    if all.is_empty() {
+        return Err(sql_error(
+            db,
+            &spec.table_at,
+            &field,
+            format!("table `{name}` does not exist"),
+        ));
+    }
+    let mut columns = Vec::new();
+    for ((col, text), f) in spec.columns.iter().zip(exprs) {
+        let c = find_column(db, &all, col).ok_or_else(|| {
+            sql_error(
+                db,
+                &text.location,
+                &text.field,
+                format!("column `{col}` does not exist in table `{name}`"),
+            )
+        })?;
+        columns.push((c, f));
+    }
+    let rows = conn
+        .fetch(&d.unique_keys_query(&spec.table))
+        .await
+        .map_err(Error::db("cannot read the insert table's keys"))?;
+    let mut unique: Vec<Vec<Column>> = Vec::new();
+    let mut last = None;
+    for row in &rows {
+        let index = (row[0].display(), row[1].display());
+        let Some(c) = find_column(db, &all, &row[2].display()) else {
+            continue;
+        };
+        if last.as_ref() != Some(&index) {
+            unique.push(Vec::new());
+            last = Some(index);
+        }
+        unique.last_mut().expect("pushed").push(c);
+    }
+    let key = unique.first().cloned().ok_or_else(|| {
+        sql_error(
+            db,
+            &spec.table_at,
+            &field,
+            format!(
+                "table `{name}` has no primary or unique key: infill could not tell the rows it inserts apart (to skip duplicates and to undo)"
+            ),
+        )
+    })?;
+    Ok(InsertTarget {
+        table: d.quote_table(&spec.table),
+        parts: spec.table.clone(),
+        columns,
+        key,
+        unique,
+        all,
+    })
 }
 
 impl Target {
@@ -139,7 +239,20 @@ impl Target {
         let filter = job.filter.as_ref().map(parse).transpose()?;
         let call = job.call.as_ref().map(parse).transpose()?;
         let mut row_cols: Vec<Column> = Vec::new();
+        let mut binds: Vec<(&Fragment, &SqlText)> = Vec::new();
+        let insert_exprs = match &job.insert {
+            Some(i) => i
+                .columns
+                .iter()
+                .map(|(_, t)| Ok((parse(t)?, t)))
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
         if let (Some(f), Some(text)) = (&call, &job.call) {
+            binds.push((f, text));
+        }
+        binds.extend(insert_exprs.iter().map(|(f, t)| (f, *t)));
+        for (f, text) in binds {
             for name in f.params() {
                 if r.params.contains_key(name) || row_cols.iter().any(|c| c.name == name) {
                     continue;
@@ -167,6 +280,10 @@ impl Target {
             .iter()
             .map(|(n, s)| Ok((n.clone(), parse(s)?)))
             .collect::<Result<Vec<_>>>()?;
+        let insert = match &job.insert {
+            Some(i) => Some(inspect_insert(db, conn, i, insert_exprs.into_iter().map(|(f, _)| f).collect()).await?),
+            None => None,
+        };
         let target = Target {
             dialect: d,
             table: d.quote_table(&job.table),
@@ -179,6 +296,7 @@ impl Target {
             categories,
             columns,
             call,
+            insert,
             row_cols,
             segment_no: 0,
             params: r.params.clone(),
@@ -223,6 +341,22 @@ impl Target {
             conn.prepare(&self.call_statement(&nulls))
                 .await
                 .map_err(|e| fail(text, e))?;
+        }
+        if let (Some(ins), Some(spec)) = (&self.insert, &r.job.insert) {
+            let nulls = vec![Value::Null; self.row_cols.len()];
+            let q = if self.dialect.insert_on_conflict() {
+                self.insert_row(&nulls)
+            } else {
+                self.insert_values(&nulls)
+            };
+            let text = &spec.columns[0].1;
+            conn.prepare(&q).await.map_err(|e| fail(text, e))?;
+            if !self.dialect.insert_on_conflict() {
+                let vals = vec![Value::Null; ins.columns.len()];
+                conn.prepare(&self.insert_guarded(&vals))
+                    .await
+                    .map_err(|e| fail(text, e))?;
+            }
         }
         for ((col, f), (_, text)) in self.sets.iter().zip(&r.job.updates) {
             let mut b = SqlBuilder::new(self.dialect);
@@ -643,12 +777,17 @@ impl Target {
         b.finish()
     }
 
-    /// `action.call` for one row: `:name` binds a param, or the row's column
-    /// (`values`, in `row_cols` order, cast back to the column's type).
+    /// `action.call` for one row (see `push_row_fragment`).
     pub fn call_statement(&self, values: &[Value]) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        self.push_row_fragment(&mut b, self.call.as_ref().expect("a call job"), values);
+        b.finish()
+    }
+
+    /// Appends a fragment whose `:name` binds a param or the row's column
+    /// (`values` in `row_cols` order, cast back to the column's type).
+    fn push_row_fragment(&self, b: &mut SqlBuilder<'_>, f: &Fragment, values: &[Value]) {
         let d = self.dialect;
-        let mut b = SqlBuilder::new(d);
-        let f = self.call.as_ref().expect("a call job");
         for part in &f.parts {
             match part {
                 Part::Sql(s) => {
@@ -664,6 +803,118 @@ impl Target {
                     }
                 },
             }
+        }
+    }
+
+    fn insert_target(&self) -> &InsertTarget {
+        self.insert.as_ref().expect("an insert job")
+    }
+
+    /// `INSERT ... ON CONFLICT DO NOTHING RETURNING` the key and the stored
+    /// values: no row back means the row was there already.
+    pub fn insert_row(&self, values: &[Value]) -> Query {
+        let d = self.dialect;
+        let ins = self.insert_target();
+        let mut b = SqlBuilder::new(d);
+        let names: Vec<String> = ins.columns.iter().map(|(c, _)| d.quote_ident(&c.name)).collect();
+        b.push("INSERT INTO ")
+            .push(&ins.table)
+            .push(" (")
+            .push(&names.join(", "))
+            .push(") VALUES (");
+        for (i, (_, f)) in ins.columns.iter().enumerate() {
+            b.push(if i > 0 { ", (" } else { "(" });
+            self.push_row_fragment(&mut b, f, values);
+            b.push(")");
+        }
+        let mut ret: Vec<String> = ins.key.iter().map(|k| d.value_out(&d.quote_ident(&k.name))).collect();
+        ret.extend(names.iter().map(|n| d.value_out(n)));
+        b.push(") ON CONFLICT DO NOTHING RETURNING ").push(&ret.join(", "));
+        b.finish()
+    }
+
+    /// The values a row's insert expressions give (for engines that guard
+    /// the insert themselves).
+    pub fn insert_values(&self, values: &[Value]) -> Query {
+        let d = self.dialect;
+        let ins = self.insert_target();
+        let mut b = SqlBuilder::new(d);
+        b.push("SELECT ");
+        for (i, (_, f)) in ins.columns.iter().enumerate() {
+            b.push(if i > 0 { ", " } else { "" });
+            let mark = b.mark();
+            b.push("(");
+            self.push_row_fragment(&mut b, f, values);
+            b.push(")");
+            b.wrap_since(mark, |e| d.value_out(e));
+        }
+        b.finish()
+    }
+
+    /// Inserts computed values unless a row with the same unique key
+    /// exists (`NOT EXISTS` over every unique key whose columns are all
+    /// inserted; NULLs never match, as in a unique index).
+    pub fn insert_guarded(&self, vals: &[Value]) -> Query {
+        let d = self.dialect;
+        let ins = self.insert_target();
+        let mut b = SqlBuilder::new(d);
+        let names: Vec<String> = ins.columns.iter().map(|(c, _)| d.quote_ident(&c.name)).collect();
+        b.push("INSERT INTO ")
+            .push(&ins.table)
+            .push(" (")
+            .push(&names.join(", "))
+            .push(") SELECT ");
+        for (i, ((c, _), v)) in ins.columns.iter().zip(vals).enumerate() {
+            let ph = b.arg(v.clone());
+            b.push(if i > 0 { ", " } else { "" }).push(&d.value_in(&ph, c));
+        }
+        b.push(" FROM DUAL");
+        let mut guards = Vec::new();
+        for key in &ins.unique {
+            let mut conds = Vec::new();
+            for k in key {
+                let Some(i) = ins.columns.iter().position(|(c, _)| c.name == k.name) else {
+                    conds.clear();
+                    break;
+                };
+                let ph = b.arg(vals[i].clone());
+                conds.push(format!("{} = {}", d.quote_ident(&k.name), d.value_in(&ph, k)));
+            }
+            if !conds.is_empty() {
+                guards.push(format!("({})", conds.join(" AND ")));
+            }
+        }
+        if !guards.is_empty() {
+            b.push(" WHERE NOT EXISTS (SELECT 1 FROM ")
+                .push(&ins.table)
+                .push(" WHERE ")
+                .push(&guards.join(" OR "))
+                .push(")");
+        }
+        b.finish()
+    }
+
+    /// This target seen as the insert table: undo restores and deletes there.
+    pub fn insert_view(&self) -> Option<Target> {
+        let ins = self.insert.as_ref()?;
+        let mut t = self.clone();
+        t.table = ins.table.clone();
+        t.keys = ins.key.clone();
+        t.key_q = ins.key.iter().map(|k| self.dialect.quote_ident(&k.name)).collect();
+        t.columns = ins.all.clone();
+        Some(t)
+    }
+
+    /// Undo of an insert: deletes the row if it still holds exactly what
+    /// was inserted.
+    pub fn delete_inserted(&self, key: &Key, cols: &[(Column, Value)]) -> Query {
+        let d = self.dialect;
+        let mut b = SqlBuilder::new(d);
+        b.push("DELETE FROM ").push(&self.table).push(" WHERE ");
+        self.push_key_eq(&mut b, key);
+        for (c, after) in cols {
+            let ph = b.arg(after.clone());
+            b.push(" AND ").push(&d.same_value(&d.quote_ident(&c.name), &ph));
         }
         b.finish()
     }

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::lock::JobLock;
 use crate::run::{BatchReport, Event, Observer, Stop, short};
 use crate::spec::{ParamKind, ResolvedJob, Spec};
+use crate::sql::Query;
 use crate::state::{self, Checkpoint, RunRecord, RunStatus};
 use crate::target::Target;
 use crate::value::{Key, Value, key_from_json};
@@ -43,6 +44,9 @@ pub struct Conflict {
     pub key: serde_json::Value,
     /// The first column that no longer holds infill's value (None: the row is gone).
     pub column: Option<String>,
+    /// Why an inserted row could not be deleted (e.g. another row refers to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// How an undo ended.
@@ -93,6 +97,8 @@ struct Image {
     key_json: serde_json::Value,
     key: Key,
     cols: Vec<(Column, Value, Value)>,
+    /// The run inserted this row (no before image): undo deletes it.
+    inserted: bool,
 }
 
 /// Undoes a run (or continues an interrupted undo of it).
@@ -147,6 +153,8 @@ async fn undo_on(
         )));
     }
     let target = Target::inspect(db, &mut conn, &r).await?;
+    // An insert's images are rows of the table it inserted into.
+    let target = target.insert_view().unwrap_or(target);
     let asked = Window {
         since: opts.since.as_deref().map(|t| window_time("--since", t)).transpose()?,
         until: opts.until.as_deref().map(|t| window_time("--until", t)).transpose()?,
@@ -353,9 +361,10 @@ async fn with_lock(
                     batch_no: summary.conflicts + i as u64 + 1,
                     key: c.key.clone(),
                     error_code: Some("conflict".into()),
-                    message: match &c.column {
-                        Some(col) => format!("column {col} changed since run {sid} wrote it: kept"),
-                        None => "the row is gone".into(),
+                    message: match (&c.column, &c.reason) {
+                        (_, Some(why)) => format!("the inserted row was kept: {why}"),
+                        (Some(col), None) => format!("column {col} changed since run {sid} wrote it: kept"),
+                        (None, None) => "the row is gone".into(),
                     },
                     failed_at: state::now(),
                 };
@@ -411,6 +420,7 @@ async fn with_lock(
                     .strip_prefix("column ")
                     .and_then(|m| m.split(' ').next())
                     .map(String::from),
+                reason: f.message.strip_prefix("the inserted row was kept: ").map(String::from),
             })
             .collect();
     }
@@ -463,7 +473,10 @@ struct PageOutcome {
     conflicts: Vec<Conflict>,
 }
 
-/// Restores one row (or, without `write`, only classifies it).
+/// Restores one row (or, without `write`, only classifies it). An inserted
+/// row is deleted instead, if it still holds what was inserted; a delete the
+/// database refuses (a row refers to it) is a conflict, rolled back to a
+/// savepoint so the batch goes on.
 async fn restore_one(
     c: &mut impl Exec,
     target: &Target,
@@ -471,7 +484,41 @@ async fn restore_one(
     out: &mut PageOutcome,
     write: bool,
 ) -> Result<()> {
-    if write {
+    let conflict = |column: Option<String>, reason: Option<String>| Conflict {
+        key: img.key_json.clone(),
+        column,
+        reason,
+    };
+    if write && img.inserted {
+        c.execute(&Query::new("SAVEPOINT infill_row"))
+            .await
+            .map_err(Error::db("cannot set a savepoint"))?;
+        let after: Vec<(Column, Value)> = img.cols.iter().map(|(c, _, a)| (c.clone(), a.clone())).collect();
+        match c.execute(&target.delete_inserted(&img.key, &after)).await {
+            Ok(n) => {
+                c.execute(&Query::new("RELEASE SAVEPOINT infill_row"))
+                    .await
+                    .map_err(Error::db("cannot release a savepoint"))?;
+                if n > 0 {
+                    out.restored += 1;
+                    return Ok(());
+                }
+            }
+            Err(sqlx::Error::Database(e)) => {
+                c.execute(&Query::new("ROLLBACK TO SAVEPOINT infill_row"))
+                    .await
+                    .map_err(Error::db("cannot roll back to a savepoint"))?;
+                out.conflicts.push(conflict(None, Some(e.message().to_string())));
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Error::Database {
+                    context: "cannot delete an inserted row".into(),
+                    source: e,
+                });
+            }
+        }
+    } else if write {
         let n = c
             .execute(&target.restore(&img.key, &img.cols))
             .await
@@ -488,14 +535,15 @@ async fn restore_one(
         .await
         .map_err(Error::db("cannot read a row to undo"))?;
     let Some(now) = rows.first() else {
-        out.conflicts.push(Conflict {
-            key: img.key_json.clone(),
-            column: None,
-        });
+        if img.inserted {
+            out.already += 1;
+        } else {
+            out.conflicts.push(conflict(None, None));
+        }
         return Ok(());
     };
     let holds = |pick: fn(&(Column, Value, Value)) -> &Value| img.cols.iter().zip(now).all(|(c, v)| pick(c) == v);
-    if holds(|c| &c.1) {
+    if !img.inserted && holds(|c| &c.1) {
         out.already += 1;
     } else if !write && holds(|c| &c.2) {
         out.restored += 1;
@@ -506,10 +554,7 @@ async fn restore_one(
             .zip(now)
             .find(|((_, _, after), v)| after != *v)
             .map(|((c, _, _), _)| c.name.clone());
-        out.conflicts.push(Conflict {
-            key: img.key_json.clone(),
-            column,
-        });
+        out.conflicts.push(conflict(column, None));
     }
     Ok(())
 }
@@ -637,7 +682,7 @@ async fn fetch_images(
             })?;
             let (before, after) = (json(&row[3])?, json(&row[4])?);
             let mut cols = Vec::new();
-            for (name, b) in before.as_object().into_iter().flatten() {
+            for (name, a) in after.as_object().into_iter().flatten() {
                 let col = target.column(db, name).ok_or_else(|| {
                     Error::CannotProceed(format!(
                         "column `{name}` of run {}'s undo images is no longer in table `{}`",
@@ -646,9 +691,10 @@ async fn fetch_images(
                     ))
                 })?;
                 let v = |j: &serde_json::Value| Value::from_json(j).unwrap_or(Value::Null);
-                cols.push((col, v(b), v(&after[name.as_str()])));
+                cols.push((col, v(&before[name.as_str()]), v(a)));
             }
             Ok(Image {
+                inserted: before.is_null(),
                 batch_no: int(&row[0]),
                 seq: int(&row[1]),
                 key_json,

@@ -114,6 +114,13 @@ pub trait Dialect: Send + Sync {
     fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String>;
     /// A query listing the columns of a table: (name, type) rows.
     fn columns_query(&self, table: &[String]) -> Query;
+    /// A query listing a table's unique keys as (is primary 1/0, index
+    /// name, column) rows: the primary key first, columns in index order.
+    fn unique_keys_query(&self, table: &[String]) -> Query;
+    /// True when `INSERT ... ON CONFLICT DO NOTHING RETURNING` exists; else
+    /// inserts are guarded by `NOT EXISTS` on the unique keys (MySQL has no
+    /// conflict-skipping insert but INSERT IGNORE, which hides other errors).
+    fn insert_on_conflict(&self) -> bool;
     /// A query returning the server's estimate of a table's row count.
     fn estimate_rows_query(&self, table: &[String]) -> Query;
     /// A query returning (identity, database name) of the server.

@@ -142,6 +142,22 @@ impl Dialect for MySqlDialect {
             args: vec![schema, name],
         }
     }
+    fn unique_keys_query(&self, table: &[String]) -> Query {
+        let (schema, name) = match table {
+            [s, t] => (Value::Text(s.clone()), Value::Text(t.clone())),
+            _ => (Value::Null, Value::Text(table.join("."))),
+        };
+        Query {
+            sql: "SELECT CAST(INDEX_NAME = 'PRIMARY' AS SIGNED), CAST(INDEX_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR) \
+                  FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? \
+                  AND NON_UNIQUE = 0 ORDER BY INDEX_NAME = 'PRIMARY' DESC, INDEX_NAME, SEQ_IN_INDEX"
+                .into(),
+            args: vec![schema, name],
+        }
+    }
+    fn insert_on_conflict(&self) -> bool {
+        false
+    }
     fn estimate_rows_query(&self, table: &[String]) -> Query {
         let (schema, name) = match table {
             [s, t] => (Value::Text(s.clone()), Value::Text(t.clone())),

@@ -101,6 +101,21 @@ impl Dialect for PostgresDialect {
             args: vec![Value::Text(self.quote_table(table))],
         }
     }
+    fn unique_keys_query(&self, table: &[String]) -> Query {
+        Query {
+            sql: "SELECT i.indisprimary::int, c.relname::text, a.attname::text FROM pg_index i \
+                  JOIN pg_class c ON c.oid = i.indexrelid \
+                  JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, n) ON true \
+                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                  WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
+                  ORDER BY i.indisprimary DESC, c.relname, k.n"
+                .into(),
+            args: vec![Value::Text(self.quote_table(table))],
+        }
+    }
+    fn insert_on_conflict(&self) -> bool {
+        true
+    }
     fn estimate_rows_query(&self, table: &[String]) -> Query {
         Query {
             sql: "SELECT GREATEST(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass($1)".into(),

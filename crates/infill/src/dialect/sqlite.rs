@@ -103,6 +103,21 @@ impl Dialect for SqliteDialect {
             },
         }
     }
+    fn unique_keys_query(&self, table: &[String]) -> Query {
+        // An INTEGER PRIMARY KEY is the rowid and has no index: the primary
+        // key comes from table_info, the other unique keys from index_list.
+        Query {
+            sql: "SELECT p, n, c FROM (\
+                  SELECT 1 AS p, '' AS n, name AS c, pk AS s FROM pragma_table_info(?1) WHERE pk > 0 \
+                  UNION ALL SELECT 0, il.name, ii.name, ii.seqno FROM pragma_index_list(?1) il, pragma_index_info(il.name) ii \
+                  WHERE il.\"unique\" = 1 AND il.origin <> 'pk') ORDER BY p DESC, n, s"
+                .into(),
+            args: vec![Value::Text(table.join("."))],
+        }
+    }
+    fn insert_on_conflict(&self) -> bool {
+        true
+    }
     fn estimate_rows_query(&self, table: &[String]) -> Query {
         Query {
             sql: format!("SELECT COUNT(*) FROM {}", self.quote_table(table)),

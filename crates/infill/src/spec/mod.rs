@@ -181,6 +181,16 @@ pub struct Check {
     pub expect: Expect,
 }
 
+/// `action.insert`: a row into `table` per candidate, conflict-safe.
+#[derive(Debug, Clone)]
+pub struct Insert {
+    /// `action.table` (default `source.table`), split on dots.
+    pub table: Vec<String>,
+    pub table_at: Location,
+    /// Column and expression; `:name` binds a param or a column of the row.
+    pub columns: Vec<(String, SqlText)>,
+}
+
 /// One validated job of the spec.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -201,6 +211,8 @@ pub struct Job {
     /// `action.call`: one statement per row; `:name` binds a param or a
     /// column of the row.
     pub call: Option<SqlText>,
+    /// `action.insert.<column> = <expression>` into `action.table`.
+    pub insert: Option<Insert>,
     pub params: Vec<ParamDecl>,
     pub undo: bool,
     pub depends_on: Vec<String>,
@@ -227,6 +239,7 @@ impl Job {
             .iter()
             .chain(self.updates.iter().map(|(_, s)| s))
             .chain(self.call.iter())
+            .chain(self.insert.iter().flat_map(|i| i.columns.iter().map(|(_, s)| s)))
             .chain(self.priority.iter())
             .chain(self.categories.iter().map(|(_, s)| s))
     }
@@ -527,7 +540,6 @@ impl Spec {
         })?;
         let act = action.get_ref();
         for (kind, span) in [
-            ("insert", act.insert.as_ref().map(|v| v.span())),
             ("http", act.http.as_ref().map(|v| v.span())),
             ("exec", act.exec.as_ref().map(|v| v.span())),
             ("export", act.export.as_ref().map(|v| v.span())),
@@ -537,13 +549,26 @@ impl Spec {
                     span,
                     jf(&format!("action.{kind}")),
                     format!(
-                        "action.{kind} is not supported by this version of infill yet; use action.update or action.call"
+                        "action.{kind} is not supported by this version of infill yet; use action.update, action.insert or action.call"
                     ),
                 ));
             }
         }
+        let actions = [
+            act.update.as_ref().is_some_and(|u| !u.is_empty()),
+            act.call.is_some(),
+            act.insert.is_some(),
+        ];
+        if actions.iter().filter(|a| **a).count() > 1 {
+            return Err(self.err(
+                action.span(),
+                jf("action"),
+                "a job has one action: action.update, action.insert or action.call",
+            ));
+        }
         if let Some(t) = &act.table
             && t.get_ref() != table.get_ref()
+            && act.insert.is_none()
         {
             return Err(self.err(
                 t.span(),
@@ -562,11 +587,12 @@ impl Spec {
             }
             (Some(u), None) => u,
             (None, Some(_)) => &no_update,
+            (None, None) if act.insert.is_some() => &no_update,
             (None, None) => {
                 return Err(self.err(
                     action.span(),
                     jf("action.update"),
-                    "missing: set at least one column (action.update.<column> = \"<SQL expression>\") or give action.call",
+                    "missing: set at least one column (action.update.<column> = \"<SQL expression>\") or give action.insert or action.call",
                 ));
             }
         };
@@ -632,6 +658,36 @@ impl Spec {
             .as_ref()
             .map(|c| sql_with(c, jf("action.call"), true))
             .transpose()?;
+        let insert = match &act.insert {
+            None => None,
+            Some(cols) if cols.get_ref().is_empty() => {
+                return Err(self.err(
+                    cols.span(),
+                    jf("action.insert"),
+                    "name at least one column (action.insert.<column> = \"<SQL expression>\")",
+                ));
+            }
+            Some(cols) => {
+                let (name, span) = match &act.table {
+                    Some(t) => (t.get_ref().clone(), t.span()),
+                    None => (table.get_ref().clone(), table.span()),
+                };
+                let parts: Vec<String> = name.split('.').map(str::to_string).collect();
+                if parts.iter().any(|p| p.is_empty()) {
+                    return Err(self.err(span, jf("action.table"), "empty name part"));
+                }
+                let columns = cols
+                    .get_ref()
+                    .iter()
+                    .map(|(c, e)| Ok((c.clone(), sql_with(e, jf(&format!("action.insert.{c}")), true)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Insert {
+                    table: parts,
+                    table_at: self.location(span),
+                    columns,
+                })
+            }
+        };
         let filter = src.where_.as_ref().map(|w| sql(w, jf("source.where"))).transpose()?;
         let mut updates = Vec::new();
         for (col, expr) in update {
@@ -677,6 +733,8 @@ impl Spec {
             updates: Vec<(&'a str, &'a str)>,
             #[serde(skip_serializing_if = "Option::is_none")]
             call: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            insert: Option<(&'a [String], Vec<(&'a str, &'a str)>)>,
             params: &'a [ParamDecl],
             undo: bool,
             priority: Vec<&'a str>,
@@ -695,6 +753,12 @@ impl Spec {
             filter: filter.as_ref().map(|f| f.sql.as_str()),
             updates: updates.iter().map(|(c, s)| (c.as_str(), s.sql.as_str())).collect(),
             call: call.as_ref().map(|c| c.sql.as_str()),
+            insert: insert.as_ref().map(|i| {
+                (
+                    i.table.as_slice(),
+                    i.columns.iter().map(|(c, s)| (c.as_str(), s.sql.as_str())).collect(),
+                )
+            }),
             params: &params,
             undo,
             priority: priority.iter().map(|p| p.sql.as_str()).collect(),
@@ -717,6 +781,7 @@ impl Spec {
             filter,
             updates,
             call,
+            insert,
             params,
             undo,
             depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),

@@ -153,7 +153,7 @@ pub enum StringOrList {
 pub struct RawAction {
     pub table: Option<Spanned<String>>,
     pub update: Option<BTreeMap<String, Spanned<String>>>,
-    pub insert: Option<Spanned<toml::Value>>,
+    pub insert: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub call: Option<Spanned<String>>,
     pub http: Option<Spanned<toml::Value>>,
     pub exec: Option<Spanned<toml::Value>>,

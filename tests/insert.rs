@@ -1,0 +1,136 @@
+//! `action.insert` (seed 002's missing parents): one row into `action.table`
+//! per candidate, skipping rows whose unique key is taken (ON CONFLICT DO
+//! NOTHING; on MySQL a NOT EXISTS guard, never INSERT IGNORE). Undo deletes
+//! exactly the inserted rows still as inserted; one changed since, or one
+//! another row now refers to, is kept as a conflict.
+
+mod common;
+
+use common::{TestDb, text};
+
+async fn schema(db: &TestDb) {
+    db.exec(
+        "CREATE TABLE parties (id BIGINT NOT NULL PRIMARY KEY, name VARCHAR(40) NOT NULL);
+         CREATE TABLE waitlist_entries (id BIGINT NOT NULL PRIMARY KEY, party_id BIGINT);",
+    )
+    .await;
+    // Parties 1..=100 exist; entries point at parties 1..=130 (31..=130 of
+    // them twice), so parties 101..=130 are missing; every 10th entry has none.
+    db.exec(&format!(
+        "INSERT INTO parties (id, name) SELECT i, 'party' FROM ({}) s",
+        db.series(100)
+    ))
+    .await;
+    db.exec(&format!(
+        "INSERT INTO waitlist_entries (id, party_id)
+         SELECT i, CASE WHEN i % 10 = 0 THEN NULL ELSE 1 + i % 130 END FROM ({}) s",
+        db.series(400)
+    ))
+    .await;
+}
+
+fn spec(db: &TestDb, filter: &str) -> String {
+    db.spec(&format!(
+        r#"
+[jobs.parents]
+source.table = "waitlist_entries"
+source.key = "id"
+source.where = "{filter}"
+action.table = "parties"
+action.insert.id = ":party_id"
+action.insert.name = "'restored'"
+batch_size = 50
+"#
+    ))
+    .to_str()
+    .unwrap()
+    .to_string()
+}
+
+const ORPHANS: &str =
+    "party_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM parties p WHERE p.id = waitlist_entries.party_id)";
+
+async fn missing(db: &TestDb) -> i64 {
+    db.int(&format!(
+        "SELECT COUNT(DISTINCT party_id) FROM waitlist_entries WHERE {ORPHANS}"
+    ))
+    .await
+}
+
+async fn inserts_missing_parents_once(db: TestDb) {
+    schema(&db).await;
+    let want = missing(&db).await;
+    assert!(want > 0);
+    // Every entry with a party is a candidate, so most inserts meet an
+    // existing key: they are skipped, not errors.
+    let spec = spec(&db, "party_id IS NOT NULL");
+    let out = db.run(&["run", &spec, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["rows_changed"].as_i64(), Some(want), "{summary}");
+    assert_eq!(missing(&db).await, 0);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM parties WHERE name = 'restored'").await,
+        want
+    );
+    assert_eq!(db.int("SELECT COUNT(*) FROM parties").await, 100 + want);
+    // Again: nothing new.
+    let out = db.run(&["run", &spec, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["rows_changed"], 0);
+    assert_eq!(db.int("SELECT COUNT(*) FROM parties").await, 100 + want);
+}
+on_all_backends!(inserts_missing_parents_once, inserts_missing_parents_once);
+
+async fn undo_deletes_exactly_the_inserted_rows(db: TestDb) {
+    schema(&db).await;
+    let before = db.checksum("parties", &["id", "name"], "id").await;
+    let want = missing(&db).await;
+    let spec = spec(&db, ORPHANS);
+    let out = db.run(&["run", &spec, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = run["run_id"].as_str().unwrap()[..13].to_string();
+    let inserted = run["rows_changed"].as_i64().unwrap();
+    assert_eq!(inserted, want);
+
+    // After the run: one inserted party renamed, one now referenced.
+    let ids = db
+        .texts("SELECT CAST(id AS CHAR(20)) FROM parties WHERE id > 100 ORDER BY id")
+        .await;
+    let (a, b) = (ids[0][0].clone().unwrap(), ids[1][0].clone().unwrap());
+    db.exec(&format!("UPDATE parties SET name = 'renamed' WHERE id = {a}"))
+        .await;
+    db.exec("CREATE TABLE bookings (id BIGINT NOT NULL PRIMARY KEY, party_id BIGINT NOT NULL REFERENCES parties (id))")
+        .await;
+    db.exec(&format!("INSERT INTO bookings (id, party_id) VALUES (1, {b})"))
+        .await;
+
+    let out = db.run(&["undo", &id, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "two conflicts: {}", text(&out));
+    let undo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(undo["restored"].as_i64(), Some(inserted - 2), "{undo}");
+    assert_eq!(undo["conflicts"], 2);
+    let rows = undo["conflict_rows"].as_array().unwrap();
+    assert!(rows.iter().any(|c| c["column"] == "name"), "{undo}");
+    assert!(
+        rows.iter().any(|c| c["reason"].is_string()),
+        "the reference is the reason: {undo}"
+    );
+    // The two kept, the pre-existing parties untouched, the rest gone.
+    assert_eq!(db.int("SELECT COUNT(*) FROM parties WHERE id > 100").await, 2);
+    db.exec("DELETE FROM bookings").await;
+    db.exec("DELETE FROM parties WHERE id > 100").await;
+    assert_eq!(db.checksum("parties", &["id", "name"], "id").await, before);
+
+    // Twice: the deleted rows count as already undone.
+    let out = db.run(&["undo", &id, "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["restored"], 0, "{again}");
+    assert_eq!(again["already"].as_i64(), Some(inserted), "{again}");
+}
+on_all_backends!(
+    undo_deletes_exactly_the_inserted_rows,
+    undo_deletes_exactly_the_inserted_rows
+);
