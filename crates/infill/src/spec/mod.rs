@@ -724,6 +724,7 @@ impl Spec {
         }
         Settings::check(&raw.settings(), &format!("jobs.{name}"), &|s, f, m| self.err(s, f, m))?;
 
+        type InsertDef<'a> = (&'a [String], Vec<(&'a str, &'a str)>);
         #[derive(Serialize)]
         struct Definition<'a> {
             database: &'a str,
@@ -734,7 +735,7 @@ impl Spec {
             #[serde(skip_serializing_if = "Option::is_none")]
             call: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
-            insert: Option<(&'a [String], Vec<(&'a str, &'a str)>)>,
+            insert: Option<InsertDef<'a>>,
             params: &'a [ParamDecl],
             undo: bool,
             priority: Vec<&'a str>,
