@@ -134,3 +134,65 @@ on_all_backends!(
     undo_deletes_exactly_the_inserted_rows,
     undo_deletes_exactly_the_inserted_rows
 );
+
+/// Another session inserts the same missing parents while the run goes:
+/// whoever comes first inserts a party, the other skips it; no error, no
+/// duplicate, none missed.
+async fn concurrent_inserter(db: TestDb) {
+    schema(&db).await;
+    let want = missing(&db).await;
+    let spec = db.spec(&format!(
+        r#"
+[jobs.parents]
+source.table = "waitlist_entries"
+source.key = "id"
+source.where = "party_id IS NOT NULL"
+action.table = "parties"
+action.insert.id = ":party_id"
+action.insert.name = "'restored'"
+batch_size = 20
+pause_between = "5ms"
+"#
+    ));
+    let mut child = db
+        .infill()
+        .args(["run", spec.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Insert the missing parties from the other end, one by one.
+    let insert = db.pick(
+        "INSERT OR IGNORE INTO parties (id, name) VALUES ({id}, 'other')",
+        "INSERT INTO parties (id, name) VALUES ({id}, 'other') ON CONFLICT DO NOTHING",
+        "INSERT IGNORE INTO parties (id, name) VALUES ({id}, 'other')",
+    );
+    for id in (101..=130).rev() {
+        db.exec(&insert.replace("{id}", &id.to_string())).await;
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mine = db.int("SELECT COUNT(*) FROM parties WHERE name = 'restored'").await;
+    assert_eq!(summary["rows_changed"].as_i64(), Some(mine), "{summary}");
+    assert_eq!(missing(&db).await, 0, "none missed");
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM parties WHERE id > 100 AND name IN ('restored', 'other')")
+            .await,
+        30,
+        "each missing id once (the unique key guarantees it; the counts agree)"
+    );
+    assert!(mine <= want);
+    // Undo removes only what the run inserted.
+    let runs = db.texts("SELECT id FROM infill_runs").await;
+    let out = db.run(&["undo", &runs[0][0].as_deref().unwrap()[..13], "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(db.int("SELECT COUNT(*) FROM parties WHERE name = 'restored'").await, 0);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM parties WHERE name = 'other'").await,
+        30 - mine,
+        "the other session's rows stay"
+    );
+}
+on_all_backends!(concurrent_inserter, concurrent_inserter);
