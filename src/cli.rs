@@ -62,7 +62,8 @@ enum Command {
     ///
     /// Read-only: fit for CI and cron.
     Verify(VerifyArgs),
-    /// Continue an interrupted run after its last committed batch.
+    /// Release a paused run, or continue an interrupted run (or run group,
+    /// or undo) after its last committed batch.
     Resume(ResumeArgs),
     /// Show recent runs, or one run in detail.
     Status(StatusArgs),
@@ -70,9 +71,19 @@ enum Command {
     Failures(FailuresArgs),
     /// Give up an unfinished run, so the next `infill run` starts afresh.
     ///
-    /// The run's process must be gone (killed, interrupted); what it wrote
-    /// stays written.
+    /// A live run stops after the batch in flight (it ends cancelled, exit
+    /// 4); a run whose process is gone is marked cancelled at once. What it
+    /// wrote stays written (`infill undo` takes it back).
     Cancel(CancelArgs),
+    /// Ask a live run to hold at its next batch boundary (status paused);
+    /// `infill resume RUN` releases it.
+    Pause(CancelArgs),
+    /// Change a live run's settings from its next batch on, e.g.
+    /// `infill set RUN rate=200/s batch_time=250ms`.
+    ///
+    /// Keys: rate (or none), batch_time, batch_size (fixes it), pause_between,
+    /// sleep_coef, max_failures.
+    Set(SetArgs),
     /// Create a demo SQLite database and spec, and run the backfill (no server needed).
     Quickstart(QuickstartArgs),
 }
@@ -270,6 +281,17 @@ struct CancelArgs {
 }
 
 #[derive(Debug, Args)]
+struct SetArgs {
+    /// The run id, or a prefix of 8 or more characters.
+    run: String,
+    /// Settings to change, as KEY=VALUE.
+    #[arg(value_name = "KEY=VALUE", value_parser = parse_param, required = true)]
+    settings: Vec<(String, String)>,
+    #[command(flatten)]
+    spec: SpecArg,
+}
+
+#[derive(Debug, Args)]
 struct QuickstartArgs {
     /// Where to create the demo (re-created if it exists).
     #[arg(long, value_name = "DIR", default_value = "infill-quickstart")]
@@ -379,11 +401,42 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
         }
         Command::Cancel(a) => {
             let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
-            let run = infill::ops::cancel(&spec, a.spec.env.as_deref(), &a.run).await?;
+            let (run, live) = infill::ops::cancel(&spec, a.spec.env.as_deref(), &a.run).await?;
+            if live {
+                println!(
+                    "asked run {} of job {} to stop after the batch in flight; it ends cancelled",
+                    infill::run::short(&run.id),
+                    run.job
+                );
+            } else {
+                println!(
+                    "run {} of job {} is cancelled; the next `infill run` starts a new run",
+                    infill::run::short(&run.id),
+                    run.job
+                );
+            }
+            Ok(ExitCode::Success)
+        }
+        Command::Pause(a) => {
+            let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
+            let run = infill::ops::pause(&spec, a.spec.env.as_deref(), &a.run).await?;
             println!(
-                "run {} of job {} is cancelled; the next `infill run` starts a new run",
+                "asked run {} of job {} to hold at its next batch boundary; `infill resume {}` releases it",
                 infill::run::short(&run.id),
-                run.job
+                run.job,
+                infill::run::short(&run.id)
+            );
+            Ok(ExitCode::Success)
+        }
+        Command::Set(a) => {
+            let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
+            let run = infill::ops::set(&spec, a.spec.env.as_deref(), &a.run, &a.settings).await?;
+            let list: Vec<String> = a.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "run {} of job {} takes {} from its next batch on",
+                infill::run::short(&run.id),
+                run.job,
+                list.join(" ")
             );
             Ok(ExitCode::Success)
         }
@@ -532,6 +585,14 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
     let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
     let env = a.spec.env.as_deref();
     let confirm = !a.yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+    // A live, paused run is released; it goes on in its own process.
+    if let Some(run) = infill::ops::release(&spec, env, &a.run).await.or_else(|e| match e {
+        Error::RunNotFound(_) => Ok(None),
+        e => Err(e),
+    })? {
+        println!("released run {} of job {}", infill::run::short(&run.id), run.job);
+        return Ok(ExitCode::Success);
+    }
     let (group, runs) = match infill::ops::find_for_resume(&spec, env, &a.run).await? {
         Resumable::Run(record, _) if record.undo_of.is_some() => {
             let opts = infill::undo::UndoOptions {

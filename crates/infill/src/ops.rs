@@ -144,23 +144,116 @@ pub(crate) async fn locate(spec: &Spec, env: Option<&str>, run: &str) -> Result<
     )))
 }
 
-/// Marks an unfinished run cancelled, so the next `infill run` starts a new
-/// one. A run whose process is alive must be stopped first (Ctrl-C): a live
-/// cancel through the state tables comes with `infill pause`/`cancel` control.
-pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunRecord> {
+/// True when the run's process is (as far as this machine can tell) alive
+/// and between or in batches: control requests reach it.
+fn is_live(r: &RunRecord) -> bool {
+    matches!(r.status, state::RunStatus::Running | state::RunStatus::Paused) && !r.process_gone()
+}
+
+/// Changes a live run's control requests; refuses a run that is not live.
+async fn control(
+    spec: &Spec,
+    env: Option<&str>,
+    run: &str,
+    what: &str,
+    change: impl FnOnce(&mut state::Control) -> Result<()>,
+) -> Result<RunRecord> {
+    let (db, found) = locate(spec, env, run).await?;
+    let result = async {
+        if !is_live(&found) {
+            return Err(Error::CannotProceed(format!(
+                "run {} is not running (status {}); there is nothing to {what}",
+                crate::run::short(&found.id),
+                found.status.as_str()
+            )));
+        }
+        let mut c = db.conn().await?;
+        let mut ctl = state::read_control(&db, &mut c, &found.id).await?;
+        change(&mut ctl)?;
+        state::write_control(&db, &mut c, &found.id, &ctl).await?;
+        Ok(found)
+    }
+    .await;
+    db.close().await;
+    result
+}
+
+/// `infill pause RUN`: the live run holds at its next batch boundary.
+pub async fn pause(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunRecord> {
+    control(spec, env, run, "pause", |c| {
+        c.pause = true;
+        Ok(())
+    })
+    .await
+}
+
+/// `infill resume RUN` of a live, paused run: releases it. None when the
+/// run is not live (its process is gone): then resume continues it.
+pub async fn release(spec: &Spec, env: Option<&str>, run: &str) -> Result<Option<RunRecord>> {
+    let (db, found) = locate(spec, env, run).await?;
+    db.close().await;
+    if !is_live(&found) {
+        return Ok(None);
+    }
+    control(spec, env, run, "resume", |c| {
+        if !c.pause {
+            return Err(Error::JobBusy {
+                job: found.job.clone(),
+                holder: format!(" (run {} is running, not paused)", crate::run::short(&found.id)),
+            });
+        }
+        c.pause = false;
+        Ok(())
+    })
+    .await
+    .map(Some)
+}
+
+/// `infill set RUN key=value...`: changes a live run's settings from its
+/// next batch on. Values are checked here, before they reach the run.
+pub async fn set(spec: &Spec, env: Option<&str>, run: &str, pairs: &[(String, String)]) -> Result<RunRecord> {
+    if pairs.is_empty() {
+        return Err(Error::Usage(format!(
+            "give at least one KEY=VALUE ({})",
+            crate::spec::Settings::LIVE_KEYS.join(", ")
+        )));
+    }
+    let mut probe = crate::spec::Settings::default_for_checks();
+    for (k, v) in pairs {
+        probe.apply(k, v).map_err(|m| Error::Usage(format!("{k}={v}: {m}")))?;
+    }
+    control(spec, env, run, "set", |c| {
+        for (k, v) in pairs {
+            c.set.insert(k.clone(), v.clone());
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// `infill cancel RUN`. A live run is asked to stop after the batch in
+/// flight (it ends `cancelled`, exit 4); a run whose process is gone is
+/// marked cancelled here, so the next `infill run` starts a new one. What a
+/// run wrote stays written (`infill undo` takes it back). Returns the run
+/// and whether it was live.
+pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<(RunRecord, bool)> {
     let (db, found) = locate(spec, env, run).await?;
     let short = crate::run::short(&found.id);
     if !found.status.is_unfinished() {
+        db.close().await;
         return Err(Error::CannotProceed(format!(
             "run {short} is already {}",
             found.status.as_str()
         )));
     }
-    if found.status == state::RunStatus::Running && !found.process_gone() {
-        return Err(Error::CannotProceed(format!(
-            "run {short} is running (pid {} on {}); stop it with Ctrl-C (SIGINT) first, then cancel it",
-            found.pid, found.host
-        )));
+    if is_live(&found) {
+        db.close().await;
+        let r = control(spec, env, run, "cancel", |c| {
+            c.cancel = true;
+            Ok(())
+        })
+        .await?;
+        return Ok((r, true));
     }
     let mut c = db.conn().await?;
     state::set_status(
@@ -174,7 +267,7 @@ pub async fn cancel(spec: &Spec, env: Option<&str>, run: &str) -> Result<RunReco
     let record = state::find_run(&db, &mut c, &found.id).await?;
     drop(c);
     db.close().await;
-    Ok(record)
+    Ok((record, false))
 }
 
 /// Runs the checks of the given jobs (dependencies first), read-only.

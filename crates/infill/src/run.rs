@@ -549,6 +549,11 @@ async fn with_lock(
             Some("interrupted by a second signal; the batch in flight was rolled back".to_string()),
             None,
         ),
+        Ok(End::Cancelled) => {
+            let msg =
+                "cancelled by `infill cancel` after the batch in flight committed; what it wrote stays".to_string();
+            (RunStatus::Cancelled, Some(msg.clone()), Some(Error::CannotProceed(msg)))
+        }
         Err(e) => {
             let msg = r.redactor.mask(&e.to_string());
             // A run stopped by something outside it (lost connection or
@@ -624,6 +629,8 @@ enum End {
     Limit,
     Stopped,
     Aborted,
+    /// `infill cancel` from another process.
+    Cancelled,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -640,7 +647,9 @@ async fn batches(
     looped: &mut Looped,
 ) -> Result<End> {
     let r = &req.job;
-    let s = &r.settings;
+    // `infill set` changes these while the run goes.
+    let mut settings = r.settings.clone();
+    let mut applied = std::collections::BTreeMap::new();
     let Some(upper) = run.upper.clone() else {
         return Ok(End::Done);
     };
@@ -658,10 +667,34 @@ async fn batches(
     let mut seg_target = target.segment(segment);
     let session_start = Instant::now();
     let mut last_lock_check = Instant::now();
+    let mut last_control = Instant::now() - CONTROL_EVERY;
     let mut per_key_ema: Option<f64> = None;
     loop {
         if stop.requested() {
             return Ok(End::Stopped);
+        }
+        let live = Live {
+            db,
+            run_id: &run.id,
+            base: &r.settings,
+            obs,
+            stop,
+        };
+        // The control column is read at most every CONTROL_EVERY (one small
+        // query); the pause file at every batch.
+        let read_control = last_control.elapsed() >= CONTROL_EVERY;
+        if read_control {
+            last_control = Instant::now();
+        }
+        if let Some(end) = live
+            .checkpoint(&mut settings, &mut applied, read_control, lock, audit)
+            .await?
+        {
+            return Ok(end);
+        }
+        let s = &settings;
+        if s.fixed_batch {
+            batch_size = s.batch_size;
         }
         if last_lock_check.elapsed() >= LOCK_CHECK_EVERY {
             lock.check().await?;
@@ -765,6 +798,101 @@ async fn batches(
         }
 
         throttle(s, outcome.duration, looped.session_changed, session_start, stop).await;
+    }
+}
+
+/// Between batches: the requests of `infill pause`, `cancel` and `set`
+/// (read from the run's `control` column), and the pause file.
+struct Live<'a> {
+    db: &'a Db,
+    run_id: &'a str,
+    /// The settings as resolved from the spec, before any `infill set`.
+    base: &'a Settings,
+    obs: &'a dyn Observer,
+    stop: &'a Stop,
+}
+
+const HOLD_POLL: Duration = Duration::from_millis(250);
+const CONTROL_EVERY: Duration = Duration::from_millis(100);
+
+impl Live<'_> {
+    /// Applies `set` changes, and holds while paused. Returns how the run
+    /// ends when it must (cancelled, or a signal while held).
+    async fn checkpoint(
+        &self,
+        s: &mut Settings,
+        applied: &mut std::collections::BTreeMap<String, String>,
+        read_control: bool,
+        lock: &mut JobLock,
+        audit: &mut AuditLog,
+    ) -> Result<Option<End>> {
+        let mut held = false;
+        let mut read = read_control;
+        loop {
+            let control = if read {
+                let mut c = self.db.conn().await?;
+                state::read_control(self.db, &mut c, self.run_id).await?
+            } else {
+                state::Control {
+                    set: applied.clone(),
+                    ..Default::default()
+                }
+            };
+            // While held, every poll reads the requests.
+            read = true;
+            if control.cancel {
+                return Ok(Some(End::Cancelled));
+            }
+            if control.set != *applied {
+                let mut next = self.base.clone();
+                let mut rejected = Vec::new();
+                for (k, v) in &control.set {
+                    if let Err(m) = next.apply(k, v) {
+                        rejected.push(format!("{k}: {m}"));
+                    }
+                }
+                *s = next;
+                *applied = control.set.clone();
+                audit.write("set", json!({ "settings": control.set, "rejected": rejected }))?;
+                let list: Vec<String> = control.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                self.obs.on_event(&Event::Notice(&format!(
+                    "settings changed by `infill set`: {}",
+                    list.join(" ")
+                )));
+            }
+            let reason = if control.pause {
+                Some(format!(
+                    "held by `infill pause`; `infill resume {}` releases it",
+                    short(self.run_id)
+                ))
+            } else {
+                s.pause_file
+                    .as_ref()
+                    .filter(|f| f.exists())
+                    .map(|f| format!("held while the pause file {} exists", f.display()))
+            };
+            let Some(why) = reason else {
+                if held {
+                    let mut c = self.db.conn().await?;
+                    state::set_status(self.db, &mut c, self.run_id, RunStatus::Running, None).await?;
+                    audit.write("resumed", json!({}))?;
+                    self.obs.on_event(&Event::Notice("released; going on"));
+                }
+                return Ok(None);
+            };
+            if !held {
+                held = true;
+                let mut c = self.db.conn().await?;
+                state::set_status(self.db, &mut c, self.run_id, RunStatus::Paused, Some(&why)).await?;
+                audit.write("paused", json!({ "reason": why }))?;
+                self.obs.on_event(&Event::Notice(&why));
+            }
+            lock.check().await?;
+            tokio::select! {
+                _ = tokio::time::sleep(HOLD_POLL) => {}
+                _ = self.stop.until(1) => return Ok(Some(End::Stopped)),
+            }
+        }
     }
 }
 

@@ -402,6 +402,49 @@ pub async fn set_status(db: &Db, c: &mut impl Exec, id: &str, status: RunStatus,
     Ok(())
 }
 
+/// Requests to a live run, kept in `infill_runs.control` as JSON and read
+/// by the run between batches: `infill pause`, `resume`, `cancel`, `set`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Control {
+    #[serde(default)]
+    pub pause: bool,
+    #[serde(default)]
+    pub cancel: bool,
+    /// `infill set RUN key=value`: settings that override the spec's.
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+}
+
+/// A run's control requests (none when unset or unreadable).
+pub async fn read_control(db: &Db, c: &mut impl Exec, id: &str) -> Result<Control> {
+    let rows = c
+        .fetch(&db.q(
+            "SELECT control FROM infill_runs WHERE id = ?",
+            vec![Value::Text(id.into())],
+        ))
+        .await
+        .map_err(Error::db("cannot read the run's control requests"))?;
+    Ok(rows
+        .first()
+        .and_then(|r| opt_text(&r[0]))
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default())
+}
+
+/// Replaces a run's control requests.
+pub async fn write_control(db: &Db, c: &mut impl Exec, id: &str, control: &Control) -> Result<()> {
+    c.execute(&db.q(
+        "UPDATE infill_runs SET control = ? WHERE id = ?",
+        vec![
+            Value::Text(serde_json::to_string(control).expect("serialisable")),
+            Value::Text(id.into()),
+        ],
+    ))
+    .await
+    .map_err(Error::db("cannot write the run's control requests"))?;
+    Ok(())
+}
+
 /// Marks a run as continued by this process.
 pub async fn claim(db: &Db, c: &mut impl Exec, id: &str, spec_sha256: &str) -> Result<()> {
     c.execute(&db.q(

@@ -937,7 +937,8 @@ impl Spec {
             layers.push(e.settings());
         }
         layers.push(job.settings.clone());
-        let settings = Settings::resolve(&layers, o)?;
+        let mut settings = Settings::resolve(&layers, o)?;
+        settings.pause_file = settings.pause_file.map(|p| self.dir.join(p));
         let approval = self.approval_policy(env);
         let log_dir = env
             .and_then(|e| e.log_dir.as_ref())

@@ -28,6 +28,7 @@ macro_rules! with_settings {
             pub sleep_coef: Option<Spanned<f64>>,
             pub lock_timeout: Option<Spanned<String>>,
             pub statement_timeout: Option<Spanned<String>>,
+            pub pause_file: Option<Spanned<String>>,
             $($(#[$fmeta])* pub $field: $ty,)*
         }
 
@@ -46,6 +47,7 @@ macro_rules! with_settings {
                     sleep_coef: self.sleep_coef.clone(),
                     lock_timeout: self.lock_timeout.clone(),
                     statement_timeout: self.statement_timeout.clone(),
+                    pause_file: self.pause_file.clone(),
                 }
             }
         }

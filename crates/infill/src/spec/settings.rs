@@ -80,6 +80,9 @@ pub struct Settings {
     pub concurrency: u64,
     pub lock_timeout: Duration,
     pub statement_timeout: Duration,
+    /// While this file exists, the run holds between batches (gh-ost's
+    /// throttle flag file). Relative to the spec's folder.
+    pub pause_file: Option<std::path::PathBuf>,
 }
 
 /// How far the candidate count may move between a plan's approval and the
@@ -245,7 +248,68 @@ impl Settings {
             concurrency: last!(concurrency).unwrap_or(1) as u64,
             lock_timeout: dur(last!(lock_timeout), Duration::from_secs(2)),
             statement_timeout: dur(last!(statement_timeout), Duration::from_secs(30)),
+            pause_file: last!(pause_file).map(std::path::PathBuf::from),
         })
+    }
+}
+
+impl Settings {
+    /// The keys `infill set RUN key=value` may change while a run goes.
+    pub const LIVE_KEYS: &'static [&'static str] = &[
+        "rate",
+        "batch_time",
+        "batch_size",
+        "pause_between",
+        "sleep_coef",
+        "max_failures",
+    ];
+
+    /// Settings with the defaults, to check `infill set` values against.
+    pub fn default_for_checks() -> Settings {
+        Settings::resolve(&[RawSettings::default()], &Overrides::default()).expect("the defaults resolve")
+    }
+
+    /// Applies one `infill set` change; the message says what is wrong.
+    pub fn apply(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
+        let v = value.trim();
+        match key {
+            "rate" if v == "none" || v == "off" => self.rate = None,
+            "rate" => self.rate = Some(Rate::parse(v)?),
+            "batch_time" => self.batch_time = parse_duration(v)?,
+            "pause_between" => self.pause_between = parse_duration(v)?,
+            "sleep_coef" => {
+                self.sleep_coef = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|c| *c >= 0.0 && c.is_finite())
+                    .ok_or_else(|| format!("`{v}` is not a non-negative number"))?
+            }
+            "batch_size" => {
+                let n: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| format!("`{v}` is not a positive whole number"))?;
+                self.batch_size = n;
+                self.fixed_batch = true;
+                self.min_batch = self.min_batch.min(n);
+                self.max_batch = self.max_batch.max(n);
+            }
+            "max_failures" => {
+                let t: toml::Value = v
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .unwrap_or_else(|_| toml::Value::String(v.to_string()));
+                self.max_failures = parse_max_failures(&t)?;
+            }
+            other => {
+                return Err(format!(
+                    "`{other}` cannot be set on a live run (keys: {})",
+                    Settings::LIVE_KEYS.join(", ")
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

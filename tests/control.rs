@@ -1,0 +1,178 @@
+//! Control from another process: `infill pause`, `resume`, `set` and
+//! `cancel` reach a live run through its `control` column and take effect
+//! at its next batch boundary; a `pause_file` holds a run while it exists.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestDb, text};
+
+async fn schema(db: &TestDb) {
+    db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, val BIGINT)")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO items (id, val) SELECT i, NULL FROM ({}) s",
+        db.series(20_000)
+    ))
+    .await;
+}
+
+fn spec(db: &TestDb, extra: &str) -> String {
+    db.spec(&format!(
+        r#"
+[jobs.fill]
+source.table = "items"
+source.key = "id"
+source.where = "val IS NULL"
+action.update.val = "id * 2"
+pause_between = "20ms"
+{extra}
+"#
+    ))
+    .to_str()
+    .unwrap()
+    .to_string()
+}
+
+fn spawn(db: &TestDb, args: &[&str]) -> Child {
+    db.infill()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the COUNT(*) query `sql` reaches `at_least`.
+async fn wait_until(db: &TestDb, child: &mut Child, what: &str, sql: &str, at_least: i64) -> i64 {
+    let start = Instant::now();
+    loop {
+        if let Some(n) = db.try_int(sql).await.filter(|n| *n >= at_least) {
+            return n;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("infill ended ({status:?}) before {what}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "waited 60 s for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn run_id(db: &TestDb) -> String {
+    db.texts("SELECT id FROM infill_runs").await[0][0].clone().unwrap()[..13].to_string()
+}
+
+fn ok(db: &TestDb, args: &[&str]) -> String {
+    let out = db.run(args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn pause_set_resume(db: TestDb) {
+    schema(&db).await;
+    let spec = spec(&db, "");
+    let mut child = spawn(&db, &["run", &spec, "--batch-size", "200"]);
+    wait_until(&db, &mut child, "3 batches", "SELECT COUNT(*) FROM infill_batches", 3).await;
+    let id = run_id(&db).await;
+
+    ok(&db, &["pause", &id, "--spec", &spec]);
+    wait_until(
+        &db,
+        &mut child,
+        "the pause",
+        "SELECT COUNT(*) FROM infill_runs WHERE status = 'paused'",
+        1,
+    )
+    .await;
+    let held = db.int("SELECT COUNT(*) FROM infill_batches").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_batches").await,
+        held,
+        "no batch while paused"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "a paused run stays alive");
+
+    ok(
+        &db,
+        &["set", &id, "batch_size=1000", "pause_between=1ms", "--spec", &spec],
+    );
+    let released = ok(&db, &["resume", &id, "--spec", &spec]);
+    assert!(released.contains("released run"), "{released}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE val IS NULL OR val <> id * 2")
+            .await,
+        0
+    );
+    assert!(
+        db.int("SELECT COUNT(*) FROM infill_batches WHERE batch_size = 1000")
+            .await
+            > 0,
+        "batches after the set use its size"
+    );
+    let lines = db.audit(None);
+    let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap_or("")).collect();
+    for e in ["paused", "set", "resumed"] {
+        assert!(events.contains(&e), "{e} in the audit log: {events:?}");
+    }
+    // Control requests need a live run.
+    let out = db.run(&["pause", &id, "--spec", &spec]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let out = db.run(&["set", &id, "colour=red", "--spec", &spec]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+}
+on_all_backends!(pause_set_resume, pause_set_resume);
+
+async fn cancel_a_live_run(db: TestDb) {
+    schema(&db).await;
+    let spec = spec(&db, "");
+    let mut child = spawn(&db, &["run", &spec, "--batch-size", "200"]);
+    wait_until(&db, &mut child, "3 batches", "SELECT COUNT(*) FROM infill_batches", 3).await;
+    let id = run_id(&db).await;
+    let said = ok(&db, &["cancel", &id, "--spec", &spec]);
+    assert!(said.contains("to stop after the batch in flight"), "{said}");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let status = db.texts("SELECT status FROM infill_runs").await;
+    assert_eq!(status[0][0].as_deref(), Some("cancelled"));
+    let batches = db.int("SELECT COUNT(*) FROM infill_batches").await;
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE val IS NOT NULL").await,
+        batches * 200,
+        "exactly the committed batches stay written"
+    );
+    // The next run starts afresh and finishes.
+    ok(&db, &["run", &spec]);
+    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await, 0);
+}
+on_all_backends!(cancel_a_live_run, cancel_a_live_run);
+
+async fn pause_file_holds(db: TestDb) {
+    schema(&db).await;
+    let spec = spec(&db, "pause_file = \"hold.flag\"");
+    std::fs::write(db.path().join("hold.flag"), "").unwrap();
+    let mut child = spawn(&db, &["run", &spec, "--batch-size", "2000"]);
+    wait_until(
+        &db,
+        &mut child,
+        "the hold",
+        "SELECT COUNT(*) FROM infill_runs WHERE status = 'paused'",
+        1,
+    )
+    .await;
+    let message = db.texts("SELECT message FROM infill_runs").await;
+    assert!(
+        message[0][0].as_deref().unwrap_or("").contains("hold.flag"),
+        "{message:?}"
+    );
+    assert_eq!(db.int("SELECT COUNT(*) FROM infill_batches").await, 0);
+    std::fs::remove_file(db.path().join("hold.flag")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await, 0);
+}
+on_all_backends!(pause_file_holds, pause_file_holds);
