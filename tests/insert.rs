@@ -141,7 +141,7 @@ on_all_backends!(
 async fn concurrent_inserter(db: TestDb) {
     schema(&db).await;
     let want = missing(&db).await;
-    let spec = db.spec(&format!(
+    let spec = db.spec(
         r#"
 [jobs.parents]
 source.table = "waitlist_entries"
@@ -152,9 +152,9 @@ action.insert.id = ":party_id"
 action.insert.name = "'restored'"
 batch_size = 20
 pause_between = "5ms"
-"#
-    ));
-    let mut child = db
+"#,
+    );
+    let child = db
         .infill()
         .args(["run", spec.to_str().unwrap(), "--json"])
         .stdout(std::process::Stdio::piped())
