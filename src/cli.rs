@@ -462,7 +462,7 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
     let passes = if a.dry_run {
         vec![None; resolved.len()]
     } else {
-        infill::approval::check_jobs(&resolved, plan.as_ref()).await?
+        infill::approval::check_jobs(&resolved, plan.as_ref(), false).await?
     };
     let group = (a.target.job.is_none() && resolved.len() > 1 && !a.dry_run).then(infill::run::new_id);
     if let Some(g) = &group {
@@ -615,6 +615,7 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
     // A group: every job of the spec in dependency order, skipping those
     // that succeeded in it and continuing those left unfinished.
     eprintln!("continuing run group {group}");
+    let mut left = Vec::new();
     for job in spec.job_order(spec.jobs.keys().cloned().collect())? {
         let latest = runs.iter().rev().find(|r| r.job == job);
         let continue_run = match latest {
@@ -626,12 +627,19 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
             _ => None,
         };
         let overrides = infill::ops::overrides_for(&spec, env, &job, &runs)?;
+        left.push((spec.resolve(&job, &overrides)?, continue_run));
+    }
+    // The group passed the gate when it started: drift is not checked again.
+    let resolved: Vec<_> = left.iter().map(|(r, _)| r.clone()).collect();
+    let passes = infill::approval::check_jobs(&resolved, None, true).await?;
+    for ((r, continue_run), approved) in left.into_iter().zip(passes) {
         let req = RunRequest {
             verbose: a.verbose,
             confirm,
             continue_run,
+            approved,
             group: Some(group.clone()),
-            ..RunRequest::new(spec.resolve(&job, &overrides)?, &spec.sha256)
+            ..RunRequest::new(r, &spec.sha256)
         };
         let code = execute(req, a.json, stop).await.inspect_err(|_| {
             eprintln!("the run group stopped here; finish it with: infill resume {group}");

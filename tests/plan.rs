@@ -213,8 +213,9 @@ async fn the_gate(db: TestDb) {
 
     let (code, out) = as_user("bob", &["plan", spec, "--out", "plan.json"]);
     assert_eq!(code, Some(0), "{out}");
+    // alice approves (as herself: the OS user counts as the approver too).
     let (code, out) = as_user(
-        "bob",
+        "alice",
         &["approve", "plan.json", "--by", "alice", "--note", "counts checked"],
     );
     assert_eq!(code, Some(0), "{out}");
@@ -280,6 +281,11 @@ async fn the_gate(db: TestDb) {
     let (code, out) = as_user("bob", &["run", spec, "--plan", "plan.json"]);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(db.int("SELECT COUNT(*) FROM orders WHERE total IS NULL").await, 0);
+    // The audit log names the approval that let the run through.
+    let approval = db.texts("SELECT id FROM infill_approvals").await[0][0].clone();
+    let start = &db.audit(None)[0];
+    assert_eq!(start["event"], "run_start");
+    assert_eq!(start["approval"].as_str(), approval.as_deref());
 }
 on_all_backends!(the_gate, the_gate);
 

@@ -243,14 +243,19 @@ pub async fn check(
     let job = &r.job.name;
     let identity = db.identity(conn).await;
     let now = Fingerprint::of(r, &identity);
+    let params: String = params_text(&r.params_json())
+        .split(' ')
+        .filter(|p| !p.is_empty() && !p.ends_with("=***"))
+        .map(|p| format!(" --param {p}"))
+        .collect();
     let how_to = |what: &str| {
         format!(
-            "{what}; run `infill plan {} --job {job}{} --out PLAN.json`, have someone run `infill approve PLAN.json --by NAME`, then run again",
+            "{what}; run `infill plan {} --job {job}{}{params} --out PLAN.json`, have someone run `infill approve PLAN.json --by NAME`, then run again",
             r.job.location.file.display(),
             r.env.as_ref().map(|e| format!(" --env {e}")).unwrap_or_default()
         )
     };
-    let mut approvals = list(db, conn).await?;
+    let mut approvals = list(db, conn, Some(job)).await?;
     approvals.retain(|a| a.jobs.iter().any(|j| &j.job == job));
     if let Some(p) = plan {
         if !p.jobs.iter().any(|j| &j.job == job) {
@@ -318,14 +323,15 @@ pub async fn check(
     }
     if policy.approver_must_differ {
         let me = crate::host::os_user();
-        if a.approved_by == me {
+        if a.approved_by == me || a.os_user == me {
             return Err(Error::Approval(format!(
-                "job `{job}` was approved by {me}, who is running it; approver_must_differ = true asks someone else to approve"
+                "job `{job}` was approved by {} (as OS user {}), and {me} is running it; approver_must_differ = true asks someone else to approve",
+                a.approved_by, a.os_user
             )));
         }
     }
     if !continuing {
-        let now_count = candidates(db, conn, target, approved.counted).await?;
+        let now_count = candidates(db, conn, target, &r.job.table, approved.counted).await?;
         let allowed = policy.drift.allowance(approved.candidates);
         let moved = now_count.abs_diff(approved.candidates);
         if moved > allowed {
@@ -337,9 +343,13 @@ pub async fn check(
                     (now_count as f64 - approved.candidates as f64) * 100.0 / approved.candidates as f64
                 )
             };
+            let tolerance = match policy.drift {
+                crate::spec::Drift::Rows(n) => format!("{n} rows"),
+                d => format!("{d}, {allowed} rows"),
+            };
             return Err(Error::Approval(how_to(&format!(
-                "the candidates of job `{job}` drifted: {} approved, {} now{pct}, beyond the drift tolerance of {} (at most {allowed} rows)",
-                approved.candidates, now_count, policy.drift
+                "the candidates of job `{job}` drifted: {} approved, {} now{pct}, beyond the drift tolerance ({tolerance})",
+                approved.candidates, now_count
             ))));
         }
     }
@@ -352,7 +362,14 @@ pub async fn check(
 
 /// Checks the gate for several jobs up front (a run group is approved as a
 /// whole: a later job's count may change when an earlier one runs).
-pub async fn check_jobs(jobs: &[ResolvedJob], plan: Option<&PlanFile>) -> Result<Vec<Option<GatePass>>> {
+///
+/// `group_started`: the jobs belong to a run group that passed the gate
+/// when it started (`infill resume GROUP`); drift is not checked again.
+pub async fn check_jobs(
+    jobs: &[ResolvedJob],
+    plan: Option<&PlanFile>,
+    group_started: bool,
+) -> Result<Vec<Option<GatePass>>> {
     let mut out = Vec::new();
     for r in jobs {
         if r.approval.is_none() {
@@ -363,7 +380,7 @@ pub async fn check_jobs(jobs: &[ResolvedJob], plan: Option<&PlanFile>) -> Result
         let result = async {
             let mut conn = db.conn().await?;
             let target = Target::inspect(&db, &mut conn, r).await?;
-            let continuing = continuing(&db, &mut conn, r).await?;
+            let continuing = group_started || continuing(&db, &mut conn, r).await?;
             check(&db, &mut conn, r, &target, plan, continuing).await
         }
         .await;
@@ -385,23 +402,43 @@ pub(crate) async fn continuing(db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -
         .is_some())
 }
 
-/// Approvals on this database, newest first (none when the table is absent).
-pub async fn list(db: &Db, conn: &mut impl Exec) -> Result<Vec<Approval>> {
+/// Approvals on this database (of one job, if given), newest first; none
+/// when the table is absent.
+pub async fn list(db: &Db, conn: &mut impl Exec, job: Option<&str>) -> Result<Vec<Approval>> {
     let probe = db.q("SELECT COUNT(*) FROM infill_approvals WHERE 1 = 0", vec![]);
     if conn.fetch(&probe).await.is_err() {
         return Ok(Vec::new());
     }
+    // The jobs column is JSON written by `record`: `"job":"NAME"` is exact.
+    let (filter, args) = match job {
+        Some(j) => (
+            " WHERE jobs LIKE ?",
+            vec![Value::Text(format!(
+                "%{}%",
+                serde_json::json!({ "job": j }).to_string().trim_matches(['{', '}'])
+            ))],
+        ),
+        None => ("", vec![]),
+    };
     let rows = conn
         .fetch(&db.q(
-            &format!("SELECT {APPROVAL_COLUMNS} FROM infill_approvals ORDER BY approved_at DESC, id DESC LIMIT 200"),
-            vec![],
+            &format!(
+                "SELECT {APPROVAL_COLUMNS} FROM infill_approvals{filter} ORDER BY approved_at DESC, id DESC LIMIT 200"
+            ),
+            args,
         ))
         .await
         .map_err(Error::db("cannot read infill_approvals"))?;
     Ok(rows.iter().filter_map(|r| Approval::from_row(r, &db.name)).collect())
 }
 
-async fn candidates(db: &Db, conn: &mut impl Exec, target: &Target, counted: Counted) -> Result<u64> {
+async fn candidates(
+    db: &Db,
+    conn: &mut impl Exec,
+    target: &Target,
+    target_table: &[String],
+    counted: Counted,
+) -> Result<u64> {
     use crate::plan::{count, first_key};
     if counted == Counted::Estimate
         && let Some(q) = db.dialect.explain(&target.estimate_of(None))
@@ -410,7 +447,8 @@ async fn candidates(db: &Db, conn: &mut impl Exec, target: &Target, counted: Cou
             .fetch(&q)
             .await
             .map_err(Error::db("cannot read the planner's estimate"))?;
-        if let Some(n) = db.dialect.explained_rows(&rows) {
+        let name = target_table.last().map(String::as_str).unwrap_or_default();
+        if let Some(n) = db.dialect.explained_rows(&rows, name) {
             return Ok(n);
         }
     }

@@ -345,7 +345,8 @@ async fn estimate(tx: &mut impl Exec, db: &Db, target: &Target, r: &ResolvedJob,
         .fetch(&q)
         .await
         .map_err(Error::db("cannot read the planner's estimate"))?;
-    let Some(candidates) = d.explained_rows(&rows) else {
+    let name = r.job.table.last().map(String::as_str).unwrap_or_default();
+    let Some(candidates) = d.explained_rows(&rows, name) else {
         return Ok(false);
     };
     plan.counted = Counted::Estimate;
@@ -360,7 +361,7 @@ async fn estimate(tx: &mut impl Exec, db: &Db, target: &Target, r: &ResolvedJob,
         plan.categories.push(CategoryCount {
             name: name.clone(),
             predicate: text.sql.clone(),
-            rows: d.explained_rows(&rows).unwrap_or(0),
+            rows: d.explained_rows(&rows, name).unwrap_or(0),
         });
     }
     Ok(true)

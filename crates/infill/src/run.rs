@@ -225,10 +225,16 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
     }
     let mut conn = db.conn().await?;
     let target = Target::inspect(db, &mut conn, r).await?;
-    if r.approval.is_some() && !req.approved.as_ref().is_some_and(|p| p.admits(r)) {
-        let continuing = req.continue_run.is_some() || crate::approval::continuing(db, &mut conn, r).await?;
-        crate::approval::check(db, &mut conn, r, &target, req.plan.as_ref(), continuing).await?;
-    }
+    // The approval that lets the run through, for the audit log.
+    let approval = match (&r.approval, &req.approved) {
+        (None, _) => None,
+        (Some(_), Some(pass)) if pass.admits(r) => Some(pass.approval_id.clone()),
+        (Some(_), _) => {
+            let continuing = req.continue_run.is_some() || crate::approval::continuing(db, &mut conn, r).await?;
+            let pass = crate::approval::check(db, &mut conn, r, &target, req.plan.as_ref(), continuing).await?;
+            Some(pass.approval_id)
+        }
+    };
 
     let lock_name = lock_name(db, &mut conn, r).await;
 
@@ -263,7 +269,7 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
         }
         Err(e) => return Err(e),
     };
-    let outcome = with_lock(db, &mut conn, req, obs, stop, &target, &mut lock, new_id).await;
+    let outcome = with_lock(db, &mut conn, req, obs, stop, &target, &mut lock, new_id, approval).await;
     lock.release().await;
     outcome.map(Outcome::Ran)
 }
@@ -296,6 +302,7 @@ async fn with_lock(
     target: &Target,
     lock: &mut JobLock,
     new_id: String,
+    approval: Option<String>,
 ) -> Result<RunSummary> {
     let r = &req.job;
     let params_sha = params_sha256(r);
@@ -408,6 +415,7 @@ async fn with_lock(
             "segments": target.segments(),
             "limit": req.limit,
             "canary": req.canary,
+            "approval": approval,
         }),
     )?;
     if resumed {

@@ -130,8 +130,9 @@ pub trait Dialect: Send + Sync {
     fn explain(&self, _select: &Query) -> Option<Query> {
         None
     }
-    /// The row estimate in the output of `explain`.
-    fn explained_rows(&self, _rows: &[Vec<Value>]) -> Option<u64> {
+    /// The row estimate in the output of `explain`, for `table` (the last
+    /// part of its name) where the plan names tables.
+    fn explained_rows(&self, _rows: &[Vec<Value>], _table: &str) -> Option<u64> {
         None
     }
     /// A query taking the job lock without waiting; returns 1 when taken.

@@ -176,24 +176,32 @@ impl Dialect for MySqlDialect {
             args: select.args.clone(),
         })
     }
-    /// The first table's rows examined times its `filtered` share (MySQL
-    /// says `rows_examined_per_scan`, MariaDB `rows`).
-    fn explained_rows(&self, rows: &[Vec<Value>]) -> Option<u64> {
+    /// The job table's rows examined times its `filtered` share (MySQL
+    /// says `rows_examined_per_scan`, MariaDB `rows`). A subquery's table
+    /// may come first in the plan: the entry is found by name.
+    fn explained_rows(&self, rows: &[Vec<Value>], table: &str) -> Option<u64> {
         let Some(Value::Text(text)) = rows.first()?.first() else {
             return None;
         };
         let plan: serde_json::Value = serde_json::from_str(text).ok()?;
-        fn first_table(v: &serde_json::Value) -> Option<&serde_json::Value> {
+        fn tables<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a serde_json::Value>) {
             match v {
-                serde_json::Value::Object(m) => m
-                    .get("table")
-                    .filter(|t| t.is_object())
-                    .or_else(|| m.values().find_map(first_table)),
-                serde_json::Value::Array(a) => a.iter().find_map(first_table),
-                _ => None,
+                serde_json::Value::Object(m) => {
+                    if let Some(t) = m.get("table").filter(|t| t.is_object()) {
+                        out.push(t);
+                    }
+                    m.values().for_each(|x| tables(x, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| tables(x, out)),
+                _ => {}
             }
         }
-        let t = first_table(&plan)?;
+        let mut all = Vec::new();
+        tables(&plan, &mut all);
+        let t = all
+            .iter()
+            .find(|t| t.get("table_name").and_then(|n| n.as_str()) == Some(table))
+            .or(all.first())?;
         let num = |k: &str| t.get(k).and_then(|v| v.as_f64().or_else(|| v.as_str()?.parse().ok()));
         let rows = num("rows_examined_per_scan").or_else(|| num("rows"))?;
         Some((rows * num("filtered").unwrap_or(100.0) / 100.0).round() as u64)

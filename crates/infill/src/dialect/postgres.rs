@@ -130,7 +130,7 @@ impl Dialect for PostgresDialect {
     }
     /// The top plan node's `rows=N` (text format: the JSON format comes back
     /// as `json`, which the row decoder does not read as text).
-    fn explained_rows(&self, rows: &[Vec<Value>]) -> Option<u64> {
+    fn explained_rows(&self, rows: &[Vec<Value>], _table: &str) -> Option<u64> {
         let Some(Value::Text(line)) = rows.first()?.first() else {
             return None;
         };
