@@ -176,3 +176,80 @@ async fn pause_file_holds(db: TestDb) {
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await, 0);
 }
 on_all_backends!(pause_file_holds, pause_file_holds);
+
+/// A probe above its pause level holds the run, below it lets it go, and
+/// above its abort level stops it (exit 4, resumable).
+async fn health_probes(db: TestDb) {
+    schema(&db).await;
+    db.exec("CREATE TABLE knob (v INTEGER NOT NULL)").await;
+    db.exec("INSERT INTO knob (v) VALUES (50)").await;
+    let spec = spec(
+        &db,
+        "probes.load = { sql = \"SELECT v FROM knob\", pause_above = 10, abort_above = 100 }",
+    );
+    let mut child = spawn(&db, &["run", &spec, "--batch-size", "200"]);
+    wait_until(
+        &db,
+        &mut child,
+        "the hold",
+        "SELECT COUNT(*) FROM infill_runs WHERE status = 'paused'",
+        1,
+    )
+    .await;
+    let message = db.texts("SELECT message FROM infill_runs").await;
+    assert!(
+        message[0][0]
+            .as_deref()
+            .unwrap_or("")
+            .contains("probe `load`: 50 is above its pause level 10"),
+        "{message:?}"
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_batches").await,
+        0,
+        "held before the first batch"
+    );
+    db.exec("UPDATE knob SET v = 0").await;
+    wait_until(&db, &mut child, "3 batches", "SELECT COUNT(*) FROM infill_batches", 3).await;
+    db.exec("UPDATE knob SET v = 500").await;
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        text(&out).contains("aborted by the health probe `load`: 500"),
+        "{}",
+        text(&out)
+    );
+    let status = db.texts("SELECT status FROM infill_runs").await;
+    assert_eq!(status[0][0].as_deref(), Some("interrupted"));
+    // When the database is well again, the same command finishes the run.
+    db.exec("UPDATE knob SET v = 0").await;
+    ok(&db, &["run", &spec]);
+    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await, 0);
+}
+on_all_backends!(health_probes, health_probes);
+
+/// Built-in probes run where the engine has them; elsewhere, and for a
+/// probe with neither `sql` nor a built-in name, the error says what to do.
+async fn builtin_probes(db: TestDb) {
+    schema(&db).await;
+    let bad = spec(&db, "probes.mine = { pause_above = 1 }");
+    let out = db.run(&["run", &bad]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("probes.mine"), "{}", text(&out));
+
+    let builtin = match db.backend {
+        common::Backend::Postgres => "oldest_transaction",
+        common::Backend::MySql => "threads_running",
+        common::Backend::Sqlite => "replica_lag",
+    };
+    let spec = spec(&db, &format!("probes.{builtin} = {{ pause_above = 100000 }}"));
+    let out = db.run(&["run", &spec]);
+    if db.backend == common::Backend::Sqlite {
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert!(text(&out).contains("not available"), "{}", text(&out));
+    } else {
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await, 0);
+    }
+}
+on_all_backends!(builtin_probes, builtin_probes);

@@ -557,6 +557,11 @@ async fn with_lock(
             Some("interrupted by a second signal; the batch in flight was rolled back".to_string()),
             None,
         ),
+        Ok(End::ProbeAbort(msg)) => (
+            RunStatus::Interrupted,
+            Some(msg.clone()),
+            Some(Error::CannotProceed(msg)),
+        ),
         Ok(End::Cancelled) => {
             let msg =
                 "cancelled by `infill cancel` after the batch in flight committed; what it wrote stays".to_string();
@@ -639,6 +644,8 @@ enum End {
     Aborted,
     /// `infill cancel` from another process.
     Cancelled,
+    /// A health probe above its abort level (the message says which).
+    ProbeAbort(String),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -675,29 +682,22 @@ async fn batches(
     let mut seg_target = target.segment(segment);
     let session_start = Instant::now();
     let mut last_lock_check = Instant::now();
-    let mut last_control = Instant::now() - CONTROL_EVERY;
+    let mut live = Live {
+        db,
+        run_id: &run.id,
+        base: &r.settings,
+        obs,
+        stop,
+        probes: prepare_probes(db, &r.settings)?,
+        last_control: Instant::now() - CONTROL_EVERY,
+        last_probe: Instant::now() - PROBE_EVERY,
+    };
     let mut per_key_ema: Option<f64> = None;
     loop {
         if stop.requested() {
             return Ok(End::Stopped);
         }
-        let live = Live {
-            db,
-            run_id: &run.id,
-            base: &r.settings,
-            obs,
-            stop,
-        };
-        // The control column is read at most every CONTROL_EVERY (one small
-        // query); the pause file at every batch.
-        let read_control = last_control.elapsed() >= CONTROL_EVERY;
-        if read_control {
-            last_control = Instant::now();
-        }
-        if let Some(end) = live
-            .checkpoint(&mut settings, &mut applied, read_control, lock, audit)
-            .await?
-        {
+        if let Some(end) = live.checkpoint(&mut settings, &mut applied, lock, audit).await? {
             return Ok(end);
         }
         let s = &settings;
@@ -818,6 +818,47 @@ struct Live<'a> {
     base: &'a Settings,
     obs: &'a dyn Observer,
     stop: &'a Stop,
+    probes: Vec<(crate::spec::Probe, crate::sql::Query)>,
+    /// The control column is read at most every CONTROL_EVERY and probes
+    /// run at most every PROBE_EVERY (each a small query); the pause file
+    /// is looked at every batch.
+    last_control: Instant,
+    last_probe: Instant,
+}
+
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The query of each probe: its own `sql`, or the engine's built-in one.
+fn prepare_probes(db: &Db, s: &Settings) -> Result<Vec<(crate::spec::Probe, crate::sql::Query)>> {
+    s.probes
+        .iter()
+        .map(|p| {
+            let sql = match &p.sql {
+                Some(sql) => sql.clone(),
+                None => db
+                    .dialect
+                    .builtin_probe(&p.name)
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "the built-in probe `{}` is not available on database `{}`; give probes.{}.sql = \"SELECT ...\"",
+                            p.name, db.name, p.name
+                        ))
+                    })?
+                    .to_string(),
+            };
+            Ok((p.clone(), crate::sql::Query::new(sql)))
+        })
+        .collect()
+}
+
+/// The number a probe returned: the last column of its first row.
+fn probe_value(rows: &[Vec<Value>]) -> f64 {
+    match rows.first().and_then(|r| r.last()) {
+        Some(Value::Int(i)) => *i as f64,
+        Some(Value::Real(f)) => *f,
+        Some(Value::Text(t)) => t.trim().parse().unwrap_or(0.0),
+        _ => 0.0,
+    }
 }
 
 const HOLD_POLL: Duration = Duration::from_millis(250);
@@ -827,16 +868,19 @@ impl Live<'_> {
     /// Applies `set` changes, and holds while paused. Returns how the run
     /// ends when it must (cancelled, or a signal while held).
     async fn checkpoint(
-        &self,
+        &mut self,
         s: &mut Settings,
         applied: &mut std::collections::BTreeMap<String, String>,
-        read_control: bool,
         lock: &mut JobLock,
         audit: &mut AuditLog,
     ) -> Result<Option<End>> {
         let mut held = false;
-        let mut read = read_control;
         loop {
+            // While held, every poll looks at everything.
+            let read = held || self.last_control.elapsed() >= CONTROL_EVERY;
+            if read {
+                self.last_control = Instant::now();
+            }
             let control = if read {
                 let mut c = self.db.conn().await?;
                 state::read_control(self.db, &mut c, self.run_id).await?
@@ -846,8 +890,7 @@ impl Live<'_> {
                     ..Default::default()
                 }
             };
-            // While held, every poll reads the requests.
-            read = true;
+
             if control.cancel {
                 return Ok(Some(End::Cancelled));
             }
@@ -868,7 +911,7 @@ impl Live<'_> {
                     list.join(" ")
                 )));
             }
-            let reason = if control.pause {
+            let mut reason = if control.pause {
                 Some(format!(
                     "held by `infill pause`; `infill resume {}` releases it",
                     short(self.run_id)
@@ -879,6 +922,34 @@ impl Live<'_> {
                     .filter(|f| f.exists())
                     .map(|f| format!("held while the pause file {} exists", f.display()))
             };
+            if reason.is_none() && !self.probes.is_empty() && (held || self.last_probe.elapsed() >= PROBE_EVERY) {
+                self.last_probe = Instant::now();
+                let mut c = self.db.conn().await?;
+                for (p, q) in &self.probes {
+                    let rows = c.fetch(q).await.map_err(|e| {
+                        Error::CannotProceed(format!(
+                            "health probe `{}` failed: {e}; fix probes.{}.sql (it must return one number)",
+                            p.name, p.name
+                        ))
+                    })?;
+                    let v = probe_value(&rows);
+                    if let Some(level) = p.abort_above.filter(|l| v > *l) {
+                        let msg = format!(
+                            "aborted by the health probe `{}`: {v} is above its abort level {level}; the run stays resumable",
+                            p.name
+                        );
+                        audit.write("probe", json!({ "probe": p.name, "value": v, "abort_above": level }))?;
+                        return Ok(Some(End::ProbeAbort(msg)));
+                    }
+                    if let Some(level) = p.pause_above.filter(|l| v > *l) {
+                        reason = Some(format!(
+                            "held by the health probe `{}`: {v} is above its pause level {level}",
+                            p.name
+                        ));
+                        break;
+                    }
+                }
+            }
             let Some(why) = reason else {
                 if held {
                     let mut c = self.db.conn().await?;

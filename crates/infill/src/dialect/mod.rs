@@ -130,6 +130,11 @@ pub trait Dialect: Send + Sync {
     fn explain(&self, _select: &Query) -> Option<Query> {
         None
     }
+    /// The query of a built-in health probe (see `spec::BUILTIN_PROBES`),
+    /// where this engine has it.
+    fn builtin_probe(&self, _name: &str) -> Option<&'static str> {
+        None
+    }
     /// The row estimate in the output of `explain`, for `table` (the last
     /// part of its name) where the plan names tables.
     fn explained_rows(&self, _rows: &[Vec<Value>], _table: &str) -> Option<u64> {

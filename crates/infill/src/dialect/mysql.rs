@@ -170,6 +170,13 @@ impl Dialect for MySqlDialect {
             args: vec![schema, name],
         }
     }
+    fn builtin_probe(&self, name: &str) -> Option<&'static str> {
+        match name {
+            // Threads executing right now; the value is the last column.
+            "threads_running" => Some("SHOW GLOBAL STATUS LIKE 'Threads_running'"),
+            _ => None,
+        }
+    }
     fn explain(&self, select: &Query) -> Option<Query> {
         Some(Query {
             sql: format!("EXPLAIN FORMAT=JSON {}", select.sql),

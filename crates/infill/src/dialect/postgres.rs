@@ -122,6 +122,21 @@ impl Dialect for PostgresDialect {
             args: vec![Value::Text(self.quote_table(table))],
         }
     }
+    fn builtin_probe(&self, name: &str) -> Option<&'static str> {
+        match name {
+            // Seconds the slowest replica is behind in replaying.
+            "replica_lag" => {
+                Some("SELECT COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag)), 0)::float8 FROM pg_stat_replication")
+            }
+            // Seconds the oldest open transaction (not ours) has run: it holds back vacuum.
+            "oldest_transaction" => Some(
+                "SELECT COALESCE(EXTRACT(EPOCH FROM now() - MIN(xact_start)), 0)::float8 FROM pg_stat_activity \
+                 WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend' \
+                 AND application_name NOT LIKE 'infill:%'",
+            ),
+            _ => None,
+        }
+    }
     fn explain(&self, select: &Query) -> Option<Query> {
         Some(Query {
             sql: format!("EXPLAIN {}", select.sql),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-pub use settings::{ApprovalPolicy, Drift, MaxFailures, Rate, Settings, parse_duration};
+pub use settings::{ApprovalPolicy, BUILTIN_PROBES, Drift, MaxFailures, Probe, Rate, Settings, parse_duration};
 
 use crate::error::{Error, Result};
 use crate::secret::{Redactor, redact_url};

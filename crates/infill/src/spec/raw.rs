@@ -29,6 +29,8 @@ macro_rules! with_settings {
             pub lock_timeout: Option<Spanned<String>>,
             pub statement_timeout: Option<Spanned<String>>,
             pub pause_file: Option<Spanned<String>>,
+            #[serde(default)]
+            pub probes: BTreeMap<String, Spanned<RawProbe>>,
             $($(#[$fmeta])* pub $field: $ty,)*
         }
 
@@ -48,6 +50,7 @@ macro_rules! with_settings {
                     lock_timeout: self.lock_timeout.clone(),
                     statement_timeout: self.statement_timeout.clone(),
                     pause_file: self.pause_file.clone(),
+                    probes: self.probes.clone(),
                 }
             }
         }
@@ -170,6 +173,17 @@ pub struct RawParam {
     pub kind: Spanned<String>,
     pub default: Option<Spanned<toml::Value>>,
     pub description: Option<String>,
+}
+
+/// `probes.NAME = { sql = "...", pause_above = 10, abort_above = 100 }`;
+/// a built-in probe (`replica_lag`, `oldest_transaction`, `threads_running`)
+/// needs no `sql`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    pub sql: Option<String>,
+    pub pause_above: Option<toml::Value>,
+    pub abort_above: Option<toml::Value>,
 }
 
 /// `[[jobs.NAME.checks]]`.

@@ -83,7 +83,23 @@ pub struct Settings {
     /// While this file exists, the run holds between batches (gh-ost's
     /// throttle flag file). Relative to the spec's folder.
     pub pause_file: Option<std::path::PathBuf>,
+    /// Health probes, checked between batches.
+    pub probes: Vec<Probe>,
 }
+
+/// A health probe: a query returning one number, and the levels above
+/// which the run holds (`pause_above`) or stops (`abort_above`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub name: String,
+    /// None for a built-in probe (see `Dialect::builtin_probe`).
+    pub sql: Option<String>,
+    pub pause_above: Option<f64>,
+    pub abort_above: Option<f64>,
+}
+
+/// The probes infill knows without `sql` (where the engine has them).
+pub const BUILTIN_PROBES: &[&str] = &["replica_lag", "oldest_transaction", "threads_running"];
 
 /// How far the candidate count may move between a plan's approval and the
 /// run: `drift = 50` (rows) or `drift = "2%"` (of the approved count).
@@ -193,6 +209,9 @@ impl Settings {
         if let Some(m) = &raw.max_failures {
             parse_max_failures(m.get_ref()).map_err(|msg| err(m.span(), f("max_failures"), msg))?;
         }
+        for (name, p) in &raw.probes {
+            probe(name, p.get_ref()).map_err(|m| err(p.span(), f(&format!("probes.{name}")), m))?;
+        }
         Ok(())
     }
 
@@ -249,6 +268,16 @@ impl Settings {
             lock_timeout: dur(last!(lock_timeout), Duration::from_secs(2)),
             statement_timeout: dur(last!(statement_timeout), Duration::from_secs(30)),
             pause_file: last!(pause_file).map(std::path::PathBuf::from),
+            probes: {
+                // By name: a later layer's probe replaces an earlier one.
+                let mut by_name = std::collections::BTreeMap::new();
+                for l in layers {
+                    for (name, p) in &l.probes {
+                        by_name.insert(name.clone(), probe(name, p.get_ref()).expect("checked at load"));
+                    }
+                }
+                by_name.into_values().collect()
+            },
         })
     }
 }
@@ -311,6 +340,31 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+fn probe(name: &str, raw: &super::raw::RawProbe) -> std::result::Result<Probe, String> {
+    let level = |v: &Option<toml::Value>, key: &str| match v {
+        None => Ok(None),
+        Some(toml::Value::Integer(i)) => Ok(Some(*i as f64)),
+        Some(toml::Value::Float(f)) => Ok(Some(*f)),
+        Some(other) => Err(format!("{key} must be a number, not {}", super::toml_text(other))),
+    };
+    let p = Probe {
+        name: name.to_string(),
+        sql: raw.sql.clone(),
+        pause_above: level(&raw.pause_above, "pause_above")?,
+        abort_above: level(&raw.abort_above, "abort_above")?,
+    };
+    if p.sql.is_none() && !BUILTIN_PROBES.contains(&name) {
+        return Err(format!(
+            "give sql = \"SELECT ...\" (a query returning one number), or use a built-in probe: {}",
+            BUILTIN_PROBES.join(", ")
+        ));
+    }
+    if p.pause_above.is_none() && p.abort_above.is_none() {
+        return Err("give pause_above, abort_above or both".into());
+    }
+    Ok(p)
 }
 
 fn parse_max_failures(v: &toml::Value) -> std::result::Result<MaxFailures, String> {
