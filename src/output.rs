@@ -236,6 +236,12 @@ fn job_plan(p: &JobPlan) {
     row("fingerprint", p.fingerprint.sha256.clone());
 }
 
+/// Seconds between two state timestamps.
+fn elapsed(from: &str, to: &str) -> Option<f64> {
+    let t = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+    Some((t(to)? - t(from)?).num_milliseconds() as f64 / 1000.0)
+}
+
 fn seconds(s: f64) -> String {
     match s {
         s if s < 120.0 => format!("{s:.1} s"),
@@ -387,6 +393,21 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool) {
                 .unwrap_or_else(|| "(empty table)".into())
         );
         println!("batch     {} keys", thousands(r.batch_size));
+        if let Some(secs) = elapsed(&r.started_at, &r.updated_at).filter(|s| *s > 0.0) {
+            println!(
+                "speed     {:.0} rows/s written, {:.0} read (over {})",
+                r.rows_changed as f64 / secs,
+                r.rows_read as f64 / secs,
+                seconds(secs)
+            );
+        }
+        if r.rows_failed > 0 {
+            println!(
+                "failed    {} rows (`infill failures {}` lists them)",
+                thousands(r.rows_failed),
+                short(&r.id)
+            );
+        }
         println!(
             "undo      {}",
             if r.undo_enabled {

@@ -145,6 +145,9 @@ async fn cancel_a_live_run(db: TestDb) {
         batches * 200,
         "exactly the committed batches stay written"
     );
+    let status = ok(&db, &["status", &id, "--spec", &spec]);
+    assert!(status.contains("status    cancelled"), "{status}");
+    assert!(status.contains("rows/s written"), "{status}");
     // The next run starts afresh and finishes.
     ok(&db, &["run", &spec]);
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await, 0);
