@@ -147,6 +147,10 @@ struct RunArgs {
     /// Limit rows written per second or minute, e.g. 500/s or 20/min.
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
+    /// Run again only the rows that failed in this run (`infill failures
+    /// RUN` lists them), each alone, as a new run of the same job and params.
+    #[arg(long, value_name = "RUN")]
+    retry_failed: Option<String>,
     /// The approved plan to run under (where approval is required); without
     /// it, the latest matching approval counts.
     #[arg(long, value_name = "PLAN.json")]
@@ -445,13 +449,29 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
 }
 
 async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
-    let (spec, jobs) = a.target.load()?;
-    let overrides = Overrides {
+    let (spec, mut jobs) = a.target.load()?;
+    let mut overrides = Overrides {
         env: a.target.spec.env.clone(),
         params: a.target.params.clone(),
         batch_size: a.batch_size,
         rate: a.rate.clone(),
     };
+    if let Some(id) = &a.retry_failed {
+        // The failed run's job, with its params (the command line's win).
+        let Resumable::Run(record, from_run) =
+            infill::ops::find_for_resume(&spec, overrides.env.as_deref(), id).await?
+        else {
+            return Err(Error::Usage(format!(
+                "{id} is a run group; give the run whose rows failed"
+            )));
+        };
+        jobs = vec![record.job.clone()];
+        let given: Vec<String> = overrides.params.iter().map(|(k, _)| k.clone()).collect();
+        overrides
+            .params
+            .extend(from_run.params.into_iter().filter(|(k, _)| !given.contains(k)));
+        overrides.env = overrides.env.or(from_run.env);
+    }
     // Resolve every job before touching any database: a bad param fails first.
     let resolved = jobs
         .iter()
@@ -464,7 +484,8 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
     } else {
         infill::approval::check_jobs(&resolved, plan.as_ref(), false).await?
     };
-    let group = (a.target.job.is_none() && resolved.len() > 1 && !a.dry_run).then(infill::run::new_id);
+    let group = (a.target.job.is_none() && resolved.len() > 1 && !a.dry_run && a.retry_failed.is_none())
+        .then(infill::run::new_id);
     if let Some(g) = &group {
         let names: Vec<&str> = resolved.iter().map(|r| r.job.name.as_str()).collect();
         eprintln!("run group {g}: {}", names.join(" -> "));
@@ -479,6 +500,7 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
             plan: plan.clone(),
             approved,
             group: group.clone(),
+            retry_failed: a.retry_failed.clone(),
             ..RunRequest::new(r, &spec.sha256)
         };
         let code = execute(req, a.json, stop).await.inspect_err(|_| {
@@ -497,9 +519,17 @@ async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, E
     let progress = Progress::new(req.verbose);
     let outcome = infill::run::run(req, &progress, stop).await;
     progress.finish();
-    match outcome? {
-        Outcome::DryRun(report) => output::dry_run(&report, json),
-        Outcome::Ran(summary) => output::summary(&summary, json),
+    match outcome {
+        Ok(Outcome::DryRun(report)) => output::dry_run(&report, json),
+        Ok(Outcome::Ran(summary)) => output::summary(&summary, json),
+        Err(e) => {
+            // A run that ended in an error (rows failed, a check failed,
+            // cancelled) still has its summary: JSON readers get it.
+            if json && let Some(summary) = progress.summary() {
+                output::summary(&summary, true);
+            }
+            return Err(e);
+        }
     }
     Ok(ExitCode::Success)
 }

@@ -19,6 +19,8 @@ pub struct Progress {
 }
 
 struct State {
+    /// How the run ended, kept for `--json` when the run ends in an error.
+    finished: Option<infill::run::RunSummary>,
     bar: Option<ProgressBar>,
     scanned: u64,
     written: u64,
@@ -32,6 +34,7 @@ impl Progress {
             verbose,
             terminal: std::io::stderr().is_terminal(),
             state: Mutex::new(State {
+                finished: None,
                 bar: None,
                 scanned: 0,
                 written: 0,
@@ -45,6 +48,11 @@ impl Progress {
         if let Some(bar) = self.state.lock().expect("progress lock").bar.take() {
             bar.finish_and_clear();
         }
+    }
+
+    /// The run's summary, once it finished (also when it ended in an error).
+    pub fn summary(&self) -> Option<infill::run::RunSummary> {
+        self.state.lock().expect("progress lock").finished.clone()
     }
 
     fn println(&self, st: &State, line: &str) {
@@ -109,7 +117,8 @@ impl Observer for Progress {
                     self.println(&st, &format!("  ✓ {} → {}", key_display(key), vals.join(", ")));
                 }
             }
-            Event::Finished(_) => {
+            Event::Finished(summary) => {
+                st.finished = Some((*summary).clone());
                 if let Some(bar) = st.bar.take() {
                     bar.finish_and_clear();
                 }

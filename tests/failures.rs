@@ -77,6 +77,27 @@ async fn poison_rows_are_isolated(db: TestDb) {
     );
     let log = db.audit(None);
     assert_eq!(log.iter().filter(|l| l["event"] == "row_failed").count(), 36);
+
+    // Fixed data: a retry writes exactly the rows that failed, as a new run.
+    db.exec("UPDATE items SET poison = 0 WHERE id IN (541, 1082)").await;
+    let out = db.run(&["run", "--spec", &spec, "--retry-failed", &id[..13], "--json"]);
+    assert_eq!(out.status.code(), Some(1), "34 still fail: {}", text(&out));
+    let retry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(retry["rows_changed"], 2, "{retry}");
+    assert_eq!(retry["rows_read"], 36, "only the failed rows are read: {retry}");
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await,
+        34,
+        "the two fixed rows are written"
+    );
+    let retry_id = retry["run_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        db.int(&format!(
+            "SELECT COUNT(*) FROM infill_failures WHERE run_id = '{retry_id}'"
+        ))
+        .await,
+        34
+    );
 }
 on_all_backends!(poison_rows_are_isolated, poison_rows_are_isolated);
 

@@ -169,6 +169,8 @@ pub struct RunRequest {
     pub approved: Option<GatePass>,
     /// The run group a new run joins (`infill run SPEC` over several jobs).
     pub group: Option<String>,
+    /// `--retry-failed RUN`: a new run over only the rows that failed in RUN.
+    pub retry_failed: Option<String>,
 }
 
 impl RunRequest {
@@ -186,6 +188,7 @@ impl RunRequest {
             plan: None,
             approved: None,
             group: None,
+            retry_failed: None,
         }
     }
 }
@@ -305,7 +308,30 @@ async fn with_lock(
     approval: Option<String>,
 ) -> Result<RunSummary> {
     let r = &req.job;
-    let params_sha = params_sha256(r);
+    // A retry is a run of its own: never continued as the job's main run.
+    let retry = match &req.retry_failed {
+        Some(of) => {
+            let failed = state::find_run(db, conn, of).await?;
+            let mut keys: Vec<Key> = state::list_failures(db, conn, &failed.id)
+                .await?
+                .iter()
+                .filter_map(|f| crate::value::key_from_json(&f.key))
+                .collect();
+            keys.dedup();
+            if keys.is_empty() {
+                return Err(Error::CannotProceed(format!(
+                    "run {} has no failed rows to retry",
+                    short(&failed.id)
+                )));
+            }
+            Some((failed.id, keys))
+        }
+        None => None,
+    };
+    let params_sha = match &retry {
+        Some((of, _)) => hex::encode(Sha256::digest(format!("retry of {of}").as_bytes())),
+        None => params_sha256(r),
+    };
     let existing = match &req.continue_run {
         Some(id) => {
             let run = state::find_run(db, conn, id).await?;
@@ -326,6 +352,7 @@ async fn with_lock(
             }
             Some(run)
         }
+        None if retry.is_some() => None,
         None => state::find_unfinished(db, conn, &r.job.name, &params_sha).await?,
     };
     let (run, resumed) = match existing {
@@ -469,6 +496,7 @@ async fn with_lock(
         batch_size,
         &mut audit,
         &mut looped,
+        retry.as_ref().map(|(_, keys)| keys.as_slice()),
     )
     .await;
     // A finished job runs its checks; a failed check fails the run.
@@ -660,8 +688,12 @@ async fn batches(
     mut batch_size: u64,
     audit: &mut AuditLog,
     looped: &mut Looped,
+    retry: Option<&[Key]>,
 ) -> Result<End> {
     let r = &req.job;
+    if let Some(keys) = retry {
+        return retry_rows(db, req, obs, stop, target, run, audit, looped, keys).await;
+    }
     // `infill set` changes these while the run goes.
     let mut settings = r.settings.clone();
     let mut applied = std::collections::BTreeMap::new();
@@ -807,6 +839,62 @@ async fn batches(
 
         throttle(s, outcome.duration, looped.session_changed, session_start, stop).await;
     }
+}
+
+/// `--retry-failed`: each failed row of the earlier run alone, as a batch
+/// of one key (the candidate predicate still applies: a row fixed since is
+/// skipped). A row that fails again is recorded under this run.
+#[allow(clippy::too_many_arguments)]
+async fn retry_rows(
+    db: &Db,
+    req: &RunRequest,
+    obs: &dyn Observer,
+    stop: &Stop,
+    target: &Target,
+    run: &RunRecord,
+    audit: &mut AuditLog,
+    looped: &mut Looped,
+    keys: &[Key],
+) -> Result<End> {
+    let r = &req.job;
+    let session_start = Instant::now();
+    // Run again after an interruption, a retry starts over: rows it wrote
+    // are no longer candidates, so they are skipped, not written twice.
+    for key in keys {
+        if stop.requested() {
+            return Ok(End::Stopped);
+        }
+        let one = target.only_key(key);
+        let settle = Settle {
+            db,
+            target: &one,
+            run_id: &run.id,
+            undo: r.job.undo,
+            batch_size: 1,
+            verbose: req.verbose,
+            redactor: &r.redactor,
+        };
+        let settled = settle.range(None, key, None, looped.batches + 1).await?;
+        for (kind, detail) in &settled.events {
+            audit.write(kind, detail.clone())?;
+        }
+        for o in settled.outcomes {
+            let report = BatchReport {
+                batch: o.checkpoint.clone(),
+                retries: o.retries,
+            };
+            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
+            looped.batches = report.batch.batch_no;
+            looped.rows_read += report.batch.rows_read;
+            looped.rows_changed += report.batch.rows_changed;
+            looped.rows_skipped += report.batch.rows_skipped;
+            looped.rows_failed += report.batch.rows_failed;
+            looped.session_changed += report.batch.rows_changed;
+            obs.on_event(&Event::Batch(&report));
+        }
+        throttle(&r.settings, Duration::ZERO, looped.session_changed, session_start, stop).await;
+    }
+    Ok(End::Done)
 }
 
 /// Between batches: the requests of `infill pause`, `cancel` and `set`

@@ -726,6 +726,36 @@ impl Target {
         b.finish()
     }
 
+    /// The target restricted to one key: its filter also requires the key
+    /// (for `--retry-failed`, a batch of exactly that row).
+    pub fn only_key(&self, key: &Key) -> Target {
+        let mut t = self.clone();
+        let mut parts: Vec<Part> = Vec::new();
+        if let Some(f) = &self.filter {
+            parts.push(Part::Sql("(".into()));
+            parts.extend(f.parts.iter().cloned());
+            parts.push(Part::Sql(") AND ".into()));
+        }
+        for (i, (col, v)) in self.keys.iter().zip(key).enumerate() {
+            let name = format!("infill_only_k{i}");
+            t.params.insert(name.clone(), v.clone());
+            // The dialect's cast around a marker, split into text and the bind.
+            let cast = self.dialect.value_in("\u{1}", col);
+            let (before, after) = cast.split_once('\u{1}').unwrap_or((&cast, ""));
+            if i > 0 {
+                parts.push(Part::Sql(" AND ".into()));
+            }
+            parts.push(Part::Sql(format!("{} = {before}", self.key_q[i])));
+            parts.push(Part::Param(name));
+            parts.push(Part::Sql(after.to_string()));
+        }
+        t.filter = Some(Fragment {
+            source: "one key".into(),
+            parts,
+        });
+        t
+    }
+
     /// A column of the table by name (as the engine compares names).
     pub fn column(&self, db: &Db, name: &str) -> Option<Column> {
         find_column(db, &self.columns, name)
