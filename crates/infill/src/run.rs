@@ -748,11 +748,29 @@ async fn batches(
         if remaining == Some(0) {
             return Ok(End::Limit);
         }
-        let hi = {
-            let mut c = db.conn().await?;
-            first_key(&mut c, &seg_target.boundary(cursor.as_ref(), &upper, batch_size))
-                .await?
-                .unwrap_or_else(|| upper.clone())
+        // The batch's upper key; a lost connection or a timeout here is
+        // retried like a batch's.
+        let boundary = seg_target.boundary(cursor.as_ref(), &upper, batch_size);
+        let mut attempt = 0;
+        let hi = loop {
+            let found = async {
+                let mut c = db.conn().await?;
+                first_key(&mut c, &boundary).await
+            }
+            .await;
+            match found {
+                Ok(k) => break k.unwrap_or_else(|| upper.clone()),
+                Err(e) if e.is_transient() && attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    let wait = backoff(attempt);
+                    audit.write(
+                        "retry",
+                        json!({ "batch_no": looped.batches + 1, "attempt": attempt, "error": r.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
+                    )?;
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
         };
         let settle = Settle {
             db,
@@ -1172,6 +1190,13 @@ impl Settle<'_> {
                             json!({ "batch_no": batch_no, "attempt": retries, "error": self.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
                         ));
                         tokio::time::sleep(wait).await;
+                        // A connection lost during COMMIT leaves the outcome
+                        // unknown: if the checkpoint is there, the batch
+                        // committed, and is not run again.
+                        if let Some(o) = self.committed(batch_no, retries).await? {
+                            out.outcomes.push(o);
+                            return Ok(());
+                        }
                     }
                     Err(e) => break e,
                 }
@@ -1212,6 +1237,27 @@ impl Settle<'_> {
         })
     }
     /// Records a row that fails alone, with a checkpoint past it, in one transaction.
+    /// The batch's outcome if its checkpoint committed (read back after an
+    /// error whose outcome is unknown).
+    async fn committed(&self, batch_no: u64, retries: u32) -> Result<Option<BatchOutcome>> {
+        let mut c = match self.db.conn().await {
+            Ok(c) => c,
+            Err(_) => return Ok(None),
+        };
+        let Ok(found) = state::batches_after(self.db, &mut c, self.run_id, batch_no - 1).await else {
+            return Ok(None);
+        };
+        Ok(found
+            .into_iter()
+            .find(|cp| cp.batch_no == batch_no)
+            .map(|cp| BatchOutcome {
+                duration: Duration::from_millis(cp.duration_ms),
+                checkpoint: cp,
+                retries,
+                written: Vec::new(),
+            }))
+    }
+
     async fn record_failure(
         &self,
         batch_no: u64,
