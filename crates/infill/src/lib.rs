@@ -13,6 +13,7 @@ pub mod error;
 pub mod host;
 pub mod lock;
 pub mod ops;
+pub mod pace;
 pub mod plan;
 pub mod quickstart;
 pub mod run;

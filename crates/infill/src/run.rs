@@ -724,7 +724,7 @@ async fn batches(
         last_control: Instant::now() - CONTROL_EVERY,
         last_probe: Instant::now() - PROBE_EVERY,
     };
-    let mut per_key_ema: Option<f64> = None;
+    let mut adaptive = crate::pace::Adaptive::default();
     loop {
         if stop.requested() {
             return Ok(End::Stopped);
@@ -841,19 +841,7 @@ async fn batches(
             seg_target = target.segment(segment);
         }
 
-        if !s.fixed_batch {
-            let sample = outcome.duration.as_secs_f64() / batch_size.max(1) as f64;
-            let ema = match per_key_ema {
-                Some(prev) => 0.4 * sample + 0.6 * prev,
-                None => sample,
-            };
-            per_key_ema = Some(ema);
-            let ideal = (s.batch_time.as_secs_f64() / ema.max(1e-9)) as u64;
-            // Grow at most 2x, shrink at most 4x per batch, within bounds.
-            batch_size = ideal
-                .clamp(batch_size / 4, batch_size.saturating_mul(2))
-                .clamp(s.min_batch, s.max_batch);
-        }
+        batch_size = adaptive.next(batch_size, outcome.duration, s);
 
         throttle(s, outcome.duration, looped.session_changed, session_start, stop).await;
     }
@@ -1085,11 +1073,7 @@ impl Live<'_> {
 /// duration, and whatever keeps the rows written since `since` under the
 /// rate. A stop request cuts the sleep short.
 pub(crate) async fn throttle(s: &Settings, batch: Duration, written: u64, since: Instant, stop: &Stop) {
-    let mut pause = s.pause_between + batch.mul_f64(s.sleep_coef);
-    if let Some(rate) = s.rate {
-        let due = Duration::from_secs_f64(written as f64 / rate.per_second);
-        pause = pause.max(due.saturating_sub(since.elapsed()));
-    }
+    let pause = crate::pace::pause_after_batch(s, batch, written, since.elapsed());
     if !pause.is_zero() {
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
@@ -1099,9 +1083,7 @@ pub(crate) async fn throttle(s: &Settings, batch: Duration, written: u64, since:
 }
 
 fn backoff(attempt: u32) -> Duration {
-    let base = 100u64 << attempt.min(6);
-    let jitter = (uuid::Uuid::now_v7().as_u128() % (base as u128 / 2 + 1)) as u64;
-    Duration::from_millis(base + jitter)
+    crate::pace::backoff(attempt, crate::pace::jitter())
 }
 
 fn too_many_failures(max: MaxFailures, failed: u64, read: u64) -> bool {
