@@ -684,7 +684,16 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
 async fn status(a: StatusArgs) -> Result<ExitCode, Error> {
     let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
     let runs = infill::ops::status(&spec, a.spec.env.as_deref(), a.run.as_deref()).await?;
-    output::status(&runs, a.run.is_some(), a.json);
+    // One unfinished run: how far it has to go (an estimate; status does
+    // not fail when it cannot be made).
+    let progress = match (&a.run, runs.as_slice()) {
+        (Some(_), [one]) => infill::ops::progress(&spec, a.spec.env.as_deref(), one)
+            .await
+            .ok()
+            .flatten(),
+        _ => None,
+    };
+    output::status(&runs, a.run.is_some(), a.json, progress.as_ref());
     Ok(ExitCode::Success)
 }
 

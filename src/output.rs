@@ -335,10 +335,12 @@ pub fn approved(list: &[Approval], json: bool) {
 }
 
 /// `infill status`.
-pub fn status(runs: &[RunRecord], one: bool, json: bool) {
+pub fn status(runs: &[RunRecord], one: bool, json: bool, progress: Option<&infill::ops::Progress>) {
     if json {
         let v = if one && runs.len() == 1 {
-            serde_json::to_value(&runs[0])
+            let mut v = serde_json::to_value(&runs[0]).expect("serialisable");
+            v["progress"] = serde_json::to_value(progress).expect("serialisable");
+            Ok(v)
         } else {
             serde_json::to_value(runs)
         };
@@ -399,6 +401,18 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool) {
                 r.rows_changed as f64 / secs,
                 r.rows_read as f64 / secs,
                 seconds(secs)
+            );
+        }
+        if let Some(p) = progress {
+            let approx = if p.estimated { "~" } else { "" };
+            let eta = p
+                .eta_seconds
+                .map(|s| format!(", done in about {}", seconds(s)))
+                .unwrap_or_default();
+            println!(
+                "left      {approx}{} keys of the range ({} walked){eta}",
+                thousands(p.keys_left),
+                thousands(p.keys_done)
             );
         }
         if r.rows_failed > 0 {

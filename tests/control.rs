@@ -94,6 +94,19 @@ async fn pause_set_resume(db: TestDb) {
         "no batch while paused"
     );
     assert!(child.try_wait().unwrap().is_none(), "a paused run stays alive");
+    // Status of the held run: its reason, and how far it has to go.
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&db, &["status", &id, "--spec", &spec, "--json"])).unwrap();
+    assert_eq!(status["status"], "paused");
+    assert!(status["message"].as_str().unwrap().contains("infill pause"), "{status}");
+    let p = &status["progress"];
+    let (done, left) = (p["keys_done"].as_u64().unwrap(), p["keys_left"].as_u64().unwrap());
+    assert!(done >= 600 && left > 0, "{p}");
+    assert!(
+        (done + left).abs_diff(20_000) <= 4_000,
+        "walked plus left is about the table: {p}"
+    );
+    assert!(p["eta_seconds"].as_f64().is_some(), "{p}");
 
     ok(
         &db,

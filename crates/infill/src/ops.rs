@@ -54,6 +54,86 @@ pub async fn status(spec: &Spec, env: Option<&str>, run: Option<&str>) -> Result
     Ok(out)
 }
 
+/// How far an unfinished run has to go, estimated from the keys its
+/// batches walked so far and the keys left in its range.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Progress {
+    /// Keys the batches walked (candidates or not).
+    pub keys_done: u64,
+    /// Keys left to walk, over the remaining priority segments too.
+    pub keys_left: u64,
+    /// From the planner's estimate: counting took too long (else counted).
+    pub estimated: bool,
+    pub keys_per_second: Option<f64>,
+    pub eta_seconds: Option<f64>,
+}
+
+/// The progress of an unfinished run (None for a finished run or an undo).
+pub async fn progress(spec: &Spec, env: Option<&str>, run: &RunRecord) -> Result<Option<Progress>> {
+    let Some(upper) = run.upper.clone() else {
+        return Ok(None);
+    };
+    if !run.status.is_unfinished() || run.undo_of.is_some() || !spec.jobs.contains_key(&run.job) {
+        return Ok(None);
+    }
+    let overrides = overrides_for(spec, env, &run.job, std::slice::from_ref(run))?;
+    let r = spec.resolve(&run.job, &overrides)?;
+    let opts = ConnectOptions {
+        statement_timeout: std::time::Duration::from_secs(2),
+        ..ConnectOptions::default()
+    };
+    let db = Db::connect(&r.target, &opts).await?;
+    let found = async {
+        let mut c = db.conn().await?;
+        let target = crate::target::Target::inspect(&db, &mut c, &r).await?;
+        let done = state::batches_after(&db, &mut c, &run.id, 0)
+            .await?
+            .iter()
+            .map(|b| b.batch_size)
+            .sum::<u64>();
+        let name = r.job.table.last().map(String::as_str).unwrap_or_default();
+        use crate::dialect::Exec;
+        // The rest of this segment, and each later segment's whole range.
+        let segments_after = target.segments().saturating_sub(run.segment + 1);
+        let ranges =
+            std::iter::once((run.cursor.clone(), 1)).chain((segments_after > 0).then_some((None, segments_after)));
+        let (mut left, mut estimated) = (0, false);
+        for (lo, times) in ranges {
+            // Counted when the count is quick (the session's statement
+            // timeout is short), else the planner's estimate.
+            let n = match crate::plan::count(&mut c, &target.count_keys(lo.as_ref(), &upper)).await {
+                Ok(n) => n,
+                Err(_) => {
+                    estimated = true;
+                    let q = db
+                        .dialect
+                        .explain(&target.keys_between(lo.as_ref(), &upper))
+                        .ok_or_else(|| Error::CannotProceed("no estimate of the keys left".into()))?;
+                    let rows = c.fetch(&q).await.map_err(Error::db("cannot estimate the keys left"))?;
+                    db.dialect.explained_rows(&rows, name).unwrap_or(0)
+                }
+            };
+            left += n * times;
+        }
+        let elapsed = chrono::DateTime::parse_from_rfc3339(&run.updated_at)
+            .ok()
+            .zip(chrono::DateTime::parse_from_rfc3339(&run.started_at).ok())
+            .map(|(u, s)| (u - s).num_milliseconds() as f64 / 1000.0)
+            .filter(|s| *s > 0.0);
+        let per_second = elapsed.map(|s| done as f64 / s).filter(|r| *r > 0.0);
+        Ok::<_, Error>(Progress {
+            keys_done: done,
+            keys_left: left,
+            estimated,
+            keys_per_second: per_second,
+            eta_seconds: per_second.map(|r| left as f64 / r),
+        })
+    }
+    .await;
+    db.close().await;
+    found.map(Some)
+}
+
 /// What `infill resume ID` continues.
 #[derive(Debug)]
 pub enum Resumable {

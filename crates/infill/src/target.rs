@@ -655,6 +655,15 @@ impl Target {
         b.finish()
     }
 
+    /// The keys after `lo` up to `upper`, one row each: for the planner's
+    /// estimate of how many there are (`Dialect::explain`).
+    pub fn keys_between(&self, lo: Option<&Key>, upper: &Key) -> Query {
+        let mut b = SqlBuilder::new(self.dialect);
+        b.push("SELECT 1 FROM ").push(&self.table);
+        self.push_range(&mut b, lo, Some(upper), false);
+        b.finish()
+    }
+
     /// How many keys lie after `lo` up to `upper` (candidates or not).
     pub fn count_keys(&self, lo: Option<&Key>, upper: &Key) -> Query {
         let mut b = SqlBuilder::new(self.dialect);
