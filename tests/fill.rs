@@ -87,8 +87,7 @@ async fn fills_holes_and_nothing_else(db: TestDb) {
     );
     let run_id = summary["run_id"].as_str().unwrap();
     assert_eq!(
-        db.int(&format!("SELECT COUNT(*) FROM infill_undo WHERE run_id = '{run_id}'"))
-            .await,
+        db.undo_images(Some(run_id)).await,
         candidates,
         "one undo image per written row"
     );
@@ -106,8 +105,8 @@ async fn fills_holes_and_nothing_else(db: TestDb) {
         .await;
     let before_img: serde_json::Value = serde_json::from_str(image[0][0].as_deref().unwrap()).unwrap();
     let after_img: serde_json::Value = serde_json::from_str(image[0][1].as_deref().unwrap()).unwrap();
-    assert_eq!(before_img["activity_id"], serde_json::Value::Null);
-    assert_eq!(after_img["note"], "linked");
+    assert_eq!(before_img[0]["activity_id"], serde_json::Value::Null);
+    assert_eq!(after_img[0]["note"], "linked");
 
     // Running again finds nothing to do: the guard makes it idempotent.
     let again = db.run(&["run", spec.to_str().unwrap(), "--param", "block=2", "--json"]);

@@ -49,7 +49,7 @@ priority = ["grp = 1", "id > 2500"]
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["rows_changed"], ROWS, "every row written exactly once in all");
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE note = 'seen'").await, ROWS);
-    assert_eq!(db.int("SELECT COUNT(*) FROM infill_undo").await, ROWS);
+    assert_eq!(db.undo_images(None).await, ROWS);
     assert_eq!(
         db.int("SELECT COUNT(*) FROM infill_runs").await,
         1,

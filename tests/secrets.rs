@@ -166,11 +166,7 @@ async fn nothing_leaks(db: &TestDb, spec: &Path, secret: &str, shown_url: &str) 
         assert!(all.contains(&run_id), "{table} holds the run:\n{all}");
         assert!(!all.contains(secret), "the password leaked into {table}:\n{all}");
     }
-    assert_eq!(
-        db.int(&format!("SELECT COUNT(*) FROM infill_undo WHERE run_id = '{run_id}'"))
-            .await,
-        candidates
-    );
+    assert_eq!(db.undo_images(Some(&run_id)).await, candidates);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

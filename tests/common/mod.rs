@@ -309,6 +309,20 @@ impl TestDb {
             .collect()
     }
 
+    /// How many undo images are stored (a row of `infill_undo` holds a
+    /// batch's images as JSON arrays), for one run or all.
+    pub async fn undo_images(&self, run: Option<&str>) -> i64 {
+        let filter = run.map(|r| format!(" WHERE run_id = '{r}'")).unwrap_or_default();
+        self.texts(&format!("SELECT row_key FROM infill_undo{filter}"))
+            .await
+            .iter()
+            .map(|r| {
+                let keys: serde_json::Value = serde_json::from_str(r[0].as_deref().unwrap()).unwrap();
+                keys.as_array().map_or(1, |k| k.len()) as i64
+            })
+            .sum()
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

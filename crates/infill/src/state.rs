@@ -557,8 +557,9 @@ pub struct UndoImage {
     pub after: serde_json::Value,
 }
 
-/// Stores undo images (inside the batch's transaction), a few hundred rows
-/// per statement.
+/// Stores undo images (inside the batch's transaction): a row of
+/// `infill_undo` holds up to IMAGES_PER_ROW images as three JSON arrays
+/// (keys, befores, afters), `seq` numbering the rows of a batch.
 pub async fn insert_undo(
     db: &Db,
     c: &mut impl Exec,
@@ -566,24 +567,23 @@ pub async fn insert_undo(
     batch_no: u64,
     images: &[UndoImage],
 ) -> Result<(), sqlx::Error> {
-    const ROWS_PER_STATEMENT: usize = 500;
-    for (chunk_no, chunk) in images.chunks(ROWS_PER_STATEMENT).enumerate() {
-        let mut sql =
-            String::from("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) VALUES ");
-        let mut args = Vec::with_capacity(chunk.len() * 6);
-        for (i, img) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str("(?, ?, ?, ?, ?, ?)");
-            args.push(Value::Text(run_id.into()));
-            args.push(Value::Int(batch_no as i64));
-            args.push(Value::Int((chunk_no * ROWS_PER_STATEMENT + i) as i64));
-            args.push(Value::Text(img.key.to_string()));
-            args.push(Value::Text(img.before.to_string()));
-            args.push(Value::Text(img.after.to_string()));
-        }
-        c.execute(&db.q(&sql, args)).await?;
+    const IMAGES_PER_ROW: usize = 1000;
+    for (seq, chunk) in images.chunks(IMAGES_PER_ROW).enumerate() {
+        let array = |f: fn(&UndoImage) -> &serde_json::Value| {
+            Value::Text(serde_json::Value::Array(chunk.iter().map(|i| f(i).clone()).collect()).to_string())
+        };
+        c.execute(&db.q(
+            "INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) VALUES (?, ?, ?, ?, ?, ?)",
+            vec![
+                Value::Text(run_id.into()),
+                Value::Int(batch_no as i64),
+                Value::Int(seq as i64),
+                array(|i| &i.key),
+                array(|i| &i.before),
+                array(|i| &i.after),
+            ],
+        ))
+        .await?;
     }
     Ok(())
 }

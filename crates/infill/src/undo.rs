@@ -613,10 +613,19 @@ async fn dry_run(
     })
 }
 
+/// How many images a window holds: a batch keeps one image per row it
+/// wrote (or inserted).
 async fn count_images(db: &Db, c: &mut impl Exec, run_id: &str, w: &Window) -> Result<u64> {
+    // Summed here: SUM's type differs per engine (NUMERIC on PostgreSQL).
     let (sql, args) = images_sql(run_id, None, w);
-    let q = db.q(&format!("SELECT COUNT(*) {sql}"), args);
-    crate::plan::count(c, &q).await
+    let q = db.q(
+        &format!(
+            "SELECT b.rows_changed FROM infill_batches b WHERE b.batch_no IN (SELECT u.batch_no {sql}) AND b.run_id = ?"
+        ),
+        args.into_iter().chain([Value::Text(run_id.into())]).collect(),
+    );
+    let rows = c.fetch(&q).await.map_err(Error::db("cannot count the undo images"))?;
+    Ok(rows.iter().map(|r| crate::plan::as_count(r.first())).sum())
 }
 
 /// `FROM ... WHERE ...` of a run's images after a cursor, in a window.
@@ -640,47 +649,83 @@ fn images_sql(run_id: &str, after: Option<(i64, i64)>, w: &Window) -> (String, V
     (sql, args)
 }
 
+/// The images after `after`, whole rows of `infill_undo` (each holds the
+/// images of up to 1,000 rows as JSON arrays; an older single image per row
+/// reads too) until at least `limit` images, or the last row with `last`.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_images(
     db: &Db,
     c: &mut impl Exec,
     target: &Target,
     run_id: &str,
-    after: Option<(i64, i64)>,
+    mut after: Option<(i64, i64)>,
     w: &Window,
     limit: u64,
     last: bool,
 ) -> Result<Vec<Image>> {
-    let (sql, args) = images_sql(run_id, after, w);
-    let order = if last {
-        "u.batch_no DESC, u.seq DESC"
-    } else {
-        "u.batch_no, u.seq"
+    let mut out = Vec::new();
+    loop {
+        let (sql, args) = images_sql(run_id, after, w);
+        let order = if last {
+            "u.batch_no DESC, u.seq DESC"
+        } else {
+            "u.batch_no, u.seq"
+        };
+        let q = db.q(
+            &format!(
+                "SELECT u.batch_no, u.seq, u.row_key, u.before_image, u.after_image {sql} ORDER BY {order} LIMIT 1"
+            ),
+            args,
+        );
+        let rows = c.fetch(&q).await.map_err(Error::db("cannot read the undo images"))?;
+        let Some(row) = rows.first() else { break };
+        let images = read_images(db, target, run_id, row)?;
+        let at = |v: &Value| match v {
+            Value::Int(i) => *i,
+            other => other.display().parse().unwrap_or(0),
+        };
+        after = Some((at(&row[0]), at(&row[1])));
+        out.extend(images);
+        if last || out.len() as u64 >= limit.max(1) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The images of one row of `infill_undo`.
+fn read_images(db: &Db, target: &Target, run_id: &str, row: &[Value]) -> Result<Vec<Image>> {
+    let int = |v: &Value| match v {
+        Value::Int(i) => *i,
+        other => other.display().parse().unwrap_or(0),
     };
-    let q = db.q(
-        &format!(
-            "SELECT u.batch_no, u.seq, u.row_key, u.before_image, u.after_image {sql} ORDER BY {order} LIMIT {}",
-            limit.max(1)
-        ),
-        args,
-    );
-    let rows = c.fetch(&q).await.map_err(Error::db("cannot read the undo images"))?;
-    rows.iter()
-        .map(|row| {
-            let int = |v: &Value| match v {
-                Value::Int(i) => *i,
-                other => other.display().parse().unwrap_or(0),
-            };
-            let json = |v: &Value| -> Result<serde_json::Value> {
-                serde_json::from_str(&v.display()).map_err(|e| {
-                    Error::CannotProceed(format!("an undo image of run {} is unreadable: {e}", short(run_id)))
-                })
-            };
-            let key_json = json(&row[2])?;
-            let key = key_from_json(&key_json).ok_or_else(|| {
-                Error::CannotProceed(format!("an undo image key of run {} is unreadable", short(run_id)))
-            })?;
-            let (before, after) = (json(&row[3])?, json(&row[4])?);
+    let unreadable =
+        |what: String| Error::CannotProceed(format!("an undo image of run {} is unreadable: {what}", short(run_id)));
+    let json = |v: &Value| -> Result<serde_json::Value> {
+        serde_json::from_str(&v.display()).map_err(|e| unreadable(e.to_string()))
+    };
+    let (keys, befores, afters) = (json(&row[2])?, json(&row[3])?, json(&row[4])?);
+    // A row of arrays (keys are arrays themselves), or a single image.
+    let triples: Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> =
+        match (keys.as_array(), befores.as_array(), afters.as_array()) {
+            (Some(k), Some(b), Some(a)) if k.first().is_some_and(|x| x.is_array()) => {
+                if k.len() != b.len() || k.len() != a.len() {
+                    return Err(unreadable("the arrays differ in length".into()));
+                }
+                k.iter()
+                    .cloned()
+                    .zip(b.iter().cloned())
+                    .zip(a.iter().cloned())
+                    .map(|((k, b), a)| (k, b, a))
+                    .collect()
+            }
+            _ => vec![(keys, befores, afters)],
+        };
+    let (batch_no, seq) = (int(&row[0]), int(&row[1]));
+    triples
+        .into_iter()
+        .map(|(key_json, before, after)| {
+            let key = key_from_json(&key_json).ok_or_else(|| unreadable("a key".into()))?;
             let mut cols = Vec::new();
             for (name, a) in after.as_object().into_iter().flatten() {
                 let col = target.column(db, name).ok_or_else(|| {
@@ -695,8 +740,8 @@ async fn fetch_images(
             }
             Ok(Image {
                 inserted: before.is_null(),
-                batch_no: int(&row[0]),
-                seq: int(&row[1]),
+                batch_no,
+                seq,
                 key_json,
                 key,
                 cols,

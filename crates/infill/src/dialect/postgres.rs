@@ -225,16 +225,21 @@ impl Dialect for PostgresDialect {
         }
         b.push(" RETURNING ").push(&ret.join(", ")).push(")");
         if s.undo {
+            // One row of images per batch: three JSON arrays in key order
+            // (one index entry instead of one per row written).
             b.push(", infill_und AS (INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
             b.bind(Value::Text(s.run_id.into()))
                 .push(", ")
                 .bind(Value::Int(s.batch_no as i64));
             let keys: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}")).collect();
-            b.push(", row_number() OVER (), jsonb_build_array(")
+            let order = format!(" ORDER BY {})::text", keys.join(", "));
+            b.push(", 0, jsonb_agg(jsonb_build_array(")
                 .push(&keys.join(", "))
-                .push(")::text, ");
+                .push(")")
+                .push(&order)
+                .push(", ");
             for (prefix, last) in [("b", false), ("a", true)] {
-                b.push("jsonb_build_object(");
+                b.push("jsonb_agg(jsonb_build_object(");
                 for (i, (c, _)) in t.sets.iter().enumerate() {
                     if i > 0 {
                         b.push(", ");
@@ -242,9 +247,12 @@ impl Dialect for PostgresDialect {
                     b.bind(Value::Text(c.name.clone()))
                         .push(&format!("::text, infill_{prefix}{i}"));
                 }
-                b.push(if last { ")::text" } else { ")::text, " });
+                b.push(")").push(&order);
+                if !last {
+                    b.push(", ");
+                }
             }
-            b.push(" FROM infill_upd)");
+            b.push(" FROM infill_upd HAVING count(*) > 0)");
         }
         let last_key: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}::text")).collect();
         let desc: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i} DESC")).collect();
