@@ -8,6 +8,7 @@
 #   ROWS        rows in the table                       (default 1000000)
 #   REPEAT      repetitions of each contender           (default 3)
 #   BATCH_SIZE  infill --batch-size                     (default 1000)
+#   UNDO        keep undo images (true/false)           (default true)
 #   OUT         raw results file                        (default bench/results/latest.txt)
 #   PGHOST PGPORT PGUSER   the server                   (default 127.0.0.1 5432 postgres)
 #
@@ -20,6 +21,7 @@ shopt -s inherit_errexit
 ROWS=${ROWS:-1000000}
 REPEAT=${REPEAT:-3}
 BATCH_SIZE=${BATCH_SIZE:-1000}
+UNDO=${UNDO:-true}
 export PGHOST=${PGHOST:-127.0.0.1}
 export PGPORT=${PGPORT:-5432}
 export PGUSER=${PGUSER:-postgres}
@@ -37,6 +39,7 @@ die() { printf 'bench: FAILED: %s\n' "$*" >&2; exit 1; }
 [[ $ROWS =~ ^[1-9][0-9]*$ ]] || die "ROWS must be a positive integer (got '$ROWS')"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer (got '$REPEAT')"
 [[ $BATCH_SIZE =~ ^[1-9][0-9]*$ ]] || die "BATCH_SIZE must be a positive integer (got '$BATCH_SIZE')"
+[[ $UNDO == true || $UNDO == false ]] || die "UNDO must be true or false (got '$UNDO')"
 command -v psql >/dev/null || die "psql is not installed"
 command -v python3 >/dev/null || die "python3 is not installed"
 
@@ -93,6 +96,7 @@ source.table = "t_infill"
 source.key = ["id"]
 source.where = "c IS NULL"
 action.update.c = "a * 31 + b"
+undo = $UNDO
 TOML
 
 copy_table() {
@@ -210,7 +214,7 @@ print(open(raw).read().rstrip())
 PY
 {
   echo "# infill bench, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(psql_db -At -c 'SHOW server_version'), infill source $REV"
-  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE bench/run.sh"
+  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE UNDO=$UNDO bench/run.sh"
   cat "$WORK/report.txt"
 } > "$OUT"
 cat "$OUT"
