@@ -7,7 +7,8 @@
 # Knobs (environment):
 #   ROWS        rows in the table                       (default 1000000)
 #   REPEAT      repetitions of each contender           (default 3)
-#   BATCH_SIZE  infill --batch-size                     (default 1000)
+#   BATCH_SIZE  infill --batch-size, or `auto` for the   (default 1000)
+#               default adaptive batches (batch_time 500ms)
 #   UNDO        keep undo images (true/false)           (default true)
 #   OUT         raw results file                        (default bench/results/latest.txt)
 #   PGHOST PGPORT PGUSER   the server                   (default 127.0.0.1 5432 postgres)
@@ -38,7 +39,9 @@ die() { printf 'bench: FAILED: %s\n' "$*" >&2; exit 1; }
 
 [[ $ROWS =~ ^[1-9][0-9]*$ ]] || die "ROWS must be a positive integer (got '$ROWS')"
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer (got '$REPEAT')"
-[[ $BATCH_SIZE =~ ^[1-9][0-9]*$ ]] || die "BATCH_SIZE must be a positive integer (got '$BATCH_SIZE')"
+[[ $BATCH_SIZE =~ ^[1-9][0-9]*$ || $BATCH_SIZE == auto ]] || die "BATCH_SIZE must be a positive integer or auto (got '$BATCH_SIZE')"
+SIZE_ARGS=(--batch-size "$BATCH_SIZE")
+[[ $BATCH_SIZE == auto ]] && SIZE_ARGS=()
 [[ $UNDO == true || $UNDO == false ]] || die "UNDO must be true or false (got '$UNDO')"
 command -v psql >/dev/null || die "psql is not installed"
 command -v python3 >/dev/null || die "python3 is not installed"
@@ -130,7 +133,7 @@ run_infill() { # prints "seconds rss_kib"
   psql_db -c CHECKPOINT >/dev/null
   local t0 t1 rc=0
   t0=$(date +%s.%N)
-  measure_rss "$rss" "$BIN" run "$WORK/bench.toml" --batch-size "$BATCH_SIZE" --yes --json > "$json" 2> "$err" || rc=$?
+  measure_rss "$rss" "$BIN" run "$WORK/bench.toml" "${SIZE_ARGS[@]}" --yes --json > "$json" 2> "$err" || rc=$?
   t1=$(date +%s.%N)
   [[ $rc == 0 ]] || { cat "$err" >&2; die "infill run exited with $rc (stderr above, output in $json)"; }
   python3 - "$json" "$ROWS" <<'PY' || die "unexpected infill summary in $json"
@@ -201,7 +204,8 @@ print("rows=%d repeat=%d batch_size=%s (medians of %d interleaved runs; order al
 print()
 print("%-28s %10s %12s %14s %16s" % ("contender", "seconds", "rows/s", "ratio vs single", "peak RSS MiB"))
 print("%-28s %10.2f %12.0f %14s %16s" % ("single UPDATE (psql)", ms, rows / ms, "1.00", "-"))
-print("%-28s %10.2f %12.0f %14.3f %16.1f" % ("infill run --batch-size " + bs, mi, rows / mi, ratio, peak))
+label = "infill run (adaptive)" if bs == "auto" else "infill run --batch-size " + bs
+print("%-28s %10.2f %12.0f %14.3f %16.1f" % (label, mi, rows / mi, ratio, peak))
 print()
 print("goals: ratio >= 0.80 -> %s;  peak RSS < 64 MiB -> %s" % ("met" if ratio >= 0.80 else "NOT met", "met" if peak < 64 else "NOT met"))
 print()
