@@ -162,6 +162,9 @@ impl Dialect for PostgresDialect {
     /// returns before and after values, and a data-modifying CTE stores the
     /// images. Column names in the images are bound, never pasted.
     fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Query> {
+        if !s.undo && s.limit.is_none() {
+            return Some(plain_batch(self, t, s));
+        }
         let mut b = SqlBuilder::new(self);
         let mut cand_cols: Vec<String> = t
             .key_q
@@ -276,6 +279,27 @@ impl Dialect for PostgresDialect {
             args: vec![Value::Int(lock_key(name))],
         })
     }
+}
+
+/// A batch without undo images and without a row limit: one UPDATE over the
+/// key range, its `where` the guard. No before values are needed, so no
+/// candidates are read and locked first. The result has the shape of
+/// `fused_batch`'s: rows read (here: written), rows written, no last key.
+fn plain_batch(d: &PostgresDialect, t: &Target, s: &BatchShape<'_>) -> Query {
+    let mut b = SqlBuilder::new(d);
+    b.push("WITH infill_upd AS (UPDATE ").push(&t.table).push(" SET ");
+    for (i, (col, f)) in t.sets.iter().enumerate() {
+        if i > 0 {
+            b.push(", ");
+        }
+        b.push(&d.quote_ident(&col.name))
+            .push(" = (")
+            .fragment(f, &t.params)
+            .push(")");
+    }
+    t.push_range(&mut b, s.lo, Some(s.hi), true);
+    b.push(" RETURNING 1) SELECT count(*), count(*), NULL::text FROM infill_upd");
+    b.finish()
 }
 
 fn lock_key(name: &str) -> i64 {
