@@ -9,11 +9,11 @@ use common::{TestDb, text};
 
 const ROWS: u64 = 20_000;
 
-/// Rows whose id is a multiple of 541 are poison: the constraint rejects a value for them.
+/// Rows whose id is a multiple of 537 are poison: the constraint rejects a value for them.
 async fn schema(db: &TestDb) -> i64 {
     db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, poison INTEGER NOT NULL, val BIGINT, CHECK (poison = 0 OR val IS NULL))").await;
     db.exec(&format!(
-        "INSERT INTO items (id, poison, val) SELECT i, CASE WHEN i % 541 = 0 THEN 1 ELSE 0 END, NULL FROM ({}) s",
+        "INSERT INTO items (id, poison, val) SELECT i, CASE WHEN i % 537 = 0 THEN 1 ELSE 0 END, NULL FROM ({}) s",
         db.series(ROWS)
     ))
     .await;
@@ -31,12 +31,12 @@ fn spec(db: &TestDb, max_failures: &str) -> String {
 
 async fn poison_rows_are_isolated(db: TestDb) {
     let poison = schema(&db).await;
-    assert_eq!(poison, 36, "fixture");
+    assert_eq!(poison, 37, "fixture");
     let spec = spec(&db, "100");
     let out = db.run(&["run", &spec, "--batch-size", "1000", "--json"]);
     assert_eq!(out.status.code(), Some(1), "rows failed: exit 1\n{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("36 rows failed (within max_failures)"), "{stderr}");
+    assert!(stderr.contains("37 rows failed (within max_failures)"), "{stderr}");
 
     assert_eq!(
         db.int("SELECT COUNT(*) FROM items WHERE poison = 0 AND (val IS NULL OR val <> id * 3)")
@@ -60,34 +60,34 @@ async fn poison_rows_are_isolated(db: TestDb) {
                 .unwrap()
         })
         .collect();
-    let expected: Vec<i64> = (1..=ROWS as i64).filter(|i| i % 541 == 0).collect();
+    let expected: Vec<i64> = (1..=ROWS as i64).filter(|i| i % 537 == 0).collect();
     assert_eq!(failed, expected, "exactly the poison rows, in key order");
-    assert_eq!(db.int("SELECT rows_failed FROM infill_runs").await, 36);
-    assert_eq!(db.int("SELECT rows_changed FROM infill_runs").await, ROWS as i64 - 36);
+    assert_eq!(db.int("SELECT rows_failed FROM infill_runs").await, 37);
+    assert_eq!(db.int("SELECT rows_changed FROM infill_runs").await, ROWS as i64 - 37);
 
     let id = db.texts("SELECT id FROM infill_runs").await[0][0].clone().unwrap();
     let out = db.run(&["failures", &id[..8], "--spec", &spec, "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(list.as_array().unwrap().len(), 36);
+    assert_eq!(list.as_array().unwrap().len(), 37);
     let message = list[0]["message"].as_str().unwrap().to_lowercase();
     assert!(
         message.contains("check") || message.contains("constraint"),
         "names the constraint: {message}"
     );
     let log = db.audit(None);
-    assert_eq!(log.iter().filter(|l| l["event"] == "row_failed").count(), 36);
+    assert_eq!(log.iter().filter(|l| l["event"] == "row_failed").count(), 37);
 
     // Fixed data: a retry writes exactly the rows that failed, as a new run.
-    db.exec("UPDATE items SET poison = 0 WHERE id IN (541, 1082)").await;
+    db.exec("UPDATE items SET poison = 0 WHERE id IN (537, 1074)").await;
     let out = db.run(&["run", "--spec", &spec, "--retry-failed", &id[..13], "--json"]);
-    assert_eq!(out.status.code(), Some(1), "34 still fail: {}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "35 still fail: {}", text(&out));
     let retry: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(retry["rows_changed"], 2, "{retry}");
-    assert_eq!(retry["rows_read"], 36, "only the failed rows are read: {retry}");
+    assert_eq!(retry["rows_read"], 37, "only the failed rows are read: {retry}");
     assert_eq!(
         db.int("SELECT COUNT(*) FROM items WHERE val IS NULL").await,
-        34,
+        35,
         "the two fixed rows are written"
     );
     let retry_id = retry["run_id"].as_str().unwrap().to_string();
@@ -96,7 +96,7 @@ async fn poison_rows_are_isolated(db: TestDb) {
             "SELECT COUNT(*) FROM infill_failures WHERE run_id = '{retry_id}'"
         ))
         .await,
-        34
+        35
     );
 }
 on_all_backends!(poison_rows_are_isolated, poison_rows_are_isolated);
