@@ -296,6 +296,50 @@ async fn connections_cut(db: TestDb) {
     assert_exactly_once(&db).await;
 }
 
+/// An undo that meets a row lock held past its lock timeout retries its
+/// page and finishes: every row restored once.
+async fn undo_waits_out_a_lock(db: TestDb) {
+    schema(&db, 50).await;
+    let spec = spec(&db, &db.url, "");
+    let out = db.run(&["run", &spec, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = run["run_id"].as_str().unwrap()[..13].to_string();
+    let mut holder = Holder::open(&db).await;
+    holder.exec("BEGIN").await.unwrap();
+    holder
+        .exec("UPDATE items SET writes = writes WHERE id = 7")
+        .await
+        .unwrap();
+    let mut child = spawn(&db, &["undo", &id, "--spec", &spec]);
+    // Longer than the undo's lock timeout (2 s by default).
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the undo waits, then retries");
+    holder.exec("ROLLBACK").await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM items WHERE val IS NOT NULL").await,
+        0,
+        "all restored"
+    );
+    let logs: Vec<serde_json::Value> = std::fs::read_dir(db.path().join("infill_logs"))
+        .unwrap()
+        .flat_map(|f| {
+            std::fs::read_to_string(f.unwrap().path())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        logs.iter()
+            .any(|l| l["event"] == "retry" && l["run_id"] != run["run_id"]),
+        "the undo retried its page"
+    );
+}
+
 macro_rules! on_servers {
     ($name:ident) => {
         mod $name {
@@ -319,3 +363,4 @@ macro_rules! on_servers {
 on_servers!(deadlock);
 on_servers!(lock_timeout);
 on_servers!(connections_cut);
+on_servers!(undo_waits_out_a_lock);

@@ -198,7 +198,7 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-const MAX_RETRIES: u32 = 3;
+pub(crate) const MAX_RETRIES: u32 = 3;
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 fn connect_options(r: &ResolvedJob) -> ConnectOptions {
@@ -1082,7 +1082,7 @@ pub(crate) async fn throttle(s: &Settings, batch: Duration, written: u64, since:
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     crate::pace::backoff(attempt, crate::pace::jitter())
 }
 

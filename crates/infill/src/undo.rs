@@ -333,61 +333,57 @@ async fn with_lock(
             }
             lock.check().await?;
             let batch_start = Instant::now();
-            let page = fetch_images(
-                db,
-                conn,
-                target,
-                &original.id,
-                cursor,
-                &window,
-                r.settings.batch_size,
-                false,
-            )
-            .await?;
+            // A connection of the pool per page: one broken by an error is
+            // replaced, so a retry starts clean.
+            let page = {
+                let mut c = db.conn().await?;
+                fetch_images(
+                    db,
+                    &mut c,
+                    target,
+                    &original.id,
+                    cursor,
+                    &window,
+                    r.settings.batch_size,
+                    false,
+                )
+                .await?
+            };
             let Some(last) = page.last() else { break };
             let (lo, hi) = (cursor, (last.batch_no, last.seq));
-            let mut tx = conn
-                .begin_with(db.dialect.begin_write())
-                .await
-                .map_err(Error::db("cannot begin the undo batch"))?;
-            let mut outcome = PageOutcome::default();
-            for img in &page {
-                restore_one(&mut tx, target, img, &mut outcome, true).await?;
-            }
             batch_no += 1;
-            for (i, c) in outcome.conflicts.iter().enumerate() {
-                let f = state::Failure {
-                    run_id: run.id.clone(),
-                    batch_no: summary.conflicts + i as u64 + 1,
-                    key: c.key.clone(),
-                    error_code: Some("conflict".into()),
-                    message: match (&c.column, &c.reason) {
-                        (_, Some(why)) => format!("the inserted row was kept: {why}"),
-                        (Some(col), None) => format!("column {col} changed since run {sid} wrote it: kept"),
-                        (None, None) => "the row is gone".into(),
-                    },
-                    failed_at: state::now(),
-                };
-                state::insert_failure(db, &mut tx, &f)
-                    .await
-                    .map_err(Error::db("cannot record a conflict"))?;
-            }
-            let key = |p: (i64, i64)| vec![Value::Int(p.0), Value::Int(p.1)];
-            let mut cp = Checkpoint::new(
-                0,
+            let write = PageWrite {
+                db,
+                target,
+                run_id: &run.id,
+                sid: &sid,
+                page: &page,
+                lo,
+                hi,
                 batch_no,
-                lo.map(key).as_ref(),
-                key(hi),
-                page.len() as u64,
-                outcome.restored,
-                outcome.conflicts.len() as u64,
-                r.settings.batch_size,
-            );
-            cp.duration_ms = batch_start.elapsed().as_millis() as u64;
-            state::checkpoint(db, &mut tx, &run.id, &cp)
-                .await
-                .map_err(Error::db("cannot write the checkpoint"))?;
-            tx.commit().await.map_err(Error::db("cannot commit the undo batch"))?;
+                conflicts_before: summary.conflicts,
+                batch_size: r.settings.batch_size,
+            };
+            let mut retries = 0;
+            let (outcome, cp) = loop {
+                match write.apply(batch_start).await {
+                    Ok(done) => break done,
+                    Err(e) if e.is_transient() && retries < crate::run::MAX_RETRIES => {
+                        retries += 1;
+                        let wait = crate::run::backoff(retries);
+                        audit.write(
+                            "retry",
+                            json!({ "batch_no": batch_no, "attempt": retries, "error": r.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
+                        )?;
+                        tokio::time::sleep(wait).await;
+                        // A COMMIT whose connection was lost may have gone through.
+                        if let Some(done) = write.committed().await {
+                            break done;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             cursor = Some(hi);
             summary.images += page.len() as u64;
             summary.restored += outcome.restored;
@@ -399,7 +395,7 @@ async fn with_lock(
             }
             let room = CONFLICTS_SHOWN.saturating_sub(summary.conflict_rows.len());
             summary.conflict_rows.extend(outcome.conflicts.into_iter().take(room));
-            let report = BatchReport { batch: cp, retries: 0 };
+            let report = BatchReport { batch: cp, retries };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             obs.on_event(&Event::Batch(&report));
             crate::run::throttle(&r.settings, batch_start.elapsed(), session_changed, session_start, stop).await;
@@ -463,6 +459,102 @@ async fn with_lock(
     match err {
         Some(e) => Err(e),
         None => Ok(summary),
+    }
+}
+
+/// One page of images, written in one transaction with its checkpoint and
+/// its conflicts.
+struct PageWrite<'a> {
+    db: &'a Db,
+    target: &'a Target,
+    run_id: &'a str,
+    sid: &'a str,
+    page: &'a [Image],
+    lo: Option<(i64, i64)>,
+    hi: (i64, i64),
+    batch_no: u64,
+    /// Conflicts recorded before this page (they are numbered on).
+    conflicts_before: u64,
+    batch_size: u64,
+}
+
+fn image_key(p: (i64, i64)) -> Key {
+    vec![Value::Int(p.0), Value::Int(p.1)]
+}
+
+impl PageWrite<'_> {
+    async fn apply(&self, started: Instant) -> Result<(PageOutcome, Checkpoint)> {
+        let db = self.db;
+        let mut conn = db.conn().await?;
+        let mut tx = conn
+            .begin_with(db.dialect.begin_write())
+            .await
+            .map_err(Error::db("cannot begin the undo batch"))?;
+        let mut outcome = PageOutcome::default();
+        for img in self.page {
+            restore_one(&mut tx, self.target, img, &mut outcome, true).await?;
+        }
+        for (i, c) in outcome.conflicts.iter().enumerate() {
+            let f = state::Failure {
+                run_id: self.run_id.to_string(),
+                batch_no: self.conflicts_before + i as u64 + 1,
+                key: c.key.clone(),
+                error_code: Some("conflict".into()),
+                message: match (&c.column, &c.reason) {
+                    (_, Some(why)) => format!("the inserted row was kept: {why}"),
+                    (Some(col), None) => format!("column {col} changed since run {} wrote it: kept", self.sid),
+                    (None, None) => "the row is gone".into(),
+                },
+                failed_at: state::now(),
+            };
+            state::insert_failure(db, &mut tx, &f)
+                .await
+                .map_err(Error::db("cannot record a conflict"))?;
+        }
+        let mut cp = Checkpoint::new(
+            0,
+            self.batch_no,
+            self.lo.map(image_key).as_ref(),
+            image_key(self.hi),
+            self.page.len() as u64,
+            outcome.restored,
+            outcome.conflicts.len() as u64,
+            self.batch_size,
+        );
+        cp.duration_ms = started.elapsed().as_millis() as u64;
+        state::checkpoint(db, &mut tx, self.run_id, &cp)
+            .await
+            .map_err(Error::db("cannot write the checkpoint"))?;
+        tx.commit().await.map_err(Error::db("cannot commit the undo batch"))?;
+        Ok((outcome, cp))
+    }
+
+    /// The page's outcome if its checkpoint committed, read back.
+    async fn committed(&self) -> Option<(PageOutcome, Checkpoint)> {
+        let mut c = self.db.conn().await.ok()?;
+        let cp = state::batches_after(self.db, &mut c, self.run_id, self.batch_no - 1)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|cp| cp.batch_no == self.batch_no)?;
+        let first = self.conflicts_before + 1;
+        let conflicts = state::list_failures(self.db, &mut c, self.run_id)
+            .await
+            .ok()?
+            .into_iter()
+            .filter(|f| (first..first + cp.rows_failed).contains(&f.batch_no))
+            .map(|f| Conflict {
+                key: f.key,
+                column: None,
+                reason: None,
+            })
+            .collect();
+        let outcome = PageOutcome {
+            restored: cp.rows_changed,
+            already: cp.rows_skipped,
+            conflicts,
+        };
+        Some((outcome, cp))
     }
 }
 
