@@ -385,35 +385,20 @@ async fn with_lock(
         }
         None => {
             let upper = first_key(conn, &target.max_key()).await?;
-            let now = state::now();
             let run = RunRecord {
-                id: new_id,
-                job: r.job.name.clone(),
-                status: RunStatus::Running,
-                definition_sha256: r.job.definition_sha256.clone(),
-                spec_sha256: req.spec_sha256.clone(),
-                params: r.params_json(),
-                params_sha256: params_sha,
                 env: r.env.clone(),
                 undo_enabled: r.job.undo,
-                cursor: None,
                 upper,
-                segment: 0,
                 batch_size: r.settings.batch_size,
-                batches: 0,
-                rows_read: 0,
-                rows_changed: 0,
-                rows_skipped: 0,
-                rows_failed: 0,
-                host: crate::host::hostname(),
-                pid: std::process::id(),
-                os_user: crate::host::os_user(),
-                started_at: now.clone(),
-                updated_at: now,
-                finished_at: None,
-                message: None,
                 group_id: req.group.clone(),
-                undo_of: None,
+                ..RunRecord::started(
+                    new_id,
+                    &r.job.name,
+                    &r.job.definition_sha256,
+                    &req.spec_sha256,
+                    r.params_json(),
+                    params_sha,
+                )
             };
             state::insert_run(db, conn, &run).await?;
             (run, false)

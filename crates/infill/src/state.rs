@@ -188,6 +188,47 @@ impl RunRecord {
         })
     }
 
+    /// A new run, started now by this process: no cursor, counters at 0.
+    pub fn started(
+        id: String,
+        job: &str,
+        definition_sha256: &str,
+        spec_sha256: &str,
+        params: serde_json::Value,
+        params_sha256: String,
+    ) -> RunRecord {
+        let now = now();
+        RunRecord {
+            id,
+            job: job.to_string(),
+            status: RunStatus::Running,
+            definition_sha256: definition_sha256.to_string(),
+            spec_sha256: spec_sha256.to_string(),
+            params,
+            params_sha256,
+            env: None,
+            undo_enabled: false,
+            cursor: None,
+            upper: None,
+            segment: 0,
+            batch_size: 0,
+            batches: 0,
+            rows_read: 0,
+            rows_changed: 0,
+            rows_skipped: 0,
+            rows_failed: 0,
+            host: crate::host::hostname(),
+            pid: std::process::id(),
+            os_user: crate::host::os_user(),
+            started_at: now.clone(),
+            updated_at: now,
+            finished_at: None,
+            message: None,
+            group_id: None,
+            undo_of: None,
+        }
+    }
+
     /// True when the process that ran it is known to be gone (same host, pid dead).
     pub fn process_gone(&self) -> bool {
         self.host == crate::host::hostname() && !crate::host::pid_alive(self.pid)

@@ -95,6 +95,24 @@ fn find_column(db: &Db, columns: &[Column], name: &str) -> Option<Column> {
         .cloned()
 }
 
+/// A table's columns as the server types them (none: no such table).
+async fn read_columns(db: &Db, conn: &mut impl Exec, table: &[String]) -> Result<Vec<Column>> {
+    let rows = conn
+        .fetch(&db.dialect.columns_query(table))
+        .await
+        .map_err(Error::db(format!(
+            "cannot read the columns of table `{}`",
+            table.join(".")
+        )))?;
+    Ok(rows
+        .iter()
+        .map(|r| Column {
+            name: r[0].display(),
+            sql_type: r[1].display(),
+        })
+        .collect())
+}
+
 /// Reads the insert table's columns and unique keys.
 async fn inspect_insert(
     db: &Db,
@@ -107,17 +125,7 @@ async fn inspect_insert(
         .1
         .field
         .replace(&format!(".insert.{}", spec.columns[0].0), ".table");
-    let rows = conn
-        .fetch(&d.columns_query(&spec.table))
-        .await
-        .map_err(Error::db("cannot read the insert table's columns"))?;
-    let all: Vec<Column> = rows
-        .iter()
-        .map(|r| Column {
-            name: r[0].display(),
-            sql_type: r[1].display(),
-        })
-        .collect();
+    let all = read_columns(db, conn, &spec.table).await?;
     let name = spec.table.join(".");
     if all.is_empty() {
         return Err(sql_error(
@@ -182,17 +190,7 @@ impl Target {
         let job = &r.job;
         let d = db.dialect;
         let table_field = format!("jobs.{}.source.table", job.name);
-        let rows = conn
-            .fetch(&d.columns_query(&job.table))
-            .await
-            .map_err(Error::db("cannot read the table's columns"))?;
-        let columns: Vec<Column> = rows
-            .iter()
-            .map(|r| Column {
-                name: r[0].display(),
-                sql_type: r[1].display(),
-            })
-            .collect();
+        let columns = read_columns(db, conn, &job.table).await?;
         if columns.is_empty() {
             return Err(sql_error(
                 db,

@@ -238,39 +238,24 @@ async fn with_lock(
         }
         None => {
             let last = fetch_images(db, conn, target, &original.id, None, &asked, 1, true).await?;
-            let now = state::now();
             let params = json!({ "undo_of": original.id, "since": asked.since, "until": asked.until });
+            let params_sha256 = {
+                use sha2::{Digest, Sha256};
+                hex::encode(Sha256::digest(format!("undo of {}", original.id).as_bytes()))
+            };
             let run = RunRecord {
-                id: new_id,
-                job: original.job.clone(),
-                status: RunStatus::Running,
-                definition_sha256: original.definition_sha256.clone(),
-                spec_sha256: original.spec_sha256.clone(),
-                params_sha256: {
-                    use sha2::{Digest, Sha256};
-                    hex::encode(Sha256::digest(format!("undo of {}", original.id).as_bytes()))
-                },
-                params,
                 env: original.env.clone(),
-                undo_enabled: false,
-                cursor: None,
                 upper: last.first().map(|i| vec![Value::Int(i.batch_no), Value::Int(i.seq)]),
-                segment: 0,
                 batch_size: r.settings.batch_size,
-                batches: 0,
-                rows_read: 0,
-                rows_changed: 0,
-                rows_skipped: 0,
-                rows_failed: 0,
-                host: crate::host::hostname(),
-                pid: std::process::id(),
-                os_user: crate::host::os_user(),
-                started_at: now.clone(),
-                updated_at: now,
-                finished_at: None,
-                message: None,
-                group_id: None,
                 undo_of: Some(original.id.clone()),
+                ..RunRecord::started(
+                    new_id,
+                    &original.job,
+                    &original.definition_sha256,
+                    &original.spec_sha256,
+                    params,
+                    params_sha256,
+                )
             };
             state::insert_run(db, conn, &run).await?;
             (run, asked, false)
