@@ -193,14 +193,20 @@ fn job_plan(p: &JobPlan) {
     if p.sample.is_empty() {
         row("sample", "no candidate rows: nothing to do".into());
     } else {
-        println!("  sample      ({} rows, before -> after)", p.sample.len());
+        // A query, diff or file source shows the fields its rows bind.
+        let fields_only = p.sample.iter().all(|s| s.before.is_empty());
+        let heading = if fields_only { "fields the action binds" } else { "before -> after" };
+        println!("  sample      ({} rows, {heading})", p.sample.len());
         for s in &p.sample {
-            let changes: Vec<String> = s
-                .before
-                .iter()
-                .zip(&s.after)
-                .map(|((col, b), (_, a))| format!("{col}: {} -> {}", b.display(), a.display()))
-                .collect();
+            let changes: Vec<String> = if fields_only {
+                s.after.iter().map(|(f, v)| format!("{f} = {}", v.display())).collect()
+            } else {
+                s.before
+                    .iter()
+                    .zip(&s.after)
+                    .map(|((col, b), (_, a))| format!("{col}: {} -> {}", b.display(), a.display()))
+                    .collect()
+            };
             println!("    key {}  {}", key_display(&s.key), changes.join(", "));
         }
     }

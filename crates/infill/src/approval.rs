@@ -331,7 +331,11 @@ pub async fn check(
         }
     }
     if !continuing {
-        let now_count = candidates(db, conn, target, &r.job.table, approved.counted).await?;
+        let now_count = if r.job.source.is_stream() {
+            crate::plan::stream_count(db, target, r).await?
+        } else {
+            candidates(db, conn, target, &r.job.table, approved.counted).await?
+        };
         let allowed = policy.drift.allowance(approved.candidates);
         let moved = now_count.abs_diff(approved.candidates);
         if moved > allowed {

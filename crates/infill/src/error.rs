@@ -101,6 +101,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A record of a `source.file` cannot be read.
+    #[error(
+        "{}:{line}: {message}; nothing from this batch was written. Fix the line and run the same command again to continue.",
+        path.display()
+    )]
+    Input {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
+
     /// The approval gate refuses the run.
     #[error("{0}")]
     Approval(String),
@@ -125,7 +136,11 @@ impl Error {
     /// The documented exit code for this error.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Spec { .. } | Error::Usage(_) | Error::Sql { .. } | Error::RunNotFound(_) => ExitCode::Usage,
+            Error::Spec { .. }
+            | Error::Usage(_)
+            | Error::Sql { .. }
+            | Error::RunNotFound(_)
+            | Error::Input { .. } => ExitCode::Usage,
             Error::Connect { .. }
             | Error::JobBusy { .. }
             | Error::LockLost { .. }

@@ -19,6 +19,7 @@ pub mod quickstart;
 pub mod run;
 pub mod secret;
 pub mod spec;
+pub mod source;
 pub mod sql;
 pub mod state;
 pub mod target;

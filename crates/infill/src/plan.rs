@@ -212,7 +212,123 @@ pub async fn plan_job(db: &Db, r: &ResolvedJob, opts: PlanOptions) -> Result<Job
             .await
             .map_err(|e| crate::verify::check_error(db, check, r, e))?;
     }
+    if r.job.source.is_stream() {
+        return analyse_stream(db, &target, r, &identity).await;
+    }
     analyse(db, &mut conn, &target, r, &identity, opts).await
+}
+
+/// The plan of a job whose rows come from a query, diff or file: the
+/// source is read through once, read-only, to count its rows (a diff's:
+/// the missing ones), and its first rows are the sample, with the fields
+/// the action binds.
+async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Identity) -> Result<JobPlan> {
+    let job = &r.job;
+    let wanted: Vec<String> = target.row_cols.iter().map(|c| c.name.clone()).collect();
+    let (first, candidates) = read_stream(db, target, r).await?;
+    let nk = job.key.len();
+    let sample = first
+        .rows
+        .iter()
+        .map(|row| SampleRow {
+            key: row[..nk].to_vec(),
+            before: Vec::new(),
+            after: wanted.iter().cloned().zip(row[nk..].iter().cloned()).collect(),
+        })
+        .collect();
+    let batch_size = r.settings.batch_size;
+    let batches = candidates.div_ceil(batch_size.max(1));
+    let mut writes = vec![match (&job.call, &job.insert) {
+        (Some(c), _) => TableWrites {
+            table: "(action.call)".into(),
+            rows: candidates,
+            what: format!("calls of: {}", c.sql),
+        },
+        (_, Some(i)) => TableWrites {
+            table: i.table.join("."),
+            rows: candidates,
+            what: "rows inserted (at most: a row whose unique key is taken is skipped)".into(),
+        },
+        _ => TableWrites {
+            table: job.table.join("."),
+            rows: candidates,
+            what: "rows updated, one statement per row by its key".into(),
+        },
+    }];
+    if job.undo {
+        writes.push(TableWrites {
+            table: "infill_undo".into(),
+            rows: candidates,
+            what: "undo images (before and after values)".into(),
+        });
+    }
+    writes.push(TableWrites {
+        table: "infill_batches".into(),
+        rows: batches,
+        what: "checkpoints, one per batch".into(),
+    });
+    Ok(JobPlan {
+        job: job.name.clone(),
+        description: job.description.clone(),
+        target: db.redacted_url().to_string(),
+        target_identity: identity.to_string(),
+        table: job.table.join("."),
+        key: job.key.clone(),
+        params: r.params_json(),
+        depends_on: job.depends_on.clone(),
+        counted: Counted::Exact,
+        candidates,
+        keys_in_range: candidates,
+        categories: Vec::new(),
+        uncategorised: None,
+        priority: Vec::new(),
+        sample,
+        writes,
+        batch_size,
+        batches,
+        rate_per_second: r.settings.rate.map(|rate| rate.per_second),
+        estimated_seconds: least_duration(candidates, batches, r),
+        checks: planned_checks(r),
+        fingerprint: Fingerprint::of(r, identity),
+    })
+}
+
+/// How many rows a query, diff or file source holds now.
+pub(crate) async fn stream_count(db: &Db, target: &Target, r: &ResolvedJob) -> Result<u64> {
+    let (_, n) = read_stream(db, target, r).await?;
+    Ok(n)
+}
+
+/// The first page of a stream source and its row count.
+async fn read_stream(db: &Db, target: &Target, r: &ResolvedJob) -> Result<(crate::source::Page, u64)> {
+    let source_db = match &r.source_db {
+        Some(url) => Some(Db::connect(url, &ConnectOptions::default()).await?),
+        None => None,
+    };
+    let wanted: Vec<String> = target.row_cols.iter().map(|c| c.name.clone()).collect();
+    let found = async {
+        let mut reader = crate::source::Reader::open(r, db, source_db.as_ref().unwrap_or(db), &wanted).await?;
+        let first = reader.page(None, SAMPLE_ROWS).await?;
+        let candidates = reader.count_after(None).await?;
+        Ok::<_, Error>((first, candidates))
+    }
+    .await;
+    if let Some(s) = source_db {
+        s.close().await;
+    }
+    found
+}
+
+fn planned_checks(r: &ResolvedJob) -> Vec<PlannedCheck> {
+    r.job
+        .checks
+        .iter()
+        .map(|c| PlannedCheck {
+            name: c.name.clone(),
+            sql: c.sql.sql.clone(),
+            expect: c.expect.clone(),
+        })
+        .collect()
 }
 
 /// The counts, sample, writes and fingerprint of a job whose target is
@@ -249,15 +365,7 @@ pub(crate) async fn analyse(
         batches: 0,
         rate_per_second: r.settings.rate.map(|rate| rate.per_second),
         estimated_seconds: None,
-        checks: job
-            .checks
-            .iter()
-            .map(|c| PlannedCheck {
-                name: c.name.clone(),
-                sql: c.sql.sql.clone(),
-                expect: c.expect.clone(),
-            })
-            .collect(),
+        checks: planned_checks(r),
         fingerprint: Fingerprint::of(r, identity),
     };
     let estimated = if opts.estimate {

@@ -96,7 +96,7 @@ fn find_column(db: &Db, columns: &[Column], name: &str) -> Option<Column> {
 }
 
 /// A table's columns as the server types them (none: no such table).
-async fn read_columns(db: &Db, conn: &mut impl Exec, table: &[String]) -> Result<Vec<Column>> {
+pub(crate) async fn read_columns(db: &Db, conn: &mut impl Exec, table: &[String]) -> Result<Vec<Column>> {
     let rows = conn
         .fetch(&db.dialect.columns_query(table))
         .await
@@ -187,6 +187,9 @@ async fn inspect_insert(
 impl Target {
     /// Inspects the table and prepares every fragment of the job.
     pub async fn inspect(db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -> Result<Target> {
+        if r.job.source.is_stream() {
+            return Self::inspect_stream(db, conn, r).await;
+        }
         let job = &r.job;
         let d = db.dialect;
         let table_field = format!("jobs.{}.source.table", job.name);
@@ -300,6 +303,157 @@ impl Target {
             params: r.params.clone(),
         };
         target.prepare_all(db, conn, r).await?;
+        Ok(target)
+    }
+
+    /// The target of a job whose rows come from a query, diff or file:
+    /// `action.table` (none for a `call` without one), the action's
+    /// fragments, and the fields of the row they bind (`:name`), typed by
+    /// the server where it infers types (PostgreSQL), else bound as read.
+    async fn inspect_stream(db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -> Result<Target> {
+        let job = &r.job;
+        let d = db.dialect;
+        let table_field = format!("jobs.{}.action.table", job.name);
+        let columns = if job.table.is_empty() {
+            Vec::new()
+        } else {
+            let columns = read_columns(db, conn, &job.table).await?;
+            if columns.is_empty() {
+                return Err(sql_error(
+                    db,
+                    &job.table_at,
+                    &table_field,
+                    format!("table `{}` does not exist", job.table.join(".")),
+                ));
+            }
+            columns
+        };
+        let parse = |s: &SqlText| {
+            Fragment::parse(&s.sql, d.backslash_escapes()).map_err(|m| Error::Spec {
+                location: s.location.clone(),
+                field: s.field.clone(),
+                message: m,
+            })
+        };
+        let mut keys = Vec::new();
+        for k in &job.key {
+            // An update finds its rows by the key: it must be the table's.
+            let c = match find_column(db, &columns, k) {
+                Some(c) => c,
+                None if job.updates.is_empty() => Column {
+                    name: k.clone(),
+                    sql_type: String::new(),
+                },
+                None => {
+                    return Err(sql_error(
+                        db,
+                        &job.key_at,
+                        &format!("jobs.{}.source.key", job.name),
+                        format!(
+                            "the update finds its rows by the key, but table `{}` has no column `{k}`",
+                            job.table.join(".")
+                        ),
+                    ));
+                }
+            };
+            keys.push(c);
+        }
+        let mut sets = Vec::new();
+        for (col, expr) in &job.updates {
+            let c = find_column(db, &columns, col).ok_or_else(|| {
+                sql_error(
+                    db,
+                    &expr.location,
+                    &expr.field,
+                    format!("column `{col}` does not exist in table `{}`", job.table.join(".")),
+                )
+            })?;
+            sets.push((c, parse(expr)?));
+        }
+        let call = job.call.as_ref().map(parse).transpose()?;
+        let insert_exprs = match &job.insert {
+            Some(i) => i.columns.iter().map(|(_, t)| parse(t)).collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let mut row_cols: Vec<Column> = Vec::new();
+        for f in call.iter().chain(&insert_exprs).chain(sets.iter().map(|(_, f)| f)) {
+            for name in f.params() {
+                if !r.params.contains_key(name) && !row_cols.iter().any(|c| c.name == name) {
+                    row_cols.push(Column {
+                        name: name.to_string(),
+                        sql_type: String::new(),
+                    });
+                }
+            }
+        }
+        let insert = match &job.insert {
+            Some(i) => Some(inspect_insert(db, conn, i, insert_exprs).await?),
+            None => None,
+        };
+        let mut target = Target {
+            dialect: d,
+            table: if job.table.is_empty() {
+                String::new()
+            } else {
+                d.quote_table(&job.table)
+            },
+            key_q: keys.iter().map(|k| d.quote_ident(&k.name)).collect(),
+            keys,
+            sets,
+            base_filter: None,
+            filter: None,
+            priority: Vec::new(),
+            categories: Vec::new(),
+            columns,
+            call,
+            insert,
+            row_cols,
+            segment_no: 0,
+            params: r.params.clone(),
+        };
+        // The action's statement, prepared once: its errors name the
+        // field, and the server's inferred parameter types type the row's
+        // fields from then on.
+        let (text, stmt) = if let (Some(_), Some(t)) = (&target.call, &job.call) {
+            (t, Box::new(|t: &Target, v: &[Value]| t.call_statement(v)) as Box<dyn Fn(&Target, &[Value]) -> Query>)
+        } else if let Some(i) = &job.insert {
+            let on_conflict = d.insert_on_conflict();
+            (
+                &i.columns[0].1,
+                Box::new(move |t: &Target, v: &[Value]| {
+                    if on_conflict { t.insert_row(v) } else { t.insert_values(v) }
+                }) as Box<dyn Fn(&Target, &[Value]) -> Query>,
+            )
+        } else {
+            let key: Key = vec![Value::Null; target.keys.len()];
+            (
+                &job.updates[0].1,
+                Box::new(move |t: &Target, v: &[Value]| t.update_row(&key, v)) as Box<dyn Fn(&Target, &[Value]) -> Query>,
+            )
+        };
+        let marks: Vec<Value> = (0..target.row_cols.len())
+            .map(|i| Value::Text(format!("\u{1}infill-field-{i}")))
+            .collect();
+        let q = stmt(&target, &marks);
+        let described = conn.describe(&q).await.map_err(|e| match e {
+            sqlx::Error::Database(dbe) => sql_error(db, &text.location, &text.field, r.redactor.mask(dbe.message())),
+            other => Error::Database {
+                context: format!("cannot check {}", text.field),
+                source: other,
+            },
+        })?;
+        for (n, arg) in q.args.iter().enumerate() {
+            let Some(i) = marks.iter().position(|m| m == arg) else {
+                continue;
+            };
+            if let Some(t) = described.params.get(n)
+                && !t.is_empty()
+                && t != "?"
+                && target.row_cols[i].sql_type.is_empty()
+            {
+                target.row_cols[i].sql_type = t.to_ascii_lowercase();
+            }
+        }
         Ok(target)
     }
 
@@ -629,6 +783,32 @@ impl Target {
             b.push(&self.returning());
         }
         b.finish()
+    }
+
+    /// One row's update by its key, `:name` binding the row's fields
+    /// (`values` in `row_cols` order): a stream source's write.
+    pub fn update_row(&self, key: &Key, values: &[Value]) -> Query {
+        let d = self.dialect;
+        let mut b = SqlBuilder::new(d);
+        b.push("UPDATE ").push(&self.table).push(" SET ");
+        for (i, (col, f)) in self.sets.iter().enumerate() {
+            b.push(if i > 0 { ", " } else { "" })
+                .push(&d.quote_ident(&col.name))
+                .push(" = (");
+            self.push_row_fragment(&mut b, f, values);
+            b.push(")");
+        }
+        b.push(" WHERE ");
+        self.push_key_eq(&mut b, key);
+        b.finish()
+    }
+
+    /// The written columns' values of some rows, locked for the write
+    /// that follows: a stream source's before-images.
+    pub fn before_values(&self, keys: &[Key]) -> Query {
+        let mut q = self.after_values(keys);
+        q.sql.push_str(self.dialect.lock_clause());
+        q
     }
 
     /// The values of the written columns after the write, for engines

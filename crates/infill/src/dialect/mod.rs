@@ -292,6 +292,44 @@ pub trait Exec: Send {
     /// Prepares a statement without running it: unknown tables, columns
     /// and type errors surface here, and nothing is executed.
     async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error>;
+    /// Prepares a statement and reports its result columns and, where the
+    /// server infers them (PostgreSQL), its parameters' types.
+    async fn describe(&mut self, q: &Query) -> Result<Described, sqlx::Error>;
+}
+
+/// What the server says of a prepared statement.
+#[derive(Debug, Clone, Default)]
+pub struct Described {
+    /// Result columns: name and the server's type name ("" when unknown).
+    pub columns: Vec<Column>,
+    /// Parameter types in placeholder order, where the server infers them.
+    pub params: Vec<String>,
+}
+
+/// Builds a [`Described`] from any backend's prepared statement.
+fn described<S: sqlx::Statement>(st: &S, with_params: bool) -> Described
+where
+    <S::Database as sqlx::Database>::TypeInfo: sqlx::TypeInfo,
+{
+    use sqlx::{Column as _, TypeInfo as _};
+    Described {
+        columns: st
+            .columns()
+            .iter()
+            .map(|c| Column {
+                name: c.name().to_string(),
+                sql_type: if c.type_info().is_null() {
+                    String::new()
+                } else {
+                    c.type_info().name().to_string()
+                },
+            })
+            .collect(),
+        params: match st.parameters() {
+            Some(sqlx::Either::Left(types)) if with_params => types.iter().map(|t| t.name().to_string()).collect(),
+            _ => Vec::new(),
+        },
+    }
 }
 
 macro_rules! dispatch {
@@ -327,6 +365,9 @@ macro_rules! impl_exec {
             }
             async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
                 dispatch!(self, c => backend::prepare(c, q).await)
+            }
+            async fn describe(&mut self, q: &Query) -> Result<Described, sqlx::Error> {
+                dispatch!(self, c => backend::describe(c, q).await)
             }
         }
     };

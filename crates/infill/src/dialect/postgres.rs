@@ -33,6 +33,9 @@ impl Dialect for PostgresDialect {
         format!("({expr})::text")
     }
     fn value_in(&self, placeholder: &str, column: &Column) -> String {
+        if column.sql_type.is_empty() {
+            return placeholder.to_string();
+        }
         format!("CAST({placeholder} AS {})", column.sql_type)
     }
     fn same_value(&self, col: &str, placeholder: &str) -> String {
@@ -397,4 +400,12 @@ pub(super) async fn prepare(conn: &mut PgConnection, q: &Query) -> Result<(), sq
     conn.prepare_with(AssertSqlSafe(q.sql.as_str()).into_sql_str(), &types)
         .await
         .map(|_| ())
+}
+
+/// Prepared with no parameter types given: the server infers them.
+pub(super) async fn describe(conn: &mut PgConnection, q: &Query) -> Result<super::Described, sqlx::Error> {
+    let st = conn
+        .prepare_with(AssertSqlSafe(q.sql.as_str()).into_sql_str(), &[])
+        .await?;
+    Ok(super::described(&st, true))
 }

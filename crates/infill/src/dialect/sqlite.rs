@@ -195,3 +195,8 @@ pub(super) async fn prepare(conn: &mut SqliteConnection, q: &Query) -> Result<()
         .await
         .map(|_| ())
 }
+
+pub(super) async fn describe(conn: &mut SqliteConnection, q: &Query) -> Result<super::Described, sqlx::Error> {
+    let st = conn.prepare(AssertSqlSafe(q.sql.as_str()).into_sql_str()).await?;
+    Ok(super::described(&st, false))
+}

@@ -191,6 +191,66 @@ pub struct Insert {
     pub columns: Vec<(String, SqlText)>,
 }
 
+/// The format of a `source.file`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// Comma-separated, with a header line naming the fields.
+    Csv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+/// Where a job's candidate rows come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Rows of `source.table` matching `source.where`: written set-based,
+    /// the predicate re-checked in the write.
+    Table,
+    /// Any SELECT on `database`, paged by `source.key` around it.
+    Query { sql: SqlText, database: String },
+    /// Rows of `sql` on `from` whose key is missing from `missing_in` on
+    /// the job's database.
+    Diff {
+        from: String,
+        sql: SqlText,
+        missing_in: Vec<String>,
+        missing_at: Location,
+    },
+    /// Records of a CSV or JSONL file, in file order.
+    File {
+        path: PathBuf,
+        format: FileFormat,
+        at: Location,
+    },
+}
+
+impl Source {
+    /// True for the sources whose rows are read page by page and applied
+    /// one by one (every source but `table`).
+    pub fn is_stream(&self) -> bool {
+        !matches!(self, Source::Table)
+    }
+
+    /// The SQL fragment that reads rows, if any.
+    pub fn sql(&self) -> Option<&SqlText> {
+        match self {
+            Source::Query { sql, .. } | Source::Diff { sql, .. } => Some(sql),
+            _ => None,
+        }
+    }
+
+    /// The named database the rows are read from, for SQL sources.
+    pub fn database<'a>(&'a self, job_database: &'a str) -> Option<&'a str> {
+        match self {
+            Source::Table => Some(job_database),
+            Source::Query { database, .. } => Some(database),
+            Source::Diff { from, .. } => Some(from),
+            Source::File { .. } => None,
+        }
+    }
+}
+
 /// One validated job of the spec.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -198,7 +258,10 @@ pub struct Job {
     pub description: Option<String>,
     /// The named database the job writes to (`target` unless `database = ...`).
     pub database: String,
-    /// `source.table`, split on dots, each part kept as written.
+    /// Where the candidates come from.
+    pub source: Source,
+    /// `source.table` (with another source: `action.table`, empty for a
+    /// `call` that names none), split on dots, each part kept as written.
     pub table: Vec<String>,
     /// Where `source.table` is written.
     pub table_at: Location,
@@ -314,6 +377,9 @@ impl fmt::Debug for DatabaseUrl {
 pub struct ResolvedJob {
     pub job: Job,
     pub target: DatabaseUrl,
+    /// The database a `query` or `diff` source reads, where it is not the
+    /// target.
+    pub source_db: Option<DatabaseUrl>,
     pub env: Option<String>,
     pub params: BTreeMap<String, Value>,
     pub settings: Settings,
@@ -491,34 +557,44 @@ impl Spec {
             )
         })?;
         let src = source.get_ref();
-        for (kind, present) in [
+        let given: Vec<&str> = [
+            ("table", src.table.is_some()),
             ("query", src.query.is_some()),
             ("diff", src.diff.is_some()),
             ("file", src.file.is_some()),
-        ] {
-            if present {
-                return Err(self.err(
-                    source.span(),
-                    jf(&format!("source.{kind}")),
-                    format!("source.{kind} is not supported by this version of infill yet; use source.table"),
-                ));
-            }
-        }
-        let table = src
-            .table
-            .as_ref()
-            .ok_or_else(|| self.err(source.span(), jf("source.table"), "missing: name the table to backfill"))?;
-        let table_parts: Vec<String> = table.get_ref().split('.').map(str::to_string).collect();
-        if table_parts.iter().any(|p| p.is_empty()) {
-            return Err(self.err(table.span(), jf("source.table"), "empty name part"));
-        }
-        let key_spanned = src.key.as_ref().ok_or_else(|| {
-            self.err(
+        ]
+        .into_iter()
+        .filter(|(_, present)| *present)
+        .map(|(k, _)| k)
+        .collect();
+        if given.len() > 1 {
+            return Err(self.err(
                 source.span(),
-                jf("source.key"),
-                "missing: name the key column(s), e.g. source.key = [\"id\"]",
-            )
-        })?;
+                jf("source"),
+                format!(
+                    "a job has one source, this one has {}: keep one of them",
+                    given.iter().map(|k| format!("source.{k}")).collect::<Vec<_>>().join(" and ")
+                ),
+            ));
+        }
+        if given.is_empty() {
+            return Err(self.err(
+                source.span(),
+                jf("source.table"),
+                "missing: name the table to backfill (source.table), or give source.query, source.diff or source.file",
+            ));
+        }
+        let key_spanned = src
+            .key
+            .as_ref()
+            .or(src.diff.as_ref().and_then(|d| d.get_ref().key.as_ref()))
+            .ok_or_else(|| {
+                self.err(
+                    source.span(),
+                    jf("source.key"),
+                    "missing: name the key column(s), e.g. source.key = [\"id\"]",
+                )
+            })?;
         let key = match key_spanned.get_ref() {
             StringOrList::One(k) => vec![k.clone()],
             StringOrList::Many(ks) => ks.clone(),
@@ -530,6 +606,111 @@ impl Spec {
                 "needs at least one non-empty column name",
             ));
         }
+        let split_table = |t: &Spanned<String>, field: &str| -> Result<Vec<String>> {
+            let parts: Vec<String> = t.get_ref().split('.').map(str::to_string).collect();
+            if parts.iter().any(|p| p.is_empty()) {
+                return Err(self.err(t.span(), jf(field), "empty name part"));
+            }
+            Ok(parts)
+        };
+        let act_table = raw.action.as_ref().and_then(|a| a.get_ref().table.as_ref());
+        let stream_only = |present: bool, span: Range<usize>, field: &str| -> Result<()> {
+            if present && src.table.is_none() {
+                return Err(self.err(
+                    span,
+                    jf(field),
+                    format!("{field} applies to source.table only; with another source, put the condition in its query"),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(w) = &src.where_ {
+            stream_only(true, w.span(), "source.where")?;
+        }
+        if let Some((_, c)) = raw.categories.iter().next() {
+            stream_only(true, c.span(), "categories")?;
+        }
+        if let Some(p) = raw.priority.first() {
+            stream_only(true, p.span(), "priority")?;
+        }
+        let database_of = |d: &Spanned<String>| d.get_ref().clone();
+        let (source_kind, table_spanned) = if let Some(t) = &src.table {
+            (Source::Table, Some(t))
+        } else if let Some(q) = &src.query {
+            let database = src.database.as_ref().map(database_of).unwrap_or_else(|| {
+                raw.database
+                    .as_ref()
+                    .map(|d| d.get_ref().clone())
+                    .unwrap_or_else(|| "target".into())
+            });
+            let text = SqlText {
+                sql: q.get_ref().clone(),
+                field: jf("source.query"),
+                location: self.location(q.span()),
+            };
+            (Source::Query { sql: text, database }, act_table)
+        } else if let Some(d) = &src.diff {
+            let diff = d.get_ref();
+            let text = SqlText {
+                sql: diff.query.get_ref().clone(),
+                field: jf("source.diff.query"),
+                location: self.location(diff.query.span()),
+            };
+            (
+                Source::Diff {
+                    from: diff.from.get_ref().clone(),
+                    sql: text,
+                    missing_in: split_table(&diff.missing_in, "source.diff.missing_in")?,
+                    missing_at: self.location(diff.missing_in.span()),
+                },
+                act_table,
+            )
+        } else {
+            let f = src.file.as_ref().expect("one source is given");
+            let (path, format) = match f.get_ref() {
+                raw::RawFile::Path(p) => (p.clone(), None),
+                raw::RawFile::Table { path, format } => (path.clone(), format.clone()),
+            };
+            let format = match format.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                Some("csv") => FileFormat::Csv,
+                Some("jsonl") | Some("ndjson") => FileFormat::Jsonl,
+                Some(other) => {
+                    return Err(self.err(
+                        f.span(),
+                        jf("source.file.format"),
+                        format!("unknown format `{other}`: use csv or jsonl"),
+                    ));
+                }
+                None if path.ends_with(".csv") => FileFormat::Csv,
+                None if path.ends_with(".jsonl") || path.ends_with(".ndjson") => FileFormat::Jsonl,
+                None => {
+                    return Err(self.err(
+                        f.span(),
+                        jf("source.file"),
+                        "cannot tell the format from the name; write source.file = { path = \"...\", format = \"csv\" } (or \"jsonl\")",
+                    ));
+                }
+            };
+            (
+                Source::File {
+                    path: self.dir.join(path),
+                    format,
+                    at: self.location(f.span()),
+                },
+                act_table,
+            )
+        };
+        if let Source::Query { sql, .. } | Source::Diff { sql, .. } = &source_kind
+            && sql.sql.trim().is_empty()
+        {
+            return Err(self.err(source.span(), sql.field.clone(), "is empty"));
+        }
+        let table_parts: Vec<String> = match table_spanned {
+            Some(t) if source_kind.is_stream() => split_table(t, "action.table")?,
+            Some(t) => split_table(t, "source.table")?,
+            None => Vec::new(),
+        };
+        let table_span = table_spanned.map(|t| t.span()).unwrap_or_else(|| source.span());
 
         let action = raw.action.as_ref().ok_or_else(|| {
             self.err(
@@ -566,8 +747,8 @@ impl Spec {
                 "a job has one action: action.update, action.insert or action.call",
             ));
         }
-        if let Some(t) = &act.table
-            && t.get_ref() != table.get_ref()
+        if let (Some(t), Some(st)) = (&act.table, &src.table)
+            && t.get_ref() != st.get_ref()
             && act.insert.is_none()
         {
             return Err(self.err(
@@ -668,9 +849,15 @@ impl Spec {
                 ));
             }
             Some(cols) => {
-                let (name, span) = match &act.table {
-                    Some(t) => (t.get_ref().clone(), t.span()),
-                    None => (table.get_ref().clone(), table.span()),
+                let (name, span) = match (&act.table, table_spanned) {
+                    (Some(t), _) | (None, Some(t)) => (t.get_ref().clone(), t.span()),
+                    (None, None) => {
+                        return Err(self.err(
+                            cols.span(),
+                            jf("action.table"),
+                            "missing: name the table the rows are inserted into (action.table = \"...\")",
+                        ));
+                    }
                 };
                 let parts: Vec<String> = name.split('.').map(str::to_string).collect();
                 if parts.iter().any(|p| p.is_empty()) {
@@ -689,6 +876,25 @@ impl Spec {
             }
         };
         let filter = src.where_.as_ref().map(|w| sql(w, jf("source.where"))).transpose()?;
+        if !update.is_empty() && table_parts.is_empty() {
+            return Err(self.err(
+                action.span(),
+                jf("action.table"),
+                "missing: name the table the rows update (action.table = \"...\")",
+            ));
+        }
+        // A source's query may bind params, never the row's columns.
+        if let Some(text) = source_kind.sql() {
+            let spanned = Spanned::new(
+                match (&src.query, &src.diff) {
+                    (Some(q), _) => q.span(),
+                    (_, Some(d)) => d.get_ref().query.span(),
+                    _ => source.span(),
+                },
+                text.sql.clone(),
+            );
+            sql(&spanned, text.field.clone())?;
+        }
         let mut updates = Vec::new();
         for (col, expr) in update {
             if key.contains(col) {
@@ -698,7 +904,10 @@ impl Spec {
                     "a key column cannot be updated: the key is how infill pages and resumes",
                 ));
             }
-            updates.push((col.clone(), sql(expr, jf(&format!("action.update.{col}")))?));
+            // With a query, diff or file source, `:name` may bind a field
+            // of the row.
+            let text = sql_with(expr, jf(&format!("action.update.{col}")), source_kind.is_stream())?;
+            updates.push((col.clone(), text));
         }
         let categories = raw
             .categories
@@ -739,6 +948,8 @@ impl Spec {
             params: &'a [ParamDecl],
             undo: bool,
             priority: Vec<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            source: Option<serde_json::Value>,
         }
         let database = raw
             .database
@@ -763,6 +974,18 @@ impl Spec {
             params: &params,
             undo,
             priority: priority.iter().map(|p| p.sql.as_str()).collect(),
+            source: match &source_kind {
+                Source::Table => None,
+                Source::Query { sql, database } => Some(serde_json::json!({ "query": sql.sql, "database": database })),
+                Source::Diff { from, sql, missing_in, .. } => {
+                    Some(serde_json::json!({ "diff": sql.sql, "from": from, "missing_in": missing_in }))
+                }
+                // The file's content is not in the definition: a file
+                // appended to since keeps its runs resumable.
+                Source::File { path, format, .. } => {
+                    Some(serde_json::json!({ "file": path.file_name().map(|f| f.to_string_lossy().into_owned()), "format": format }))
+                }
+            },
         };
         let definition_sha256 = hex::encode(Sha256::digest(serde_json::to_vec(&def).expect("serialisable")));
         let approved = serde_json::json!({
@@ -776,7 +999,8 @@ impl Spec {
             description: raw.description.clone(),
             database,
             table: table_parts,
-            table_at: self.location(table.span()),
+            table_at: self.location(table_span),
+            source: source_kind,
             key,
             key_at: self.location(key_spanned.span()),
             filter,
@@ -885,6 +1109,12 @@ impl Spec {
 
         let mut redactor = Redactor::default();
         let url = self.url_for(&job, o.env.as_deref(), &mut redactor)?;
+        let source_db = match job.source.database(&job.database) {
+            Some(name) if name != job.database => {
+                Some(self.named_url(&job, name, o.env.as_deref(), &mut redactor)?)
+            }
+            _ => None,
+        };
 
         // Params: command line, then defaults; every declared one must have a value.
         let mut params = BTreeMap::new();
@@ -948,6 +1178,7 @@ impl Spec {
         Ok(ResolvedJob {
             job,
             target: url,
+            source_db,
             env: o.env.clone(),
             params,
             settings,
@@ -981,6 +1212,17 @@ impl Spec {
     }
 
     fn url_for(&self, job: &Job, env_name: Option<&str>, redactor: &mut Redactor) -> Result<DatabaseUrl> {
+        self.named_url(job, &job.database, env_name, redactor)
+    }
+
+    /// The URL of the named database `database`, for `job`'s errors.
+    fn named_url(
+        &self,
+        job: &Job,
+        database: &str,
+        env_name: Option<&str>,
+        redactor: &mut Redactor,
+    ) -> Result<DatabaseUrl> {
         let env = self.env_table(env_name)?;
         let env_label = env_name.unwrap_or("");
         // Variables: the process environment, then the dotenv file.
@@ -1006,30 +1248,29 @@ impl Spec {
         let (field, value) = env
             .and_then(|e| {
                 e.databases
-                    .get(&job.database)
-                    .map(|v| (format!("env.{env_label}.databases.{}", job.database), v))
+                    .get(database)
+                    .map(|v| (format!("env.{env_label}.databases.{database}"), v))
             })
             .or_else(|| {
                 self.raw
                     .databases
-                    .get(&job.database)
-                    .map(|v| (format!("databases.{}", job.database), v))
+                    .get(database)
+                    .map(|v| (format!("databases.{database}"), v))
             })
             .ok_or_else(|| {
-                let raw = &self.raw.jobs[&job.name];
-                let at = raw
-                    .get_ref()
-                    .database
-                    .as_ref()
-                    .map(|d| d.span())
-                    .unwrap_or_else(|| raw.span());
+                let raw = self.raw.jobs[&job.name].get_ref();
+                let src = raw.source.as_ref().map(|s| s.get_ref());
+                let (at, field) = if database == job.database {
+                    (raw.database.as_ref().map(|d| d.span()), "database")
+                } else if let Some(d) = src.and_then(|s| s.diff.as_ref()) {
+                    (Some(d.get_ref().from.span()), "source.diff.from")
+                } else {
+                    (src.and_then(|s| s.database.as_ref()).map(|d| d.span()), "source.database")
+                };
                 self.err(
-                    at,
-                    format!("jobs.{}.database", job.name),
-                    format!(
-                        "no database named `{}` in [databases]; add {} = \"<url>\"",
-                        job.database, job.database
-                    ),
+                    at.unwrap_or_else(|| self.raw.jobs[&job.name].span()),
+                    format!("jobs.{}.{field}", job.name),
+                    format!("no database named `{database}` in [databases]; add {database} = \"<url>\""),
                 )
             })?;
         let url = expand_vars(value.get_ref(), &dotenv, redactor).map_err(|var| {
@@ -1045,7 +1286,7 @@ impl Spec {
         let url = self.normalise_sqlite_url(&url);
         redactor.add_url(&url);
         Ok(DatabaseUrl {
-            name: job.database.clone(),
+            name: database.to_string(),
             url,
         })
     }

@@ -140,8 +140,31 @@ pub struct RawSource {
     #[serde(rename = "where")]
     pub where_: Option<Spanned<String>>,
     pub query: Option<Spanned<String>>,
-    pub diff: Option<Spanned<toml::Value>>,
-    pub file: Option<Spanned<toml::Value>>,
+    /// The named database `query` reads (default: the job's own).
+    pub database: Option<Spanned<String>>,
+    pub diff: Option<Spanned<RawDiff>>,
+    pub file: Option<Spanned<RawFile>>,
+}
+
+/// `source.diff = { from, query, key, missing_in }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiff {
+    pub from: Spanned<String>,
+    pub query: Spanned<String>,
+    pub key: Option<Spanned<StringOrList>>,
+    pub missing_in: Spanned<String>,
+}
+
+/// `source.file = "rows.csv"` or `{ path = "...", format = "csv" | "jsonl" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawFile {
+    Path(String),
+    Table {
+        path: String,
+        format: Option<String>,
+    },
 }
 
 /// `source.key = "id"` or `["tenant_id", "id"]`.

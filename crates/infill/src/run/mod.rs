@@ -6,6 +6,8 @@
 //! Signals are cooperative: the first one finishes the batch in flight, the
 //! second rolls it back.
 
+mod stream;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +25,7 @@ use crate::lock::JobLock;
 use crate::plan::{PlanOptions, as_count, count, first_key};
 use crate::spec::{MaxFailures, ResolvedJob, Settings};
 use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
+use crate::source::Reader;
 use crate::target::{BatchShape, Target};
 use crate::value::{Key, Value, key_display, key_to_json};
 
@@ -221,6 +224,19 @@ pub async fn run(req: RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Out
 
 async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
     let r = &req.job;
+    let source_db = match &r.source_db {
+        Some(url) => Some(Db::connect(url, &connect_options(r)).await?),
+        None => None,
+    };
+    let result = run_with(db, source_db.as_ref().unwrap_or(db), req, obs, stop).await;
+    if let Some(s) = source_db {
+        s.close().await;
+    }
+    result
+}
+
+async fn run_with(db: &Db, source_db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
+    let r = &req.job;
     if req.dry_run {
         return crate::plan::plan_job(db, r, PlanOptions::default())
             .await
@@ -228,6 +244,13 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
     }
     let mut conn = db.conn().await?;
     let target = Target::inspect(db, &mut conn, r).await?;
+    let mut reader = match r.job.source.is_stream() {
+        true => {
+            let wanted: Vec<String> = target.row_cols.iter().map(|c| c.name.clone()).collect();
+            Some(Reader::open(r, db, source_db, &wanted).await?)
+        }
+        false => None,
+    };
     // The approval that lets the run through, for the audit log.
     let approval = match (&r.approval, &req.approved) {
         (None, _) => None,
@@ -242,10 +265,12 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
     let lock_name = lock_name(db, &mut conn, r).await;
 
     if req.confirm {
-        let upper = first_key(&mut conn, &target.max_key()).await?;
-        let candidates = match &upper {
-            Some(u) => count(&mut conn, &target.count_candidates(None, u)).await?,
-            None => 0,
+        let candidates = match reader.as_mut() {
+            Some(reader) => reader.count_after(None).await?,
+            None => match first_key(&mut conn, &target.max_key()).await? {
+                Some(u) => count(&mut conn, &target.count_candidates(None, &u)).await?,
+                None => 0,
+            },
         };
         let c = Confirmation {
             job: &r.job.name,
@@ -272,7 +297,19 @@ async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> R
         }
         Err(e) => return Err(e),
     };
-    let outcome = with_lock(db, &mut conn, req, obs, stop, &target, &mut lock, new_id, approval).await;
+    let outcome = with_lock(
+        db,
+        &mut conn,
+        req,
+        obs,
+        stop,
+        &target,
+        &mut lock,
+        new_id,
+        approval,
+        reader.as_mut(),
+    )
+    .await;
     lock.release().await;
     outcome.map(Outcome::Ran)
 }
@@ -306,6 +343,7 @@ async fn with_lock(
     lock: &mut JobLock,
     new_id: String,
     approval: Option<String>,
+    mut reader: Option<&mut Reader>,
 ) -> Result<RunSummary> {
     let r = &req.job;
     // A retry is a run of its own: never continued as the job's main run.
@@ -384,7 +422,10 @@ async fn with_lock(
             (run, true)
         }
         None => {
-            let upper = first_key(conn, &target.max_key()).await?;
+            let upper = match reader.as_mut() {
+                Some(reader) => reader.max_key().await?,
+                None => first_key(conn, &target.max_key()).await?,
+            };
             let run = RunRecord {
                 env: r.env.clone(),
                 undo_enabled: r.job.undo,
@@ -443,10 +484,13 @@ async fn with_lock(
         }
     }
     // Each segment walks the whole key range once.
-    let estimated = count(conn, &db.dialect.estimate_rows_query(&r.job.table))
-        .await
-        .ok()
-        .map(|n| n * target.segments());
+    let estimated = match reader {
+        Some(_) => None,
+        None => count(conn, &db.dialect.estimate_rows_query(&r.job.table))
+            .await
+            .ok()
+            .map(|n| n * target.segments()),
+    };
     let batch_size = if resumed && !r.settings.fixed_batch {
         run.batch_size.max(1)
     } else {
@@ -470,20 +514,44 @@ async fn with_lock(
         session_read: 0,
         session_changed: 0,
     };
-    let result = batches(
-        db,
-        req,
-        obs,
-        stop,
-        target,
-        lock,
-        &run,
-        batch_size,
-        &mut audit,
-        &mut looped,
-        retry.as_ref().map(|(_, keys)| keys.as_slice()),
-    )
-    .await;
+    let result = match reader {
+        Some(reader) if retry.is_none() => {
+            stream::batches(
+                db,
+                req,
+                obs,
+                stop,
+                target,
+                lock,
+                &run,
+                batch_size,
+                &mut audit,
+                &mut looped,
+                reader,
+            )
+            .await
+        }
+        Some(_) => Err(Error::Usage(
+            "--retry-failed applies to jobs with source.table; with another source, fix the rows and run the job again"
+                .into(),
+        )),
+        None => {
+            batches(
+                db,
+                req,
+                obs,
+                stop,
+                target,
+                lock,
+                &run,
+                batch_size,
+                &mut audit,
+                &mut looped,
+                retry.as_ref().map(|(_, keys)| keys.as_slice()),
+            )
+            .await
+        }
+    };
     // A finished job runs its checks; a failed check fails the run.
     let mut checks = Vec::new();
     // So does a canary that wrote its rows.
