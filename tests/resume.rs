@@ -61,28 +61,11 @@ pause_between = "{pause}"
 }
 
 fn spawn(db: &TestDb, args: &[&str]) -> Child {
-    db.infill()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn infill")
+    db.spawn(args)
 }
 
-/// Waits until the run has committed at least `n` batches.
 async fn wait_for_batches(db: &TestDb, child: &mut Child, n: i64) {
-    let start = Instant::now();
-    loop {
-        let done = db.try_int("SELECT COUNT(*) FROM infill_batches").await.unwrap_or(0);
-        if done >= n {
-            return;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("infill ended ({status:?}) before {n} batches committed; the fixture is too small");
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "no progress in 120 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    db.wait_for_batches(child, n).await
 }
 
 /// Every candidate written exactly once with the right value; no other row touched.

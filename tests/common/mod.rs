@@ -280,6 +280,32 @@ impl TestDb {
         c
     }
 
+    /// Starts `infill ARGS` in the background, output captured.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.infill()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn infill")
+    }
+
+    /// Waits until runs in this database have committed at least `n` batches.
+    pub async fn wait_for_batches(&self, child: &mut std::process::Child, n: i64) {
+        let start = std::time::Instant::now();
+        loop {
+            let done = self.try_int("SELECT COUNT(*) FROM infill_batches").await.unwrap_or(0);
+            if done >= n {
+                return;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("infill ended ({status:?}) before {n} batches committed; the fixture is too small");
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(120), "no progress in 120 s");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Runs `infill ARGS` to completion.
     pub fn run(&self, args: &[&str]) -> Output {
         self.infill().args(args).output().expect("infill runs")
