@@ -35,6 +35,9 @@ pub struct Page {
     pub end: bool,
     /// The file line of each row (file sources), for error messages.
     pub lines: Vec<u64>,
+    /// For each row, the cursor just after it: where a batch that ends
+    /// with that row leaves the run.
+    pub cursors: Vec<Key>,
 }
 
 /// Reads a job's source page by page.
@@ -326,6 +329,7 @@ impl SqlSource {
         };
         Ok(Page {
             lines: Vec::new(),
+            cursors: rows.iter().map(|r| r[..nk].to_vec()).collect(),
             rows,
             scanned,
             cursor,
@@ -540,6 +544,7 @@ impl FileSource {
                     self.check_key(&row, this_line)?;
                     page.rows.push(row);
                     page.lines.push(this_line);
+                    page.cursors.push(file_cursor(next_offset, next_line));
                 }
             }
             FileFormat::Jsonl => {
@@ -571,11 +576,12 @@ impl FileSource {
                     self.check_key(&row, this_line)?;
                     page.rows.push(row);
                     page.lines.push(this_line);
+                    page.cursors.push(file_cursor(next_offset, next_line));
                 }
             }
         }
         if page.scanned > 0 {
-            page.cursor = Some(vec![Value::Int(next_offset as i64), Value::Int(next_line as i64)]);
+            page.cursor = Some(file_cursor(next_offset, next_line));
         }
         Ok(page)
     }
@@ -588,6 +594,11 @@ impl FileSource {
         }
         Ok(())
     }
+}
+
+/// A file's cursor: the byte offset and line of the next record.
+fn file_cursor(offset: u64, line: u64) -> Key {
+    vec![Value::Int(offset as i64), Value::Int(line as i64)]
 }
 
 /// A JSONL field as a value: numbers that are integers stay integers,

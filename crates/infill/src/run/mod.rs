@@ -653,7 +653,8 @@ async fn with_lock(
             // A run stopped by something outside it (lost connection or
             // lock) stays resumable: `infill run` continues it.
             let status = match e {
-                Error::LockLost { .. } => RunStatus::Interrupted,
+                // A bad record in a file: fixed, the same command continues.
+                Error::LockLost { .. } | Error::Input { .. } => RunStatus::Interrupted,
                 _ if e.is_transient() => RunStatus::Interrupted,
                 _ => RunStatus::Failed,
             };

@@ -128,24 +128,28 @@ pub(super) async fn batches(
         let Some(settled) = settled else {
             return Ok(End::Aborted);
         };
-        let (o, events) = settled?;
+        let (outcomes, events) = settled?;
         for (kind, detail) in events {
             audit.write(kind, detail)?;
         }
-        let report = BatchReport {
-            batch: o.checkpoint.clone(),
-            retries: o.retries,
-        };
-        audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
-        let b = &report.batch;
-        looped.batches = b.batch_no;
-        looped.rows_read += b.rows_read;
-        looped.rows_changed += b.rows_changed;
-        looped.rows_skipped += b.rows_skipped;
-        looped.rows_failed += b.rows_failed;
-        looped.session_read += b.rows_read;
-        looped.session_changed += b.rows_changed;
-        obs.on_event(&Event::Batch(&report));
+        let mut duration = Duration::ZERO;
+        for o in outcomes {
+            let report = BatchReport {
+                batch: o.checkpoint.clone(),
+                retries: o.retries,
+            };
+            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
+            let b = &report.batch;
+            looped.batches = b.batch_no;
+            looped.rows_read += b.rows_read;
+            looped.rows_changed += b.rows_changed;
+            looped.rows_skipped += b.rows_skipped;
+            looped.rows_failed += b.rows_failed;
+            looped.session_read += b.rows_read;
+            looped.session_changed += b.rows_changed;
+            obs.on_event(&Event::Batch(&report));
+            duration += o.duration;
+        }
         if too_many_failures(s.max_failures, looped.rows_failed, looped.rows_read) {
             return Err(Error::RowsFailed(format!(
                 "{} rows failed, more than max_failures allows; the run stopped. `infill failures {}` lists them",
@@ -157,8 +161,8 @@ pub(super) async fn batches(
         if page.end {
             return Ok(End::Done);
         }
-        batch_size = adaptive.next(batch_size, o.duration, s);
-        throttle(s, o.duration, looped.session_changed, session_start, stop).await;
+        batch_size = adaptive.next(batch_size, duration, s);
+        throttle(s, duration, looped.session_changed, session_start, stop).await;
     }
 }
 
@@ -174,6 +178,16 @@ struct Write<'a> {
 
 type Events = Vec<(&'static str, serde_json::Value)>;
 
+/// What became of one row when a page is applied row by row.
+enum RowResult {
+    Done { changed: u64, images: Vec<UndoImage> },
+    Failed(Error),
+}
+
+const SAVEPOINT: &str = "SAVEPOINT infill_row";
+const RELEASE: &str = "RELEASE SAVEPOINT infill_row";
+const ROLLBACK_TO: &str = "ROLLBACK TO SAVEPOINT infill_row";
+
 impl Write<'_> {
     /// Applies a page with retries on transient errors; on a row's error,
     /// again row by row.
@@ -184,15 +198,22 @@ impl Write<'_> {
         upper: Key,
         page: &Page,
         t0: Instant,
-    ) -> Result<(BatchOutcome, Events)> {
+    ) -> Result<(Vec<BatchOutcome>, Events)> {
         let mut events = Vec::new();
         let mut retries = 0;
         let mut isolate = false;
         loop {
-            match self.apply(batch_no, lo, upper.clone(), page, isolate, t0, &mut events).await {
-                Ok(mut o) => {
-                    o.retries = retries;
-                    return Ok((o, events));
+            let applied = if isolate {
+                self.apply_rows(batch_no, lo, upper.clone(), page, t0, &mut events).await
+            } else {
+                self.apply(batch_no, lo, upper.clone(), page, t0).await.map(|o| vec![o])
+            };
+            match applied {
+                Ok(mut outcomes) => {
+                    for o in &mut outcomes {
+                        o.retries = retries;
+                    }
+                    return Ok((outcomes, events));
                 }
                 Err(e) if e.is_transient() && retries < MAX_RETRIES => {
                     retries += 1;
@@ -202,7 +223,7 @@ impl Write<'_> {
                         json!({ "batch_no": batch_no, "attempt": retries, "error": self.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
                     ));
                     tokio::time::sleep(wait).await;
-                    // A connection lost during COMMIT: the checkpoint says
+                    // A connection lost during COMMIT: the checkpoints say
                     // whether the page went through.
                     if let Some(o) = self.committed(batch_no, retries).await {
                         return Ok((o, events));
@@ -210,69 +231,230 @@ impl Write<'_> {
                 }
                 Err(e) if !isolate && is_row_error(&e) => {
                     isolate = true;
-                    events.clear();
                 }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    async fn committed(&self, batch_no: u64, retries: u32) -> Option<BatchOutcome> {
+    async fn committed(&self, batch_no: u64, retries: u32) -> Option<Vec<BatchOutcome>> {
         let mut c = self.db.conn().await.ok()?;
         let found = state::batches_after(self.db, &mut c, self.run_id, batch_no - 1).await.ok()?;
-        found.into_iter().find(|cp| cp.batch_no == batch_no).map(|cp| BatchOutcome {
-            duration: Duration::from_millis(cp.duration_ms),
+        let outcomes: Vec<BatchOutcome> = found
+            .into_iter()
+            .map(|cp| BatchOutcome {
+                duration: Duration::from_millis(cp.duration_ms),
+                checkpoint: cp,
+                retries,
+                written: Vec::new(),
+            })
+            .collect();
+        (!outcomes.is_empty()).then_some(outcomes)
+    }
+
+    /// The whole page in one go: one batch.
+    async fn apply(&self, batch_no: u64, lo: Option<&Key>, upper: Key, page: &Page, t0: Instant) -> Result<BatchOutcome> {
+        let t = self.target;
+        let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+        let nk = t.keys.len();
+        let mut conn = self.db.conn().await?;
+        let mut tx = conn
+            .begin_with(self.db.dialect.begin_write())
+            .await
+            .map_err(fail("cannot begin"))?;
+        let mut changed = 0u64;
+        let mut images = Vec::new();
+        if t.call.is_some() {
+            for row in &page.rows {
+                tx.execute(&t.call_statement(&row[nk..]))
+                    .await
+                    .map_err(fail("cannot call"))?;
+                changed += 1;
+            }
+        } else if t.insert.is_some() {
+            images = insert_rows(self.db, &mut tx, t, &page.rows, nk, batch_no).await?;
+            changed = images.len() as u64;
+        } else {
+            let keys: Vec<Key> = page.rows.iter().map(|r| r[..nk].to_vec()).collect();
+            let before = self.before(&mut tx, &keys, batch_no).await?;
+            let mut written = Vec::new();
+            for (row, key) in page.rows.iter().zip(&keys) {
+                let n = tx
+                    .execute(&t.update_row(key, &row[nk..]))
+                    .await
+                    .map_err(fail("cannot write"))?;
+                if n > 0 {
+                    changed += 1;
+                    written.push(key.clone());
+                }
+            }
+            images = self.images_after(&mut tx, &before, &written, batch_no).await?;
+        }
+        self.store_images(&mut tx, batch_no, &images).await?;
+        let cp = Checkpoint::new(0, batch_no, lo, upper, page.rows.len() as u64, changed, 0, self.batch_size);
+        checkpoint_and_commit(self.db, tx, self.run_id, cp, t0, Vec::new()).await
+    }
+
+    /// The page row by row, each under a savepoint, in one transaction: a
+    /// failing row is rolled back alone and becomes a batch of its own with
+    /// its failure recorded; the rows between failures are batches too.
+    async fn apply_rows(
+        &self,
+        batch_no: u64,
+        lo: Option<&Key>,
+        upper: Key,
+        page: &Page,
+        t0: Instant,
+        events: &mut Events,
+    ) -> Result<Vec<BatchOutcome>> {
+        let t = self.target;
+        let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+        let nk = t.keys.len();
+        let mut conn = self.db.conn().await?;
+        let mut tx = conn
+            .begin_with(self.db.dialect.begin_write())
+            .await
+            .map_err(fail("cannot begin"))?;
+        let keys: Vec<Key> = page.rows.iter().map(|r| r[..nk].to_vec()).collect();
+        let before = if t.sets.is_empty() {
+            Vec::new()
+        } else {
+            self.before(&mut tx, &keys, batch_no).await?
+        };
+        let mut results = Vec::with_capacity(page.rows.len());
+        for (row, key) in page.rows.iter().zip(&keys) {
+            tx.execute(&crate::sql::Query::new(SAVEPOINT))
+                .await
+                .map_err(fail("cannot set a savepoint"))?;
+            let done = async {
+                if t.call.is_some() {
+                    tx.execute(&t.call_statement(&row[nk..]))
+                        .await
+                        .map_err(fail("cannot call"))?;
+                    Ok((1, Vec::new()))
+                } else if t.insert.is_some() {
+                    let images = insert_rows(self.db, &mut tx, t, std::slice::from_ref(row), nk, batch_no).await?;
+                    Ok((images.len() as u64, images))
+                } else {
+                    let n = tx
+                        .execute(&t.update_row(key, &row[nk..]))
+                        .await
+                        .map_err(fail("cannot write"))?;
+                    let images = if n > 0 {
+                        self.images_after(&mut tx, &before, std::slice::from_ref(key), batch_no)
+                            .await?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((n.min(1), images))
+                }
+            }
+            .await;
+            match done {
+                Ok((changed, images)) => {
+                    tx.execute(&crate::sql::Query::new(RELEASE))
+                        .await
+                        .map_err(fail("cannot release the savepoint"))?;
+                    results.push(RowResult::Done { changed, images });
+                }
+                Err(e) if is_row_error(&e) => {
+                    tx.execute(&crate::sql::Query::new(ROLLBACK_TO))
+                        .await
+                        .map_err(fail("cannot roll back to the savepoint"))?;
+                    results.push(RowResult::Failed(e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // Batches: each run of good rows, and each failed row alone.
+        let mut outcomes = Vec::new();
+        let mut no = batch_no;
+        let mut lower = lo.cloned();
+        let (mut read, mut changed, mut images) = (0u64, 0u64, Vec::new());
+        for (i, res) in results.into_iter().enumerate() {
+            match res {
+                RowResult::Done { changed: c, images: mut im } => {
+                    read += 1;
+                    changed += c;
+                    images.append(&mut im);
+                }
+                RowResult::Failed(e) => {
+                    if read > 0 {
+                        let upto = page.cursors[i - 1].clone();
+                        self.store_images(&mut tx, no, &images).await?;
+                        let cp = Checkpoint::new(0, no, lower.as_ref(), upto.clone(), read, changed, 0, self.batch_size);
+                        outcomes.push(self.checkpoint(&mut tx, cp).await?);
+                        (read, changed, images) = (0, 0, Vec::new());
+                        no += 1;
+                        lower = Some(upto);
+                    }
+                    self.record(&mut tx, no, &keys[i], &e, events).await?;
+                    let upto = page.cursors[i].clone();
+                    let cp = Checkpoint::new(0, no, lower.as_ref(), upto.clone(), 1, 0, 1, self.batch_size);
+                    outcomes.push(self.checkpoint(&mut tx, cp).await?);
+                    no += 1;
+                    lower = Some(upto);
+                }
+            }
+        }
+        if read > 0 || lower.as_ref() != Some(&upper) {
+            self.store_images(&mut tx, no, &images).await?;
+            let cp = Checkpoint::new(0, no, lower.as_ref(), upper, read, changed, 0, self.batch_size);
+            outcomes.push(self.checkpoint(&mut tx, cp).await?);
+        }
+        tx.commit().await.map_err(fail("cannot commit"))?;
+        if let Some(last) = outcomes.last_mut() {
+            last.duration = t0.elapsed();
+            last.checkpoint.duration_ms = last.duration.as_millis() as u64;
+        }
+        Ok(outcomes)
+    }
+
+    async fn checkpoint(&self, tx: &mut Tx<'_>, cp: Checkpoint) -> Result<BatchOutcome> {
+        state::checkpoint(self.db, tx, self.run_id, &cp)
+            .await
+            .map_err(Error::db(format!("batch {}: cannot write the checkpoint", cp.batch_no)))?;
+        Ok(BatchOutcome {
             checkpoint: cp,
-            retries,
+            retries: 0,
+            duration: Duration::ZERO,
             written: Vec::new(),
         })
     }
 
-    /// One statement, under a savepoint when rows are isolated: a failing
-    /// row is rolled back alone and recorded.
-    async fn one(
-        &self,
-        tx: &mut Tx<'_>,
-        isolate: bool,
-        batch_no: u64,
-        key: &[Value],
-        q: &crate::sql::Query,
-        events: &mut Events,
-        failed: &mut u64,
-    ) -> Result<Option<u64>> {
-        let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
-        if !isolate {
-            return Ok(Some(tx.execute(q).await.map_err(fail("cannot write"))?));
+    /// The rows' written columns before the write, locked (undo only).
+    async fn before(&self, tx: &mut Tx<'_>, keys: &[Key], batch_no: u64) -> Result<Vec<Vec<Value>>> {
+        if !self.undo {
+            return Ok(Vec::new());
         }
-        let sp = crate::sql::Query::new("SAVEPOINT infill_row");
-        tx.execute(&sp).await.map_err(fail("cannot set a savepoint"))?;
-        match tx.execute(q).await.map_err(fail("cannot write")) {
-            Ok(n) => {
-                tx.execute(&crate::sql::Query::new("RELEASE SAVEPOINT infill_row"))
-                    .await
-                    .map_err(fail("cannot release the savepoint"))?;
-                Ok(Some(n))
-            }
-            Err(e) if is_row_error(&e) => {
-                tx.execute(&crate::sql::Query::new("ROLLBACK TO SAVEPOINT infill_row"))
-                    .await
-                    .map_err(fail("cannot roll back to the savepoint"))?;
-                self.record(tx, batch_no, key, &e, events).await?;
-                *failed += 1;
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+        read_values(tx, keys, |k| self.target.before_values(k), batch_no).await
     }
 
-    async fn record(
+    /// Undo images of the rows written, from their values before and now.
+    async fn images_after(
         &self,
         tx: &mut Tx<'_>,
+        before: &[Vec<Value>],
+        written: &[Key],
         batch_no: u64,
-        key: &[Value],
-        err: &Error,
-        events: &mut Events,
-    ) -> Result<()> {
+    ) -> Result<Vec<UndoImage>> {
+        if !self.undo || written.is_empty() {
+            return Ok(Vec::new());
+        }
+        let after = read_values(tx, written, |k| self.target.after_values(k), batch_no).await?;
+        Ok(images(self.target, before, &after, self.target.keys.len()))
+    }
+
+    async fn store_images(&self, tx: &mut Tx<'_>, batch_no: u64, images: &[UndoImage]) -> Result<()> {
+        if !self.undo || images.is_empty() {
+            return Ok(());
+        }
+        state::insert_undo(self.db, tx, self.run_id, batch_no, images)
+            .await
+            .map_err(Error::db(format!("batch {batch_no}: cannot store the undo images")))
+    }
+
+    async fn record(&self, tx: &mut Tx<'_>, batch_no: u64, key: &[Value], err: &Error, events: &mut Events) -> Result<()> {
         let failure = state::Failure {
             run_id: self.run_id.to_string(),
             batch_no,
@@ -289,109 +471,6 @@ impl Write<'_> {
             json!({ "batch_no": batch_no, "key": key_to_json(key), "error": failure.message, "code": failure.error_code }),
         ));
         Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn apply(
-        &self,
-        batch_no: u64,
-        lo: Option<&Key>,
-        upper: Key,
-        page: &Page,
-        isolate: bool,
-        t0: Instant,
-        events: &mut Events,
-    ) -> Result<BatchOutcome> {
-        let t = self.target;
-        let d = self.db.dialect;
-        let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
-        let nk = t.keys.len();
-        let mut conn = self.db.conn().await?;
-        let mut tx = conn.begin_with(d.begin_write()).await.map_err(fail("cannot begin"))?;
-        let mut changed = 0u64;
-        let mut failed = 0u64;
-        if t.call.is_some() {
-            for row in &page.rows {
-                let q = t.call_statement(&row[nk..]);
-                if self
-                    .one(&mut tx, isolate, batch_no, &row[..nk], &q, events, &mut failed)
-                    .await?
-                    .is_some()
-                {
-                    changed += 1;
-                }
-            }
-        } else if t.insert.is_some() {
-            let mut images = Vec::new();
-            if isolate {
-                for row in &page.rows {
-                    tx.execute(&crate::sql::Query::new("SAVEPOINT infill_row"))
-                        .await
-                        .map_err(fail("cannot set a savepoint"))?;
-                    match insert_rows(self.db, &mut tx, t, std::slice::from_ref(row), nk, batch_no).await {
-                        Ok(mut i) => {
-                            tx.execute(&crate::sql::Query::new("RELEASE SAVEPOINT infill_row"))
-                                .await
-                                .map_err(fail("cannot release the savepoint"))?;
-                            images.append(&mut i);
-                        }
-                        Err(e) if is_row_error(&e) => {
-                            tx.execute(&crate::sql::Query::new("ROLLBACK TO SAVEPOINT infill_row"))
-                                .await
-                                .map_err(fail("cannot roll back to the savepoint"))?;
-                            self.record(&mut tx, batch_no, &row[..nk], &e, events).await?;
-                            failed += 1;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            } else {
-                images = insert_rows(self.db, &mut tx, t, &page.rows, nk, batch_no).await?;
-            }
-            changed = images.len() as u64;
-            if self.undo && !images.is_empty() {
-                state::insert_undo(self.db, &mut tx, self.run_id, batch_no, &images)
-                    .await
-                    .map_err(fail("cannot store the undo images"))?;
-            }
-        } else {
-            let keys: Vec<Key> = page.rows.iter().map(|r| r[..nk].to_vec()).collect();
-            let before = if self.undo {
-                read_values(&mut tx, &keys, |k| t.before_values(k), batch_no).await?
-            } else {
-                Vec::new()
-            };
-            let mut written = Vec::new();
-            for row in &page.rows {
-                let q = t.update_row(&row[..nk].to_vec(), &row[nk..]);
-                if let Some(n) = self
-                    .one(&mut tx, isolate, batch_no, &row[..nk], &q, events, &mut failed)
-                    .await?
-                    && n > 0
-                {
-                    changed += n.min(1);
-                    written.push(row[..nk].to_vec());
-                }
-            }
-            if self.undo && !written.is_empty() {
-                let after = read_values(&mut tx, &written, |k| t.after_values(k), batch_no).await?;
-                let images = images(t, &before, &after, nk);
-                state::insert_undo(self.db, &mut tx, self.run_id, batch_no, &images)
-                    .await
-                    .map_err(fail("cannot store the undo images"))?;
-            }
-        }
-        let cp = Checkpoint::new(
-            0,
-            batch_no,
-            lo,
-            upper,
-            page.rows.len() as u64,
-            changed,
-            failed,
-            self.batch_size,
-        );
-        checkpoint_and_commit(self.db, tx, self.run_id, cp, t0, Vec::new()).await
     }
 }
 
