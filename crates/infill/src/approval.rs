@@ -331,7 +331,7 @@ pub async fn check(
         }
     }
     if !continuing {
-        let now_count = if r.job.source.is_stream() {
+        let now_count = if r.job.reads_pages() {
             crate::plan::stream_count(db, target, r).await?
         } else {
             candidates(db, conn, target, &r.job.table, approved.counted).await?

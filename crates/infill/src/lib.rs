@@ -11,6 +11,7 @@ pub mod audit;
 pub mod dialect;
 pub mod error;
 pub mod host;
+pub mod http;
 pub mod lock;
 pub mod ops;
 pub mod pace;

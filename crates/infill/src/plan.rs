@@ -153,6 +153,10 @@ pub struct JobPlan {
     pub estimated_seconds: Option<f64>,
     pub checks: Vec<PlannedCheck>,
     pub fingerprint: Fingerprint,
+    /// `action.http`: the first records' requests as they would be sent
+    /// (secrets masked).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<crate::http::Rendered>,
 }
 
 /// A plan of one or more jobs, as `--json` prints it and `--out` writes it.
@@ -212,7 +216,7 @@ pub async fn plan_job(db: &Db, r: &ResolvedJob, opts: PlanOptions) -> Result<Job
             .await
             .map_err(|e| crate::verify::check_error(db, check, r, e))?;
     }
-    if r.job.source.is_stream() {
+    if r.job.reads_pages() {
         return analyse_stream(db, &target, r, &identity).await;
     }
     analyse(db, &mut conn, &target, r, &identity, opts).await
@@ -224,8 +228,7 @@ pub async fn plan_job(db: &Db, r: &ResolvedJob, opts: PlanOptions) -> Result<Job
 /// the action binds.
 async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Identity) -> Result<JobPlan> {
     let job = &r.job;
-    let wanted: Vec<String> = target.row_cols.iter().map(|c| c.name.clone()).collect();
-    let (first, candidates) = read_stream(db, target, r).await?;
+    let (first, candidates, fields) = read_stream(db, target, r).await?;
     let nk = job.key.len();
     let sample = first
         .rows
@@ -233,9 +236,25 @@ async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Id
         .map(|row| SampleRow {
             key: row[..nk].to_vec(),
             before: Vec::new(),
-            after: wanted.iter().cloned().zip(row[nk..].iter().cloned()).collect(),
+            after: fields[nk..]
+                .iter()
+                .map(|c| c.name.clone())
+                .zip(row[nk..].iter().cloned())
+                .collect(),
         })
         .collect();
+    // Requests are rendered, never sent: a template error shows here.
+    let requests = match (&job.http, &r.http) {
+        (Some(spec), Some(target)) => {
+            let renderer = crate::http::Renderer::new(spec, &job.name)?;
+            first
+                .rows
+                .iter()
+                .map(|row| crate::http::render_request(&renderer, r, spec, target, &fields, row, true))
+                .collect::<Result<Vec<_>>>()?
+        }
+        _ => Vec::new(),
+    };
     let batch_size = r.settings.batch_size;
     let batches = candidates.div_ceil(batch_size.max(1));
     let mut writes = vec![match (&job.call, &job.insert) {
@@ -248,6 +267,14 @@ async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Id
             table: i.table.join("."),
             rows: candidates,
             what: "rows inserted (at most: a row whose unique key is taken is skipped)".into(),
+        },
+        _ if job.http.is_some() => TableWrites {
+            table: "(action.http)".into(),
+            rows: candidates,
+            what: format!(
+                "requests to {}",
+                r.http.as_ref().map(|h| r.redactor.mask(&h.url)).unwrap_or_default()
+            ),
         },
         _ => TableWrites {
             table: job.table.join("."),
@@ -290,27 +317,32 @@ async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Id
         estimated_seconds: least_duration(candidates, batches, r),
         checks: planned_checks(r),
         fingerprint: Fingerprint::of(r, identity),
+        requests,
     })
 }
 
 /// How many rows a query, diff or file source holds now.
 pub(crate) async fn stream_count(db: &Db, target: &Target, r: &ResolvedJob) -> Result<u64> {
-    let (_, n) = read_stream(db, target, r).await?;
+    let (_, n, _) = read_stream(db, target, r).await?;
     Ok(n)
 }
 
 /// The first page of a stream source and its row count.
-async fn read_stream(db: &Db, target: &Target, r: &ResolvedJob) -> Result<(crate::source::Page, u64)> {
+async fn read_stream(
+    db: &Db,
+    target: &Target,
+    r: &ResolvedJob,
+) -> Result<(crate::source::Page, u64, Vec<crate::dialect::Column>)> {
     let source_db = match &r.source_db {
         Some(url) => Some(Db::connect(url, &ConnectOptions::default()).await?),
         None => None,
     };
-    let wanted: Vec<String> = target.row_cols.iter().map(|c| c.name.clone()).collect();
+    let wanted = crate::source::wanted_fields(r, target)?;
     let found = async {
-        let mut reader = crate::source::Reader::open(r, db, source_db.as_ref().unwrap_or(db), &wanted).await?;
+        let mut reader = crate::source::Reader::open(r, db, source_db.as_ref().unwrap_or(db), wanted.as_deref()).await?;
         let first = reader.page(None, SAMPLE_ROWS).await?;
         let candidates = reader.count_after(None).await?;
-        Ok::<_, Error>((first, candidates))
+        Ok::<_, Error>((first, candidates, reader.fields.clone()))
     }
     .await;
     if let Some(s) = source_db {
@@ -367,6 +399,7 @@ pub(crate) async fn analyse(
         estimated_seconds: None,
         checks: planned_checks(r),
         fingerprint: Fingerprint::of(r, identity),
+        requests: Vec::new(),
     };
     let estimated = if opts.estimate {
         estimate(&mut tx, db, target, r, &mut plan).await?

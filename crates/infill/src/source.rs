@@ -43,6 +43,9 @@ pub struct Page {
 /// Reads a job's source page by page.
 pub struct Reader {
     kind: Kind,
+    /// The columns of each row: the key, then the fields asked for, typed
+    /// as the source describes them ("" when it does not).
+    pub fields: Vec<Column>,
 }
 
 enum Kind {
@@ -62,6 +65,7 @@ struct SqlSource {
     select: String,
     upper: Option<Key>,
     missing: Option<Missing>,
+    fields: Vec<Column>,
 }
 
 /// The table a diff's keys are looked up in.
@@ -97,6 +101,23 @@ fn sql_error(db_name: &str, text: &SqlText, message: String) -> Error {
     }
 }
 
+/// The fields of a row the job's action uses: the `:name`s of its SQL, or
+/// the `row.name`s of its template (None: the whole row).
+pub fn wanted_fields(r: &ResolvedJob, target: &crate::target::Target) -> Result<Option<Vec<String>>> {
+    match &r.job.http {
+        // Every column, so that a name the row lacks fails in the template,
+        // naming its line (a JSONL file has no header: the names it uses).
+        Some(h) => match &r.job.source {
+            Source::File {
+                format: FileFormat::Jsonl,
+                ..
+            } => Ok(crate::http::Renderer::new(h, &r.job.name)?.wanted()),
+            _ => Ok(None),
+        },
+        None => Ok(Some(target.row_cols.iter().map(|c| c.name.clone()).collect())),
+    }
+}
+
 impl Reader {
     /// Opens the source of `r` and checks that it holds the key and every
     /// field in `wanted` (the names the action binds). `source_db` is the
@@ -105,21 +126,37 @@ impl Reader {
         r: &ResolvedJob,
         target: &Db,
         source_db: &Db,
-        wanted: &[String],
+        wanted: Option<&[String]>,
     ) -> Result<Reader> {
         let job = &r.job;
         // Keys come first; wanted fields follow in `wanted` order, even
-        // where one is also a key column.
-        let mut out_names = job.key.clone();
-        out_names.extend(wanted.iter().cloned());
+        // where one is also a key column. None: every column.
+        let out_names: Option<Vec<String>> = wanted.map(|w| job.key.iter().chain(w).cloned().collect());
+        let sql_source = |text: SqlText, missing: Option<Missing>| async move {
+            let s = SqlSource::open(source_db, &text, r, out_names.as_deref(), missing).await?;
+            let fields = s.fields.clone();
+            Ok::<_, Error>(Reader {
+                kind: Kind::Sql(Box::new(s)),
+                fields,
+            })
+        };
         match &job.source {
-            Source::Table => Err(Error::Usage("a table source is not read by a Reader".into())),
-            Source::Query { sql, .. } => {
-                let s = SqlSource::open(source_db, sql, r, &out_names, None).await?;
-                Ok(Reader {
-                    kind: Kind::Sql(Box::new(s)),
-                })
+            Source::Table => {
+                // An http action reads the table's rows like a query's.
+                let d = source_db.dialect;
+                let filter = job
+                    .filter
+                    .as_ref()
+                    .map(|f| format!(" WHERE ({})", f.sql))
+                    .unwrap_or_default();
+                let text = SqlText {
+                    sql: format!("SELECT * FROM {}{filter}", d.quote_table(&job.table)),
+                    field: format!("jobs.{}.source.table", job.name),
+                    location: job.table_at.clone(),
+                };
+                sql_source(text, None).await
             }
+            Source::Query { sql, .. } => sql_source(sql.clone(), None).await,
             Source::Diff {
                 sql,
                 missing_in,
@@ -127,14 +164,22 @@ impl Reader {
                 ..
             } => {
                 let missing = Missing::open(target, missing_in, missing_at, &job.key, &job.name).await?;
-                let s = SqlSource::open(source_db, sql, r, &out_names, Some(missing)).await?;
-                Ok(Reader {
-                    kind: Kind::Sql(Box::new(s)),
-                })
+                sql_source(sql.clone(), Some(missing)).await
             }
             Source::File { path, format, at } => {
-                let f = FileSource::open(path, *format, at, &job.name, &job.key, &out_names)?;
-                Ok(Reader { kind: Kind::File(f) })
+                let f = FileSource::open(path, *format, at, &job.name, &job.key, wanted)?;
+                let fields = f
+                    .wanted
+                    .iter()
+                    .map(|n| Column {
+                        name: n.clone(),
+                        sql_type: String::new(),
+                    })
+                    .collect();
+                Ok(Reader {
+                    kind: Kind::File(f),
+                    fields,
+                })
             }
         }
     }
@@ -183,7 +228,7 @@ impl SqlSource {
         db: &Db,
         text: &SqlText,
         r: &ResolvedJob,
-        out_names: &[String],
+        out_names: Option<&[String]>,
         missing: Option<Missing>,
     ) -> Result<SqlSource> {
         let d = db.dialect;
@@ -211,6 +256,20 @@ impl SqlSource {
                 .find(|c| c.name == name)
                 .or_else(|| described.columns.iter().find(|c| c.name.eq_ignore_ascii_case(name)))
                 .cloned()
+        };
+        let all: Vec<String>;
+        let out_names = match out_names {
+            Some(n) => n,
+            None => {
+                all = r
+                    .job
+                    .key
+                    .iter()
+                    .cloned()
+                    .chain(described.columns.iter().map(|c| c.name.clone()))
+                    .collect();
+                &all
+            }
         };
         let mut cols = Vec::new();
         for name in out_names {
@@ -250,6 +309,7 @@ impl SqlSource {
             .collect::<Vec<_>>()
             .join(", ");
         Ok(SqlSource {
+            fields: cols.clone(),
             db: db.clone(),
             query,
             params: r.params.clone(),
@@ -429,7 +489,7 @@ impl FileSource {
         at: &Location,
         job: &str,
         key: &[String],
-        out_names: &[String],
+        wanted: Option<&[String]>,
     ) -> Result<FileSource> {
         let io = |e: std::io::Error| Error::Io {
             path: path.to_path_buf(),
@@ -439,6 +499,17 @@ impl FileSource {
         let mut start = (0, 1);
         let mut csv_index = Vec::new();
         let mut columns = 0;
+        let mut out_names: Vec<String> = match wanted {
+            Some(w) => key.iter().chain(w).cloned().collect(),
+            None if format == FileFormat::Jsonl => {
+                return Err(Error::Spec {
+                    location: at.clone(),
+                    field: format!("jobs.{job}.source.file"),
+                    message: "a JSONL file has no header: name the fields the template uses (row.<field>), not the whole row".into(),
+                });
+            }
+            None => Vec::new(),
+        };
         if format == FileFormat::Csv {
             let mut rdr = csv::ReaderBuilder::new().has_headers(true).from_reader(file);
             let header = rdr
@@ -449,7 +520,10 @@ impl FileSource {
                     message: format!("cannot read the header: {e}"),
                 })?
                 .clone();
-            for name in out_names {
+            if wanted.is_none() {
+                out_names = key.iter().cloned().chain(header.iter().map(|h| h.trim().to_string())).collect();
+            }
+            for name in &out_names {
                 let i = header.iter().position(|h| h.trim() == name).ok_or_else(|| Error::Spec {
                     location: at.clone(),
                     field: format!("jobs.{job}.source.file"),
@@ -469,7 +543,7 @@ impl FileSource {
             path: path.to_path_buf(),
             format,
             csv_index,
-            wanted: out_names.to_vec(),
+            wanted: out_names,
             nk: key.len(),
             start,
             columns,

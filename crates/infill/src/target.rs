@@ -187,7 +187,7 @@ async fn inspect_insert(
 impl Target {
     /// Inspects the table and prepares every fragment of the job.
     pub async fn inspect(db: &Db, conn: &mut impl Exec, r: &ResolvedJob) -> Result<Target> {
-        if r.job.source.is_stream() {
+        if r.job.reads_pages() {
             return Self::inspect_stream(db, conn, r).await;
         }
         let job = &r.job;
@@ -314,7 +314,7 @@ impl Target {
         let job = &r.job;
         let d = db.dialect;
         let table_field = format!("jobs.{}.action.table", job.name);
-        let columns = if job.table.is_empty() {
+        let columns = if job.table.is_empty() || job.http.is_some() {
             Vec::new()
         } else {
             let columns = read_columns(db, conn, &job.table).await?;
@@ -411,6 +411,10 @@ impl Target {
             segment_no: 0,
             params: r.params.clone(),
         };
+        if target.call.is_none() && target.insert.is_none() && target.sets.is_empty() {
+            // An http action: nothing to prepare here.
+            return Ok(target);
+        }
         // The action's statement, prepared once: its errors name the
         // field, and the server's inferred parameter types type the row's
         // fields from then on.

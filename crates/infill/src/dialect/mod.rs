@@ -540,7 +540,7 @@ impl Db {
             Backend::Sqlite => {
                 let o = sqlx::sqlite::SqliteConnectOptions::from_str(url.expose())
                     .map_err(fail)?
-                    .create_if_missing(opts.create_sqlite)
+                    .create_if_missing(opts.create_sqlite || url.expose().contains("mode=rwc"))
                     .busy_timeout(opts.lock_timeout.max(Duration::from_secs(5)));
                 probe(&o).await.map_err(fail)?;
                 Pool::Lite(sqlite::pool(o, acquire_timeout).await.map_err(fail)?)

@@ -6,6 +6,7 @@
 //! Signals are cooperative: the first one finishes the batch in flight, the
 //! second rolls it back.
 
+mod deliver;
 mod stream;
 
 use std::collections::HashMap;
@@ -244,10 +245,10 @@ async fn run_with(db: &Db, source_db: &Db, req: &RunRequest, obs: &dyn Observer,
     }
     let mut conn = db.conn().await?;
     let target = Target::inspect(db, &mut conn, r).await?;
-    let mut reader = match r.job.source.is_stream() {
+    let mut reader = match r.job.reads_pages() {
         true => {
-            let wanted: Vec<String> = target.row_cols.iter().map(|c| c.name.clone()).collect();
-            Some(Reader::open(r, db, source_db, &wanted).await?)
+            let wanted = crate::source::wanted_fields(r, &target)?;
+            Some(Reader::open(r, db, source_db, wanted.as_deref()).await?)
         }
         false => None,
     };
@@ -515,6 +516,21 @@ async fn with_lock(
         session_changed: 0,
     };
     let result = match reader {
+        Some(reader) if retry.is_none() && r.job.http.is_some() => {
+            deliver::deliver(
+                db,
+                req,
+                obs,
+                stop,
+                lock,
+                &run,
+                batch_size,
+                &mut audit,
+                &mut looped,
+                reader,
+            )
+            .await
+        }
         Some(reader) if retry.is_none() => {
             stream::batches(
                 db,

@@ -251,6 +251,40 @@ impl Source {
     }
 }
 
+/// A template's text and the name errors give it (its file, or `body`).
+#[derive(Debug, Clone)]
+pub struct TemplateText {
+    pub name: String,
+    pub text: String,
+}
+
+/// `action.http`, before `${VAR}` expansion.
+#[derive(Debug, Clone)]
+pub struct HttpSpec {
+    pub url: String,
+    pub method: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<TemplateText>,
+    pub timeout: std::time::Duration,
+    pub max_attempts: u32,
+    pub idempotency_header: String,
+    pub location: Location,
+}
+
+/// `action.http`'s URL and headers with `${VAR}`s expanded (registered as
+/// secrets: masked wherever they are shown).
+#[derive(Clone)]
+pub struct HttpTarget {
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl fmt::Debug for HttpTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpTarget").finish_non_exhaustive()
+    }
+}
+
 /// One validated job of the spec.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -276,6 +310,8 @@ pub struct Job {
     pub call: Option<SqlText>,
     /// `action.insert.<column> = <expression>` into `action.table`.
     pub insert: Option<Insert>,
+    /// `action.http`: an event per row.
+    pub http: Option<HttpSpec>,
     pub params: Vec<ParamDecl>,
     pub undo: bool,
     pub depends_on: Vec<String>,
@@ -296,6 +332,13 @@ pub struct Job {
 }
 
 impl Job {
+    /// True when the job's rows are read page by page and acted on one by
+    /// one (a query, diff or file source, or an http action), not written
+    /// set-based.
+    pub fn reads_pages(&self) -> bool {
+        self.source.is_stream() || self.http.is_some()
+    }
+
     /// Every SQL fragment of the job, for validation against the target.
     pub fn fragments(&self) -> impl Iterator<Item = &SqlText> {
         self.filter
@@ -380,6 +423,8 @@ pub struct ResolvedJob {
     /// The database a `query` or `diff` source reads, where it is not the
     /// target.
     pub source_db: Option<DatabaseUrl>,
+    /// `action.http`, expanded.
+    pub http: Option<HttpTarget>,
     pub env: Option<String>,
     pub params: BTreeMap<String, Value>,
     pub settings: Settings,
@@ -543,6 +588,63 @@ impl Spec {
                 .map(|v| Drift::parse(v).expect("checked at load"))
                 .unwrap_or(Drift::Rows(0)),
         })
+    }
+
+    fn validate_http(&self, job: &str, h: &Spanned<raw::RawHttp>) -> Result<HttpSpec> {
+        let raw = h.get_ref();
+        let field = |f: &str| format!("jobs.{job}.action.http.{f}");
+        let method = raw.method.clone().unwrap_or_else(|| "POST".into()).to_ascii_uppercase();
+        if !["POST", "PUT", "PATCH", "DELETE", "GET"].contains(&method.as_str()) {
+            return Err(self.err(h.span(), field("method"), format!("unknown method `{method}`")));
+        }
+        let timeout = match &raw.timeout {
+            Some(t) => parse_duration(t.get_ref()).map_err(|m| self.err(t.span(), field("timeout"), m))?,
+            None => std::time::Duration::from_secs(30),
+        };
+        let max_attempts = match &raw.max_attempts {
+            Some(n) if *n.get_ref() >= 1 && *n.get_ref() <= 100 => *n.get_ref() as u32,
+            Some(n) => return Err(self.err(n.span(), field("max_attempts"), "must be between 1 and 100")),
+            None => 5,
+        };
+        let body = match &raw.body {
+            None => None,
+            Some(b) => {
+                let text = b.get_ref();
+                if text.contains("{{") || text.contains("{%") || text.trim_start().starts_with(['{', '[']) {
+                    Some(TemplateText {
+                        name: "body".into(),
+                        text: text.clone(),
+                    })
+                } else {
+                    let path = self.dir.join(text);
+                    let content = std::fs::read_to_string(&path).map_err(|e| {
+                        self.err(
+                            b.span(),
+                            field("body"),
+                            format!("cannot read the template {}: {e}", path.display()),
+                        )
+                    })?;
+                    Some(TemplateText {
+                        name: text.clone(),
+                        text: content,
+                    })
+                }
+            }
+        };
+        let spec = HttpSpec {
+            url: raw.url.get_ref().clone(),
+            method,
+            headers: raw.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            body,
+            timeout,
+            max_attempts,
+            idempotency_header: raw.idempotency_header.clone().unwrap_or_else(|| "Idempotency-Key".into()),
+            location: self.location(h.span()),
+        };
+        // Syntax errors now; undefined names when rows are rendered (plan,
+        // dry run).
+        crate::http::Renderer::new(&spec, job)?;
+        Ok(spec)
     }
 
     fn validate_job(&self, name: &str, spanned: &Spanned<RawJob>) -> Result<Job> {
@@ -721,7 +823,6 @@ impl Spec {
         })?;
         let act = action.get_ref();
         for (kind, span) in [
-            ("http", act.http.as_ref().map(|v| v.span())),
             ("exec", act.exec.as_ref().map(|v| v.span())),
             ("export", act.export.as_ref().map(|v| v.span())),
         ] {
@@ -730,7 +831,7 @@ impl Spec {
                     span,
                     jf(&format!("action.{kind}")),
                     format!(
-                        "action.{kind} is not supported by this version of infill yet; use action.update, action.insert or action.call"
+                        "action.{kind} is not supported by this version of infill yet; use action.update, action.insert, action.call or action.http"
                     ),
                 ));
             }
@@ -739,14 +840,16 @@ impl Spec {
             act.update.as_ref().is_some_and(|u| !u.is_empty()),
             act.call.is_some(),
             act.insert.is_some(),
+            act.http.is_some(),
         ];
         if actions.iter().filter(|a| **a).count() > 1 {
             return Err(self.err(
                 action.span(),
                 jf("action"),
-                "a job has one action: action.update, action.insert or action.call",
+                "a job has one action: action.update, action.insert, action.call or action.http",
             ));
         }
+        let http = act.http.as_ref().map(|h| self.validate_http(name, h)).transpose()?;
         if let (Some(t), Some(st)) = (&act.table, &src.table)
             && t.get_ref() != st.get_ref()
             && act.insert.is_none()
@@ -768,7 +871,7 @@ impl Spec {
             }
             (Some(u), None) => u,
             (None, Some(_)) => &no_update,
-            (None, None) if act.insert.is_some() => &no_update,
+            (None, None) if act.insert.is_some() || http.is_some() => &no_update,
             (None, None) => {
                 return Err(self.err(
                     action.span(),
@@ -950,14 +1053,17 @@ impl Spec {
             priority: Vec<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             source: Option<serde_json::Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            http: Option<serde_json::Value>,
         }
         let database = raw
             .database
             .as_ref()
             .map(|d| d.get_ref().clone())
             .unwrap_or_else(|| "target".into());
-        // A call's effects cannot be imaged: its runs are not undoable.
-        let undo = call.is_none() && raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
+        // A call's or a request's effects cannot be imaged: their runs are
+        // not undoable.
+        let undo = call.is_none() && http.is_none() && raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
         let def = Definition {
             database: &database,
             table: &table_parts,
@@ -974,6 +1080,7 @@ impl Spec {
             params: &params,
             undo,
             priority: priority.iter().map(|p| p.sql.as_str()).collect(),
+            http: None,
             source: match &source_kind {
                 Source::Table => None,
                 Source::Query { sql, database } => Some(serde_json::json!({ "query": sql.sql, "database": database })),
@@ -986,6 +1093,16 @@ impl Spec {
                     Some(serde_json::json!({ "file": path.file_name().map(|f| f.to_string_lossy().into_owned()), "format": format }))
                 }
             },
+        };
+        let def = Definition {
+            // The request as written (`${VAR}`s unexpanded) and its template.
+            http: http.as_ref().map(|h| {
+                serde_json::json!({
+                    "url": h.url, "method": h.method, "headers": h.headers,
+                    "body": h.body.as_ref().map(|b| &b.text), "idempotency_header": h.idempotency_header,
+                })
+            }),
+            ..def
         };
         let definition_sha256 = hex::encode(Sha256::digest(serde_json::to_vec(&def).expect("serialisable")));
         let approved = serde_json::json!({
@@ -1007,6 +1124,7 @@ impl Spec {
             updates,
             call,
             insert,
+            http,
             params,
             undo,
             depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
@@ -1108,13 +1226,24 @@ impl Spec {
         let env = self.env_table(o.env.as_deref())?;
 
         let mut redactor = Redactor::default();
-        let url = self.url_for(&job, o.env.as_deref(), &mut redactor)?;
-        let source_db = match job.source.database(&job.database) {
-            Some(name) if name != job.database => {
-                Some(self.named_url(&job, name, o.env.as_deref(), &mut redactor)?)
-            }
-            _ => None,
+        let (url, source_db) = if job.http.is_some() {
+            // Rows are read from the job's database; state is kept apart.
+            let source = match job.source.database(&job.database) {
+                Some(name) => Some(self.named_url(&job, name, o.env.as_deref(), &mut redactor)?),
+                None => None,
+            };
+            (self.state_url(&job, o.env.as_deref(), &mut redactor)?, source)
+        } else {
+            let url = self.url_for(&job, o.env.as_deref(), &mut redactor)?;
+            let source_db = match job.source.database(&job.database) {
+                Some(name) if name != job.database => {
+                    Some(self.named_url(&job, name, o.env.as_deref(), &mut redactor)?)
+                }
+                _ => None,
+            };
+            (url, source_db)
         };
+        let http = self.http_target(&job, o.env.as_deref(), &mut redactor)?;
 
         // Params: command line, then defaults; every declared one must have a value.
         let mut params = BTreeMap::new();
@@ -1179,6 +1308,7 @@ impl Spec {
             job,
             target: url,
             source_db,
+            http,
             env: o.env.clone(),
             params,
             settings,
@@ -1191,6 +1321,9 @@ impl Spec {
     /// The URL of the database a job writes to, `${VAR}`s expanded.
     pub fn target_url(&self, job_name: &str, env: Option<&str>) -> Result<DatabaseUrl> {
         let job = self.jobs.get(job_name).ok_or_else(|| self.unknown_job(job_name))?;
+        if job.http.is_some() {
+            return self.state_url(job, env, &mut Redactor::default());
+        }
         self.url_for(job, env, &mut Redactor::default())
     }
 
@@ -1225,26 +1358,7 @@ impl Spec {
     ) -> Result<DatabaseUrl> {
         let env = self.env_table(env_name)?;
         let env_label = env_name.unwrap_or("");
-        // Variables: the process environment, then the dotenv file.
-        let dotenv_setting = env.and_then(|e| e.dotenv.as_ref());
-        let dotenv_path = self
-            .dir
-            .join(dotenv_setting.map(|d| d.get_ref().as_str()).unwrap_or(".env"));
-        let mut dotenv = HashMap::new();
-        if dotenv_path.exists() {
-            let iter = dotenvy::from_path_iter(&dotenv_path)
-                .map_err(|e| Error::Usage(format!("cannot read {}: {e}", dotenv_path.display())))?;
-            for item in iter {
-                let (k, v) = item.map_err(|e| Error::Usage(format!("{}: {e}", dotenv_path.display())))?;
-                dotenv.insert(k, v);
-            }
-        } else if let Some(d) = dotenv_setting {
-            return Err(self.err(
-                d.span(),
-                format!("env.{env_label}.dotenv"),
-                format!("{} does not exist", dotenv_path.display()),
-            ));
-        }
+        let (dotenv, dotenv_path) = self.load_dotenv(env_name)?;
         let (field, value) = env
             .and_then(|e| {
                 e.databases
@@ -1289,6 +1403,81 @@ impl Spec {
             name: database.to_string(),
             url,
         })
+    }
+
+    /// Variables of the dotenv file (the environment's `dotenv`, else
+    /// `.env` if present), and its path.
+    fn load_dotenv(&self, env_name: Option<&str>) -> Result<(HashMap<String, String>, PathBuf)> {
+        let env = self.env_table(env_name)?;
+        let env_label = env_name.unwrap_or("");
+        let dotenv_setting = env.and_then(|e| e.dotenv.as_ref());
+        let dotenv_path = self
+            .dir
+            .join(dotenv_setting.map(|d| d.get_ref().as_str()).unwrap_or(".env"));
+        let mut dotenv = HashMap::new();
+        if dotenv_path.exists() {
+            let iter = dotenvy::from_path_iter(&dotenv_path)
+                .map_err(|e| Error::Usage(format!("cannot read {}: {e}", dotenv_path.display())))?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| Error::Usage(format!("{}: {e}", dotenv_path.display())))?;
+                dotenv.insert(k, v);
+            }
+        } else if let Some(d) = dotenv_setting {
+            return Err(self.err(
+                d.span(),
+                format!("env.{env_label}.dotenv"),
+                format!("{} does not exist", dotenv_path.display()),
+            ));
+        }
+        Ok((dotenv, dotenv_path))
+    }
+
+    /// `action.http`'s URL and headers, `${VAR}`s expanded.
+    fn http_target(&self, job: &Job, env_name: Option<&str>, redactor: &mut Redactor) -> Result<Option<HttpTarget>> {
+        let Some(h) = &job.http else { return Ok(None) };
+        let (dotenv, dotenv_path) = self.load_dotenv(env_name)?;
+        let expand = |text: &str, field: String, redactor: &mut Redactor| {
+            expand_vars(text, &dotenv, redactor).map_err(|var| Error::Spec {
+                location: h.location.clone(),
+                field,
+                message: format!(
+                    "${{{var}}} is not set (set it in the environment or in {})",
+                    dotenv_path.display()
+                ),
+            })
+        };
+        let url = expand(&h.url, format!("jobs.{}.action.http.url", job.name), redactor)?;
+        // The URL itself is no secret unless a variable or a password is in it.
+        redactor.add_url(&url);
+        let mut headers = Vec::new();
+        for (k, v) in &h.headers {
+            headers.push((
+                k.clone(),
+                expand(v, format!("jobs.{}.action.http.headers.{k}", job.name), redactor)?,
+            ));
+        }
+        Ok(Some(HttpTarget { url, headers }))
+    }
+
+    /// Where a job whose action writes no database keeps its state: the
+    /// database `[defaults] state` names, else `.infill/state.db` by the spec.
+    fn state_url(&self, job: &Job, env_name: Option<&str>, redactor: &mut Redactor) -> Result<DatabaseUrl> {
+        match &self.raw.defaults.state {
+            Some(name) => self.named_url(job, name.get_ref(), env_name, redactor),
+            None => {
+                let dir = self.dir.join(".infill");
+                std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+                    path: dir.clone(),
+                    source: e,
+                })?;
+                let path = dir.join("state.db");
+                let path = std::path::absolute(&path).unwrap_or(path);
+                Ok(DatabaseUrl {
+                    name: "state".into(),
+                    url: format!("sqlite://{}?mode=rwc", path.display()),
+                })
+            }
+        }
     }
 
     /// SQLite paths in a spec are relative to the spec's folder.

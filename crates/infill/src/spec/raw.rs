@@ -183,9 +183,24 @@ pub struct RawAction {
     pub update: Option<BTreeMap<String, Spanned<String>>>,
     pub insert: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub call: Option<Spanned<String>>,
-    pub http: Option<Spanned<toml::Value>>,
+    pub http: Option<Spanned<RawHttp>>,
     pub exec: Option<Spanned<toml::Value>>,
     pub export: Option<Spanned<toml::Value>>,
+}
+
+/// `action.http.*`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttp {
+    pub url: Spanned<String>,
+    pub method: Option<String>,
+    /// An inline template, or the path of a template file.
+    pub body: Option<Spanned<String>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub timeout: Option<Spanned<String>>,
+    pub max_attempts: Option<Spanned<i64>>,
+    pub idempotency_header: Option<String>,
 }
 
 /// `params.NAME = { type = "int", default = 7 }`.

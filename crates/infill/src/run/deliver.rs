@@ -1,0 +1,300 @@
+//! The run loop of `action.http`: records are sent in source order with at
+//! most `concurrency` requests in flight and at the job's `rate`, and the
+//! checkpoint is the cursor below which every record is settled (a 2xx,
+//! or dead-lettered in `infill_failures`).
+//!
+//! A record is sent only while it lies within `concurrency` records of
+//! the *committed* checkpoint. So after a kill -9, the records sent again
+//! are at most `concurrency`: those in flight or settled since the last
+//! commit, each with the same Idempotency-Key as before. The checkpoint is
+//! committed whenever it moves, which groups the records settled since
+//! into one transaction of the local state database.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde_json::json;
+
+use super::{BatchReport, CONTROL_EVERY, End, Event, LOCK_CHECK_EVERY, Live, Looped, PROBE_EVERY, RunRequest};
+use crate::dialect::Db;
+use crate::error::{Error, Result};
+use crate::http::{Delivery, Renderer};
+use crate::lock::JobLock;
+use crate::source::Reader;
+use crate::state::{self, Checkpoint, RunRecord};
+use crate::value::{Key, Value, key_to_json};
+
+/// The first retry's wait when the receiver names none.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+
+/// A record sent and not yet below the checkpoint.
+struct Slot {
+    key: Key,
+    /// The source's cursor just after this record.
+    cursor: Key,
+    outcome: Option<Delivery>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn deliver(
+    db: &Db,
+    req: &RunRequest,
+    obs: &dyn super::Observer,
+    stop: &super::Stop,
+    lock: &mut JobLock,
+    run: &RunRecord,
+    batch_size: u64,
+    audit: &mut crate::audit::AuditLog,
+    looped: &mut Looped,
+    reader: &mut Reader,
+) -> Result<End> {
+    let r = &req.job;
+    let (Some(spec), Some(target)) = (&r.job.http, &r.http) else {
+        return Err(Error::Usage("not an http job".into()));
+    };
+    let renderer = Renderer::new(spec, &r.job.name)?;
+    let client = reqwest::Client::builder()
+        .timeout(spec.timeout)
+        .build()
+        .map_err(|e| Error::CannotProceed(format!("cannot set up the HTTP client: {e}")))?;
+    let mut settings = r.settings.clone();
+    let mut applied = std::collections::BTreeMap::new();
+    let mut live = Live {
+        db,
+        run_id: &run.id,
+        base: &r.settings,
+        obs,
+        stop,
+        probes: super::prepare_probes(db, &r.settings)?,
+        last_control: Instant::now() - CONTROL_EVERY,
+        last_probe: Instant::now() - PROBE_EVERY,
+    };
+    let limiter = |s: &crate::spec::Settings| {
+        s.rate.map(|rate| {
+            let period = Duration::from_secs_f64(1.0 / rate.per_second.max(1e-6));
+            governor::RateLimiter::direct(
+                governor::Quota::with_period(period).expect("a positive period"),
+            )
+        })
+    };
+    let mut limit = limiter(&settings);
+    reader.set_upper(run.upper.clone());
+    // The committed checkpoint, and where the reader stands.
+    let mut committed = run.cursor.clone();
+    let mut read_at = run.cursor.clone();
+    let mut source_done = false;
+    let mut buffer: VecDeque<(Vec<Value>, Key)> = VecDeque::new();
+    let mut window: VecDeque<Slot> = VecDeque::new();
+    // Sequence number of window[0].
+    let mut base_seq = 0u64;
+    let mut next_seq = 0u64;
+    let mut inflight = FuturesUnordered::new();
+    let mut last_lock_check = Instant::now();
+    let stop_after = match (req.limit, req.canary) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut sent_this_session = 0u64;
+    let mut stopping: Option<End> = None;
+    loop {
+        if stopping.is_none() {
+            if stop.requested() {
+                stopping = Some(End::Stopped);
+            } else if let Some(end) = live.checkpoint(&mut settings, &mut applied, lock, audit).await? {
+                stopping = Some(end);
+            }
+            if last_lock_check.elapsed() >= LOCK_CHECK_EVERY {
+                lock.check().await?;
+                last_lock_check = Instant::now();
+            }
+            if applied.contains_key("rate") {
+                limit = limiter(&settings);
+                applied.remove("rate");
+            }
+        }
+        let concurrency = settings.concurrency.max(1) as usize;
+        // Send while the window allows.
+        while stopping.is_none() && window.len() < concurrency {
+            if stop_after.is_some_and(|l| sent_this_session >= l) {
+                stopping = Some(End::Limit);
+                break;
+            }
+            if buffer.is_empty() && !source_done {
+                let page = reader.page(read_at.as_ref(), batch_size.max(concurrency as u64)).await?;
+                source_done = page.end || page.cursor.is_none();
+                if page.cursor.is_some() {
+                    read_at = page.cursor.clone();
+                }
+                buffer.extend(page.rows.into_iter().zip(page.cursors));
+            }
+            let Some((row, cursor)) = buffer.pop_front() else { break };
+            if let Some(l) = &limit {
+                l.until_ready().await;
+            }
+            let request = crate::http::render_request(&renderer, r, spec, target, &reader.fields, &row, false)?;
+            let nk = r.job.key.len();
+            window.push_back(Slot {
+                key: row[..nk].to_vec(),
+                cursor,
+                outcome: None,
+            });
+            let seq = next_seq;
+            next_seq += 1;
+            sent_this_session += 1;
+            let client = client.clone();
+            let attempts = spec.max_attempts;
+            inflight.push(async move {
+                let d = crate::http::send(&client, &request, attempts, BACKOFF_BASE, tokio::time::sleep).await;
+                (seq, d)
+            });
+        }
+        if inflight.is_empty() {
+            // Nothing in flight: the window is settled (or empty).
+            let upto = if stopping.is_none() && source_done && buffer.is_empty() {
+                read_at.clone()
+            } else {
+                window.back().map(|s| s.cursor.clone()).or(committed.clone())
+            };
+            settle(db, r, run, audit, looped, obs, &mut window, &mut committed, upto, batch_size).await?;
+            if let Some(end) = stopping {
+                return Ok(end);
+            }
+            if source_done && buffer.is_empty() {
+                return Ok(End::Done);
+            }
+            continue;
+        }
+        let first = tokio::select! {
+            d = inflight.next() => d,
+            _ = stop.until(2) => return Ok(End::Aborted),
+        };
+        let mut done = Vec::from_iter(first);
+        while let Some(Some(d)) = inflight.next().now_or_never() {
+            done.push(d);
+        }
+        for (seq, d) in done {
+            window[(seq - base_seq) as usize].outcome = Some(d);
+        }
+        // Move the checkpoint over the settled records at the front.
+        let settled = window.iter().take_while(|s| s.outcome.is_some()).count();
+        if settled > 0 {
+            let upto = window[settled - 1].cursor.clone();
+            let passed: VecDeque<Slot> = window.drain(..settled).collect();
+            base_seq += settled as u64;
+            let mut passed = passed;
+            settle(db, r, run, audit, looped, obs, &mut passed, &mut committed, Some(upto), batch_size).await?;
+            if super::too_many_failures(settings.max_failures, looped.rows_failed, looped.rows_read) {
+                return Err(Error::RowsFailed(format!(
+                    "{} records failed, more than max_failures allows; the run stopped. `infill failures {}` lists them",
+                    looped.rows_failed,
+                    super::short(&run.id)
+                )));
+            }
+        }
+    }
+}
+
+/// Commits the settled records at the front of `slots` (all of them) and
+/// the checkpoint `upto`: a batch per run of delivered records, a batch
+/// per failed one with its dead letter.
+#[allow(clippy::too_many_arguments)]
+async fn settle(
+    db: &Db,
+    r: &crate::spec::ResolvedJob,
+    run: &RunRecord,
+    audit: &mut crate::audit::AuditLog,
+    looped: &mut Looped,
+    obs: &dyn super::Observer,
+    slots: &mut VecDeque<Slot>,
+    committed: &mut Option<Key>,
+    upto: Option<Key>,
+    batch_size: u64,
+) -> Result<()> {
+    let Some(upto) = upto else { return Ok(()) };
+    if slots.is_empty() && committed.as_ref() == Some(&upto) {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let fail = |what: &str| Error::db(format!("cannot record the deliveries: {what}"));
+    let mut conn = db.conn().await?;
+    let mut tx = conn.begin_with(db.dialect.begin_write()).await.map_err(fail("begin"))?;
+    let mut no = looped.batches + 1;
+    let mut lower = committed.clone();
+    let mut checkpoints = Vec::new();
+    let mut lines = Vec::new();
+    let (mut read, mut changed) = (0u64, 0u64);
+    let mut last_cursor = lower.clone();
+    for slot in slots.drain(..) {
+        match slot.outcome {
+            Some(Delivery::Delivered { .. }) => {
+                read += 1;
+                changed += 1;
+                last_cursor = Some(slot.cursor);
+            }
+            Some(Delivery::Failed {
+                status,
+                excerpt,
+                attempts,
+            }) => {
+                if read > 0 {
+                    let to = last_cursor.clone().expect("a delivered record");
+                    checkpoints.push(Checkpoint::new(0, no, lower.as_ref(), to.clone(), read, changed, 0, batch_size));
+                    no += 1;
+                    lower = Some(to);
+                    (read, changed) = (0, 0);
+                }
+                let message = r.redactor.mask(&format!(
+                    "{} after {attempts} attempt(s): {excerpt}",
+                    status.map_or("no response".to_string(), |s| format!("HTTP {s}"))
+                ));
+                let failure = state::Failure {
+                    run_id: run.id.clone(),
+                    batch_no: no,
+                    key: key_to_json(&slot.key),
+                    error_code: status.map(|s| s.to_string()),
+                    message: message.clone(),
+                    failed_at: state::now(),
+                };
+                state::insert_failure(db, &mut tx, &failure)
+                    .await
+                    .map_err(fail("the dead letter"))?;
+                lines.push(json!({ "batch_no": no, "key": failure.key, "error": message, "code": failure.error_code }));
+                checkpoints.push(Checkpoint::new(0, no, lower.as_ref(), slot.cursor.clone(), 1, 0, 1, batch_size));
+                no += 1;
+                lower = Some(slot.cursor.clone());
+                last_cursor = Some(slot.cursor);
+            }
+            None => unreachable!("only settled records are committed"),
+        }
+    }
+    if read > 0 || lower.as_ref() != Some(&upto) {
+        checkpoints.push(Checkpoint::new(0, no, lower.as_ref(), upto.clone(), read, changed, 0, batch_size));
+    }
+    for cp in &mut checkpoints {
+        cp.duration_ms = t0.elapsed().as_millis() as u64;
+        state::checkpoint(db, &mut tx, &run.id, cp)
+            .await
+            .map_err(fail("the checkpoint"))?;
+    }
+    tx.commit().await.map_err(fail("commit"))?;
+    *committed = Some(upto);
+    for line in lines {
+        audit.write("row_failed", line)?;
+    }
+    for cp in checkpoints {
+        let report = BatchReport { batch: cp, retries: 0 };
+        audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
+        let b = &report.batch;
+        looped.batches = b.batch_no;
+        looped.rows_read += b.rows_read;
+        looped.rows_changed += b.rows_changed;
+        looped.rows_skipped += b.rows_skipped;
+        looped.rows_failed += b.rows_failed;
+        looped.session_read += b.rows_read;
+        looped.session_changed += b.rows_changed;
+        obs.on_event(&Event::Batch(&report));
+    }
+    Ok(())
+}
