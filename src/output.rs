@@ -210,6 +210,18 @@ fn job_plan(p: &JobPlan) {
             println!("    key {}  {}", key_display(&s.key), changes.join(", "));
         }
     }
+    for (i, req) in p.requests.iter().enumerate() {
+        if i == 0 {
+            println!("  requests    (the first {}, not sent)", p.requests.len());
+        }
+        println!("    {} {}", req.method, req.url);
+        for (k, v) in &req.headers {
+            println!("      {k}: {v}");
+        }
+        for line in req.body.lines() {
+            println!("      | {line}");
+        }
+    }
     println!("  writes");
     for w in &p.writes {
         println!(

@@ -9,7 +9,6 @@
 mod deliver;
 mod stream;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -735,6 +734,19 @@ struct Looped {
     session_changed: u64,
 }
 
+impl Looped {
+    /// Counts a committed batch.
+    fn add(&mut self, b: &Checkpoint) {
+        self.batches = b.batch_no;
+        self.rows_read += b.rows_read;
+        self.rows_changed += b.rows_changed;
+        self.rows_skipped += b.rows_skipped;
+        self.rows_failed += b.rows_failed;
+        self.session_read += b.rows_read;
+        self.session_changed += b.rows_changed;
+    }
+}
+
 enum End {
     Done,
     Limit,
@@ -876,14 +888,7 @@ async fn batches(
                 retries: o.retries,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
-            let b = &report.batch;
-            looped.batches = b.batch_no;
-            looped.rows_read += b.rows_read;
-            looped.rows_changed += b.rows_changed;
-            looped.rows_skipped += b.rows_skipped;
-            looped.rows_failed += b.rows_failed;
-            looped.session_read += b.rows_read;
-            looped.session_changed += b.rows_changed;
+            looped.add(&report.batch);
             if req.verbose {
                 for (key, values) in &o.written {
                     obs.on_event(&Event::Row { key, values });
@@ -960,12 +965,7 @@ async fn retry_rows(
                 retries: o.retries,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
-            looped.batches = report.batch.batch_no;
-            looped.rows_read += report.batch.rows_read;
-            looped.rows_changed += report.batch.rows_changed;
-            looped.rows_skipped += report.batch.rows_skipped;
-            looped.rows_failed += report.batch.rows_failed;
-            looped.session_changed += report.batch.rows_changed;
+            looped.add(&report.batch);
             obs.on_event(&Event::Batch(&report));
         }
         throttle(&r.settings, Duration::ZERO, looped.session_changed, session_start, stop).await;
@@ -1484,25 +1484,9 @@ async fn apply_batch(
         }
     }
     let names: Vec<String> = target.sets.iter().map(|(c, _)| c.name.clone()).collect();
-    let image = |vals: &[Value]| {
-        serde_json::Value::Object(names.iter().cloned().zip(vals.iter().map(Value::to_json)).collect())
-    };
     let mut written = Vec::with_capacity(after.len());
     if undo && !after.is_empty() {
-        let before: HashMap<String, &Vec<Value>> =
-            rows.iter().map(|r| (key_to_json(&r[..nk]).to_string(), r)).collect();
-        let mut images = Vec::with_capacity(after.len());
-        for a in &after {
-            let key = key_to_json(&a[..nk]);
-            let Some(b) = before.get(&key.to_string()) else {
-                continue;
-            };
-            images.push(UndoImage {
-                key,
-                before: image(&b[nk..]),
-                after: image(&a[nk..]),
-            });
-        }
+        let images = stream::images(target, &rows, &after, nk);
         state::insert_undo(db, &mut tx, run_id, batch_no, &images)
             .await
             .map_err(fail("cannot store the undo images"))?;

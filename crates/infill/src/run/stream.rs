@@ -139,14 +139,7 @@ pub(super) async fn batches(
                 retries: o.retries,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
-            let b = &report.batch;
-            looped.batches = b.batch_no;
-            looped.rows_read += b.rows_read;
-            looped.rows_changed += b.rows_changed;
-            looped.rows_skipped += b.rows_skipped;
-            looped.rows_failed += b.rows_failed;
-            looped.session_read += b.rows_read;
-            looped.session_changed += b.rows_changed;
+            looped.add(&report.batch);
             obs.on_event(&Event::Batch(&report));
             duration += o.duration;
         }
