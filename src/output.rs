@@ -195,7 +195,11 @@ fn job_plan(p: &JobPlan) {
     } else {
         // A query, diff or file source shows the fields its rows bind.
         let fields_only = p.sample.iter().all(|s| s.before.is_empty());
-        let heading = if fields_only { "fields the action binds" } else { "before -> after" };
+        let heading = if fields_only {
+            "fields the action binds"
+        } else {
+            "before -> after"
+        };
         println!("  sample      ({} rows, {heading})", p.sample.len());
         for s in &p.sample {
             let changes: Vec<String> = if fields_only {

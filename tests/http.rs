@@ -60,7 +60,10 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Stri
     got.push(Received {
         key,
         body,
-        auth: headers.get("authorization").and_then(|v| v.to_str().ok()).map(String::from),
+        auth: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from),
         status,
     });
     drop(got);
@@ -84,8 +87,10 @@ async fn serve(rx: Arc<Receiver>) -> String {
 }
 
 async fn sessions(db: &TestDb, n: u64) {
-    db.exec("CREATE TABLE sessions (id INTEGER PRIMARY KEY, user_name TEXT NOT NULL, score INTEGER, kind TEXT NOT NULL)")
-        .await;
+    db.exec(
+        "CREATE TABLE sessions (id INTEGER PRIMARY KEY, user_name TEXT NOT NULL, score INTEGER, kind TEXT NOT NULL)",
+    )
+    .await;
     db.exec(&format!(
         "INSERT INTO sessions SELECT i, 'user \"' || i || '\"', i * 3, CASE WHEN i % 2 = 0 THEN 'run' ELSE 'walk' END FROM ({}) s",
         db.series(n)
@@ -126,7 +131,9 @@ fn json(o: &std::process::Output) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_each_record_once_with_its_body_and_headers() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else { return };
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
     sessions(&db, 400).await;
     let rx = Arc::new(Receiver::default());
     let url = serve(rx.clone()).await;
@@ -140,7 +147,10 @@ async fn delivers_each_record_once_with_its_body_and_headers() {
     assert_eq!(plan["jobs"][0]["candidates"], 200);
     let first = &plan["jobs"][0]["requests"][0];
     let body: serde_json::Value = serde_json::from_str(first["body"].as_str().unwrap()).unwrap();
-    assert_eq!(body, serde_json::json!({"id": 2, "user": "user \"2\"", "score": 6, "source": "backfill"}));
+    assert_eq!(
+        body,
+        serde_json::json!({"id": 2, "user": "user \"2\"", "score": 6, "source": "backfill"})
+    );
     assert!(rx.got.lock().unwrap().is_empty(), "plan sends nothing");
 
     let out = db.run(&["run", &spec, "--json"]);
@@ -180,7 +190,9 @@ async fn delivers_each_record_once_with_its_body_and_headers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_503_with_retry_after_until_all_delivered() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else { return };
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
     sessions(&db, 200).await;
     let rx = Arc::new(Receiver {
         flaky_every: Some(5),
@@ -204,7 +216,9 @@ async fn retries_503_with_retry_after_until_all_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_400_goes_to_the_dead_letter() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else { return };
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
     sessions(&db, 200).await;
     let rx = Arc::new(Receiver {
         reject_every: Some(25),
@@ -217,7 +231,11 @@ async fn a_400_goes_to_the_dead_letter() {
     let summary = json(&out);
     assert_eq!(summary["rows_changed"], 96, "{summary}");
     let got = rx.got.lock().unwrap().clone();
-    assert_eq!(got.iter().filter(|r| r.status == 400).count(), 4, "a 400 is not retried");
+    assert_eq!(
+        got.iter().filter(|r| r.status == 400).count(),
+        4,
+        "a 400 is not retried"
+    );
     let failures = db.run(&["failures", summary["run_id"].as_str().unwrap(), "--json"]);
     assert!(failures.status.success(), "{}", text(&failures));
     let failures = json(&failures);
@@ -230,14 +248,19 @@ async fn a_400_goes_to_the_dead_letter() {
     assert_eq!(keys, [50, 100, 150, 200], "{failures}");
     assert_eq!(failures[0]["error_code"], "400", "{failures}");
     assert!(
-        failures[0]["message"].as_str().unwrap().contains("invalid session payload"),
+        failures[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid session payload"),
         "{failures}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_replay_resends_at_most_the_in_flight() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else { return };
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
     sessions(&db, 3000).await;
     let rx = Arc::new(Receiver {
         delay: Duration::from_millis(4),
@@ -265,13 +288,18 @@ async fn kill_9_mid_replay_resends_at_most_the_in_flight() {
     let dups: Vec<_> = by_id.iter().filter(|(_, k)| k.len() > 1).collect();
     assert!(dups.len() <= 8, "at most `concurrency` sent again, got {}", dups.len());
     for (id, keys) in dups {
-        assert!(keys.iter().all(|k| *k == keys[0]), "record {id} kept its Idempotency-Key");
+        assert!(
+            keys.iter().all(|k| *k == keys[0]),
+            "record {id} kept its Idempotency-Key"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_field_in_the_template_fails_at_plan() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else { return };
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
     sessions(&db, 10).await;
     let spec = spec(&db, "http://127.0.0.1:9/hook", "");
     std::fs::write(
@@ -283,6 +311,9 @@ async fn unknown_field_in_the_template_fails_at_plan() {
         let out = db.run(&args);
         assert_eq!(out.status.code(), Some(2), "{}", text(&out));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("templates/session.json.j2:3"), "names the template line: {err}");
+        assert!(
+            err.contains("templates/session.json.j2:3"),
+            "names the template line: {err}"
+        );
     }
 }

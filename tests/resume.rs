@@ -7,7 +7,7 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::{Backend, TestDb, text};

@@ -13,10 +13,8 @@ use std::os::unix::process::ExitStatusExt;
 use common::{Backend, TestDb, text};
 
 async fn accounts(db: &TestDb, n: u64) {
-    db.exec(
-        "CREATE TABLE accounts (id BIGINT NOT NULL PRIMARY KEY, tier VARCHAR(20), score BIGINT, note VARCHAR(40))",
-    )
-    .await;
+    db.exec("CREATE TABLE accounts (id BIGINT NOT NULL PRIMARY KEY, tier VARCHAR(20), score BIGINT, note VARCHAR(40))")
+        .await;
     db.exec(&format!(
         "INSERT INTO accounts (id, tier, score, note) SELECT i, 'basic', NULL, 'n' FROM ({}) s",
         db.series(n)
@@ -36,7 +34,11 @@ async fn csv_update_then_undo(db: TestDb) {
     let before = db.checksum("accounts", &["id", "tier", "score", "note"], "id").await;
     let mut csv = String::from("id,tier,score\n");
     for i in (1..=600).step_by(2) {
-        let score = if i % 10 == 1 { String::new() } else { (i * 3).to_string() };
+        let score = if i % 10 == 1 {
+            String::new()
+        } else {
+            (i * 3).to_string()
+        };
         csv.push_str(&format!("{i},\"gold, {i}\",{score}\n"));
     }
     std::fs::write(db.path().join("fixes.csv"), csv).unwrap();
@@ -63,17 +65,29 @@ action.update.score = ":score"
     assert_eq!(summary["rows_changed"], 300, "{summary}");
     assert_eq!(summary["batches"], 5, "{summary}");
     assert_eq!(
-        db.int("SELECT COUNT(*) FROM accounts WHERE id % 2 = 1 AND tier LIKE 'gold, %'").await,
+        db.int("SELECT COUNT(*) FROM accounts WHERE id % 2 = 1 AND tier LIKE 'gold, %'")
+            .await,
         300
     );
-    assert_eq!(db.texts("SELECT tier FROM accounts WHERE id = 477").await, [[Some("gold, 477".into())]]);
+    assert_eq!(
+        db.texts("SELECT tier FROM accounts WHERE id = 477").await,
+        [[Some("gold, 477".into())]]
+    );
     assert_eq!(
         db.int("SELECT COUNT(*) FROM accounts WHERE id % 2 = 1 AND id % 10 <> 1 AND score = id * 3")
             .await,
         240
     );
-    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE id % 10 = 1 AND score IS NULL").await, 60);
-    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE id % 2 = 0 AND tier = 'basic'").await, 300);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM accounts WHERE id % 10 = 1 AND score IS NULL")
+            .await,
+        60
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM accounts WHERE id % 2 = 0 AND tier = 'basic'")
+            .await,
+        300
+    );
     assert_eq!(db.undo_images(Some(summary["run_id"].as_str().unwrap())).await, 300);
 
     let undo = db.run(&["undo", summary["run_id"].as_str().unwrap(), "--yes", "--json"]);
@@ -127,9 +141,17 @@ action.insert.n = ":n"
     assert_eq!(summary["rows_changed"], 300, "the same run, continued: {summary}");
     assert_eq!(db.int("SELECT COUNT(*) FROM events").await, 300);
     assert_eq!(db.int("SELECT COUNT(*) FROM events WHERE n = id * 2").await, 300);
-    assert_eq!(db.int("SELECT COUNT(*) FROM events WHERE id % 3 = 2 AND kind = 'k2'").await, 100);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM events WHERE id % 3 = 2 AND kind = 'k2'")
+            .await,
+        100
+    );
     // Pages 1-2 in the first session, 3 in the second: each written once.
-    assert_eq!(db.int("SELECT COUNT(*) FROM infill_batches WHERE rows_changed = 100").await, 3);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_batches WHERE rows_changed = 100")
+            .await,
+        3
+    );
     assert_eq!(db.int("SELECT COUNT(*) FROM infill_batches").await, 3);
 }
 on_all_backends!(jsonl_malformed_line_then_continue, jsonl_malformed_line_then_continue);
@@ -165,7 +187,9 @@ async fn csv_wrong_field_count_sqlite() {
 /// back alone (savepoint) and recorded; the others commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_source_call_isolates_failing_rows() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else { return };
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
     accounts(&db, 200).await;
     db.exec(
         "CREATE TABLE scores (id BIGINT PRIMARY KEY, score BIGINT NOT NULL);
@@ -201,15 +225,24 @@ max_failures = 10
         .map(|f| f["key"][0].as_str().unwrap().to_string())
         .collect();
     assert_eq!(keys, ["50", "100", "150", "200"], "{failures}");
-    assert!(failures[0]["message"].as_str().unwrap().contains("cannot score account 50"));
+    assert!(
+        failures[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot score account 50")
+    );
 }
 
 /// Rows of a PostgreSQL query whose key is missing from a MariaDB table are
 /// inserted there: exactly the missing ones, and again is a no-op.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diff_postgres_to_mariadb_finds_exactly_the_missing() {
-    let Some(old) = TestDb::new(Backend::Postgres).await else { return };
-    let Some(new) = TestDb::new(Backend::MySql).await else { return };
+    let Some(old) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let Some(new) = TestDb::new(Backend::MySql).await else {
+        return;
+    };
     const N: u64 = 100_000;
     old.exec(&format!(
         "CREATE TABLE sessions (id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL, created_at TIMESTAMPTZ NOT NULL);
@@ -263,8 +296,12 @@ params.since = {{ type = "timestamp", default = "2024-01-01 00:00:00" }}
 /// keys byte for byte, so a key differing only in case is missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diff_mariadb_to_sqlite_text_keys() {
-    let Some(old) = TestDb::new(Backend::MySql).await else { return };
-    let Some(new) = TestDb::new(Backend::Sqlite).await else { return };
+    let Some(old) = TestDb::new(Backend::MySql).await else {
+        return;
+    };
+    let Some(new) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
     old.exec("CREATE TABLE codes (code VARCHAR(20) PRIMARY KEY, label VARCHAR(20) NOT NULL)")
         .await;
     old.exec(&format!(
@@ -272,14 +309,16 @@ async fn diff_mariadb_to_sqlite_text_keys() {
         old.series(3000)
     ))
     .await;
-    new.exec("CREATE TABLE codes (code TEXT PRIMARY KEY, label TEXT NOT NULL)").await;
+    new.exec("CREATE TABLE codes (code TEXT PRIMARY KEY, label TEXT NOT NULL)")
+        .await;
     new.exec(&format!(
         "INSERT INTO codes SELECT 'c' || substr('00000' || i, -5), 'label ' || i FROM ({}) s WHERE i % 30 <> 0",
         new.series(3000)
     ))
     .await;
     // Upper case in the target: not the same key.
-    new.exec("UPDATE codes SET code = upper(code) WHERE code = 'c00001'").await;
+    new.exec("UPDATE codes SET code = upper(code) WHERE code = 'c00001'")
+        .await;
     let spec = new.spec(&format!(
         r#"old = "{}"
 
@@ -295,15 +334,23 @@ action.insert.label = ":label"
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(json(&out)["rows_changed"], 101);
     assert_eq!(new.int("SELECT COUNT(*) FROM codes").await, 3001);
-    assert_eq!(new.int("SELECT COUNT(*) FROM codes WHERE code = 'c00030' AND label = 'label 30'").await, 1);
+    assert_eq!(
+        new.int("SELECT COUNT(*) FROM codes WHERE code = 'c00030' AND label = 'label 30'")
+            .await,
+        1
+    );
 }
 
 /// kill -9 in the middle of a diff-driven insert, then the same command:
 /// every missing row inserted once, none missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_diff_insert_then_resume() {
-    let Some(old) = TestDb::new(Backend::MySql).await else { return };
-    let Some(new) = TestDb::new(Backend::Postgres).await else { return };
+    let Some(old) = TestDb::new(Backend::MySql).await else {
+        return;
+    };
+    let Some(new) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
     old.exec(&format!(
         "CREATE TABLE items (id BIGINT PRIMARY KEY, v BIGINT NOT NULL);
          INSERT INTO items SELECT i, i * 5 FROM ({}) s;",
@@ -349,7 +396,11 @@ rate = "600/s"
     let out = new.run(&["run", spec, "--json", "--rate", "1000000/s"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(new.int("SELECT COUNT(*) FROM items").await, 6000);
-    assert_eq!(new.int("SELECT COUNT(*) FROM inserted").await, 1500, "each missing row inserted once");
+    assert_eq!(
+        new.int("SELECT COUNT(*) FROM inserted").await,
+        1500,
+        "each missing row inserted once"
+    );
     assert_eq!(new.int("SELECT COUNT(DISTINCT id) FROM inserted").await, 1500);
     assert_eq!(new.int("SELECT COUNT(*) FROM items WHERE v <> id * 5").await, 0);
 }
@@ -357,7 +408,9 @@ rate = "600/s"
 /// Spec mistakes of the new sources are named by field before anything runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_spec_errors_name_the_field() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else { return };
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
     accounts(&db, 5).await;
     std::fs::write(db.path().join("fixes.csv"), "id,tier\n1,gold\n").unwrap();
     let cases = [

@@ -301,7 +301,10 @@ impl TestDb {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("infill ended ({status:?}) before {n} batches committed; the fixture is too small");
             }
-            assert!(start.elapsed() < std::time::Duration::from_secs(120), "no progress in 120 s");
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(120),
+                "no progress in 120 s"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }

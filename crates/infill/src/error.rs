@@ -106,11 +106,7 @@ pub enum Error {
         "{}:{line}: {message}; nothing from this batch was written. Fix the line and run the same command again to continue.",
         path.display()
     )]
-    Input {
-        path: PathBuf,
-        line: u64,
-        message: String,
-    },
+    Input { path: PathBuf, line: u64, message: String },
 
     /// The approval gate refuses the run.
     #[error("{0}")]
@@ -136,11 +132,9 @@ impl Error {
     /// The documented exit code for this error.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Spec { .. }
-            | Error::Usage(_)
-            | Error::Sql { .. }
-            | Error::RunNotFound(_)
-            | Error::Input { .. } => ExitCode::Usage,
+            Error::Spec { .. } | Error::Usage(_) | Error::Sql { .. } | Error::RunNotFound(_) | Error::Input { .. } => {
+                ExitCode::Usage
+            }
             Error::Connect { .. }
             | Error::JobBusy { .. }
             | Error::LockLost { .. }

@@ -106,7 +106,10 @@ impl Renderer {
 }
 
 fn template_message(name: &str, e: &minijinja::Error) -> String {
-    let at = e.line().map(|l| format!("{name}:{l}: ")).unwrap_or_else(|| format!("{name}: "));
+    let at = e
+        .line()
+        .map(|l| format!("{name}:{l}: "))
+        .unwrap_or_else(|| format!("{name}: "));
     let detail = e.detail().map(|d| format!(": {d}")).unwrap_or_default();
     format!("template error at {at}{}{detail}", e.kind())
 }
@@ -233,7 +236,8 @@ pub fn retry_delay(
         }
     }
     let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    exp.min(Duration::from_secs(30)).mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    exp.min(Duration::from_secs(30))
+        .mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
 /// Sends a request with its retries. `sleep` waits (tests pass one that
@@ -262,7 +266,10 @@ where
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 if resp.status().is_success() {
-                    return Delivery::Delivered { status, attempts: attempt };
+                    return Delivery::Delivered {
+                        status,
+                        attempts: attempt,
+                    };
                 }
                 let ra = resp
                     .headers()
@@ -341,7 +348,10 @@ mod tests {
             Duration::from_secs(30)
         );
         // A date in the past: go at once; a huge value: capped.
-        assert_eq!(retry_delay(1, Some("Wed, 25 Nov 2026 09:00:00 GMT"), now, base, 0.0), Duration::ZERO);
+        assert_eq!(
+            retry_delay(1, Some("Wed, 25 Nov 2026 09:00:00 GMT"), now, base, 0.0),
+            Duration::ZERO
+        );
         assert_eq!(retry_delay(1, Some("99999"), now, base, 0.0), MAX_RETRY_AFTER);
         // Backoff doubles per attempt, jitter scales it between 50% and 100%.
         assert_eq!(retry_delay(1, None, now, base, 1.0), Duration::from_millis(200));
@@ -365,7 +375,10 @@ mod tests {
         let k = serde_json::json!([42]);
         assert_eq!(idempotency_key("replay", &k), idempotency_key("replay", &k));
         assert_ne!(idempotency_key("replay", &k), idempotency_key("other", &k));
-        assert_ne!(idempotency_key("replay", &k), idempotency_key("replay", &serde_json::json!([43])));
+        assert_ne!(
+            idempotency_key("replay", &k),
+            idempotency_key("replay", &serde_json::json!([43]))
+        );
     }
 
     #[test]

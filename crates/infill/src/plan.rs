@@ -339,7 +339,8 @@ async fn read_stream(
     };
     let wanted = crate::source::wanted_fields(r, target)?;
     let found = async {
-        let mut reader = crate::source::Reader::open(r, db, source_db.as_ref().unwrap_or(db), wanted.as_deref()).await?;
+        let mut reader =
+            crate::source::Reader::open(r, db, source_db.as_ref().unwrap_or(db), wanted.as_deref()).await?;
         let first = reader.page(None, SAMPLE_ROWS).await?;
         let candidates = reader.count_after(None).await?;
         Ok::<_, Error>((first, candidates, reader.fields.clone()))

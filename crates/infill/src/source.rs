@@ -122,12 +122,7 @@ impl Reader {
     /// Opens the source of `r` and checks that it holds the key and every
     /// field in `wanted` (the names the action binds). `source_db` is the
     /// database a query or diff reads; `target` the job's own.
-    pub async fn open(
-        r: &ResolvedJob,
-        target: &Db,
-        source_db: &Db,
-        wanted: Option<&[String]>,
-    ) -> Result<Reader> {
+    pub async fn open(r: &ResolvedJob, target: &Db, source_db: &Db, wanted: Option<&[String]>) -> Result<Reader> {
         let job = &r.job;
         // Keys come first; wanted fields follow in `wanted` order, even
         // where one is also a key column. None: every column.
@@ -290,7 +285,11 @@ impl SqlSource {
             .iter()
             .map(|c| Column {
                 name: c.name.clone(),
-                sql_type: if c.sql_type == "?" { String::new() } else { c.sql_type.clone() },
+                sql_type: if c.sql_type == "?" {
+                    String::new()
+                } else {
+                    c.sql_type.clone()
+                },
             })
             .collect();
         let key_q: Vec<String> = key_cols
@@ -325,7 +324,11 @@ impl SqlSource {
         let dir = if desc { " DESC" } else { "" };
         format!(
             " ORDER BY {}",
-            self.key_q.iter().map(|k| format!("{k}{dir}")).collect::<Vec<_>>().join(", ")
+            self.key_q
+                .iter()
+                .map(|k| format!("{k}{dir}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 
@@ -505,7 +508,9 @@ impl FileSource {
                 return Err(Error::Spec {
                     location: at.clone(),
                     field: format!("jobs.{job}.source.file"),
-                    message: "a JSONL file has no header: name the fields the template uses (row.<field>), not the whole row".into(),
+                    message:
+                        "a JSONL file has no header: name the fields the template uses (row.<field>), not the whole row"
+                            .into(),
                 });
             }
             None => Vec::new(),
@@ -521,18 +526,25 @@ impl FileSource {
                 })?
                 .clone();
             if wanted.is_none() {
-                out_names = key.iter().cloned().chain(header.iter().map(|h| h.trim().to_string())).collect();
+                out_names = key
+                    .iter()
+                    .cloned()
+                    .chain(header.iter().map(|h| h.trim().to_string()))
+                    .collect();
             }
             for name in &out_names {
-                let i = header.iter().position(|h| h.trim() == name).ok_or_else(|| Error::Spec {
-                    location: at.clone(),
-                    field: format!("jobs.{job}.source.file"),
-                    message: format!(
-                        "{} has no column `{name}` (the key or a :{name} of the action needs it); its header: {}",
-                        path.display(),
-                        header.iter().collect::<Vec<_>>().join(", ")
-                    ),
-                })?;
+                let i = header
+                    .iter()
+                    .position(|h| h.trim() == name)
+                    .ok_or_else(|| Error::Spec {
+                        location: at.clone(),
+                        field: format!("jobs.{job}.source.file"),
+                        message: format!(
+                            "{} has no column `{name}` (the key or a :{name} of the action needs it); its header: {}",
+                            path.display(),
+                            header.iter().collect::<Vec<_>>().join(", ")
+                        ),
+                    })?;
                 csv_index.push(i);
             }
             let pos = rdr.position();
@@ -562,7 +574,11 @@ impl FileSource {
         let (offset, line) = match cursor {
             Some(c) => match (c.first(), c.get(1)) {
                 (Some(Value::Int(o)), Some(Value::Int(l))) => (*o as u64, *l as u64),
-                _ => return Err(Error::CannotProceed("the run's file cursor is not an offset and a line".into())),
+                _ => {
+                    return Err(Error::CannotProceed(
+                        "the run's file cursor is not an offset and a line".into(),
+                    ));
+                }
             },
             None => self.start,
         };

@@ -419,20 +419,28 @@ impl Target {
         // field, and the server's inferred parameter types type the row's
         // fields from then on.
         let (text, stmt) = if let (Some(_), Some(t)) = (&target.call, &job.call) {
-            (t, Box::new(|t: &Target, v: &[Value]| t.call_statement(v)) as Box<dyn Fn(&Target, &[Value]) -> Query>)
+            (
+                t,
+                Box::new(|t: &Target, v: &[Value]| t.call_statement(v)) as Box<dyn Fn(&Target, &[Value]) -> Query>,
+            )
         } else if let Some(i) = &job.insert {
             let on_conflict = d.insert_on_conflict();
             (
                 &i.columns[0].1,
                 Box::new(move |t: &Target, v: &[Value]| {
-                    if on_conflict { t.insert_row(v) } else { t.insert_values(v) }
+                    if on_conflict {
+                        t.insert_row(v)
+                    } else {
+                        t.insert_values(v)
+                    }
                 }) as Box<dyn Fn(&Target, &[Value]) -> Query>,
             )
         } else {
             let key: Key = vec![Value::Null; target.keys.len()];
             (
                 &job.updates[0].1,
-                Box::new(move |t: &Target, v: &[Value]| t.update_row(&key, v)) as Box<dyn Fn(&Target, &[Value]) -> Query>,
+                Box::new(move |t: &Target, v: &[Value]| t.update_row(&key, v))
+                    as Box<dyn Fn(&Target, &[Value]) -> Query>,
             )
         };
         let marks: Vec<Value> = (0..target.row_cols.len())

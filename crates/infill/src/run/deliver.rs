@@ -74,9 +74,7 @@ pub(super) async fn deliver(
     let limiter = |s: &crate::spec::Settings| {
         s.rate.map(|rate| {
             let period = Duration::from_secs_f64(1.0 / rate.per_second.max(1e-6));
-            governor::RateLimiter::direct(
-                governor::Quota::with_period(period).expect("a positive period"),
-            )
+            governor::RateLimiter::direct(governor::Quota::with_period(period).expect("a positive period"))
         })
     };
     let mut limit = limiter(&settings);
@@ -122,7 +120,9 @@ pub(super) async fn deliver(
                 break;
             }
             if buffer.is_empty() && !source_done {
-                let page = reader.page(read_at.as_ref(), batch_size.max(concurrency as u64)).await?;
+                let page = reader
+                    .page(read_at.as_ref(), batch_size.max(concurrency as u64))
+                    .await?;
                 source_done = page.end || page.cursor.is_none();
                 if page.cursor.is_some() {
                     read_at = page.cursor.clone();
@@ -157,7 +157,19 @@ pub(super) async fn deliver(
             } else {
                 window.back().map(|s| s.cursor.clone()).or(committed.clone())
             };
-            settle(db, r, run, audit, looped, obs, &mut window, &mut committed, upto, batch_size).await?;
+            settle(
+                db,
+                r,
+                run,
+                audit,
+                looped,
+                obs,
+                &mut window,
+                &mut committed,
+                upto,
+                batch_size,
+            )
+            .await?;
             if let Some(end) = stopping {
                 return Ok(end);
             }
@@ -184,7 +196,19 @@ pub(super) async fn deliver(
             let passed: VecDeque<Slot> = window.drain(..settled).collect();
             base_seq += settled as u64;
             let mut passed = passed;
-            settle(db, r, run, audit, looped, obs, &mut passed, &mut committed, Some(upto), batch_size).await?;
+            settle(
+                db,
+                r,
+                run,
+                audit,
+                looped,
+                obs,
+                &mut passed,
+                &mut committed,
+                Some(upto),
+                batch_size,
+            )
+            .await?;
             if super::too_many_failures(settings.max_failures, looped.rows_failed, looped.rows_read) {
                 return Err(Error::RowsFailed(format!(
                     "{} records failed, more than max_failures allows; the run stopped. `infill failures {}` lists them",
@@ -240,7 +264,16 @@ async fn settle(
             }) => {
                 if read > 0 {
                     let to = last_cursor.clone().expect("a delivered record");
-                    checkpoints.push(Checkpoint::new(0, no, lower.as_ref(), to.clone(), read, changed, 0, batch_size));
+                    checkpoints.push(Checkpoint::new(
+                        0,
+                        no,
+                        lower.as_ref(),
+                        to.clone(),
+                        read,
+                        changed,
+                        0,
+                        batch_size,
+                    ));
                     no += 1;
                     lower = Some(to);
                     (read, changed) = (0, 0);
@@ -261,7 +294,16 @@ async fn settle(
                     .await
                     .map_err(fail("the dead letter"))?;
                 lines.push(json!({ "batch_no": no, "key": failure.key, "error": message, "code": failure.error_code }));
-                checkpoints.push(Checkpoint::new(0, no, lower.as_ref(), slot.cursor.clone(), 1, 0, 1, batch_size));
+                checkpoints.push(Checkpoint::new(
+                    0,
+                    no,
+                    lower.as_ref(),
+                    slot.cursor.clone(),
+                    1,
+                    0,
+                    1,
+                    batch_size,
+                ));
                 no += 1;
                 lower = Some(slot.cursor.clone());
                 last_cursor = Some(slot.cursor);
@@ -270,7 +312,16 @@ async fn settle(
         }
     }
     if read > 0 || lower.as_ref() != Some(&upto) {
-        checkpoints.push(Checkpoint::new(0, no, lower.as_ref(), upto.clone(), read, changed, 0, batch_size));
+        checkpoints.push(Checkpoint::new(
+            0,
+            no,
+            lower.as_ref(),
+            upto.clone(),
+            read,
+            changed,
+            0,
+            batch_size,
+        ));
     }
     for cp in &mut checkpoints {
         cp.duration_ms = t0.elapsed().as_millis() as u64;

@@ -23,9 +23,9 @@ use crate::dialect::{ConnectOptions, Db, Exec};
 use crate::error::{Error, Result};
 use crate::lock::JobLock;
 use crate::plan::{PlanOptions, as_count, count, first_key};
+use crate::source::Reader;
 use crate::spec::{MaxFailures, ResolvedJob, Settings};
 use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
-use crate::source::Reader;
 use crate::target::{BatchShape, Target};
 use crate::value::{Key, Value, key_display, key_to_json};
 

@@ -197,7 +197,8 @@ impl Write<'_> {
         let mut isolate = false;
         loop {
             let applied = if isolate {
-                self.apply_rows(batch_no, lo, upper.clone(), page, t0, &mut events).await
+                self.apply_rows(batch_no, lo, upper.clone(), page, t0, &mut events)
+                    .await
             } else {
                 self.apply(batch_no, lo, upper.clone(), page, t0).await.map(|o| vec![o])
             };
@@ -232,7 +233,9 @@ impl Write<'_> {
 
     async fn committed(&self, batch_no: u64, retries: u32) -> Option<Vec<BatchOutcome>> {
         let mut c = self.db.conn().await.ok()?;
-        let found = state::batches_after(self.db, &mut c, self.run_id, batch_no - 1).await.ok()?;
+        let found = state::batches_after(self.db, &mut c, self.run_id, batch_no - 1)
+            .await
+            .ok()?;
         let outcomes: Vec<BatchOutcome> = found
             .into_iter()
             .map(|cp| BatchOutcome {
@@ -246,7 +249,14 @@ impl Write<'_> {
     }
 
     /// The whole page in one go: one batch.
-    async fn apply(&self, batch_no: u64, lo: Option<&Key>, upper: Key, page: &Page, t0: Instant) -> Result<BatchOutcome> {
+    async fn apply(
+        &self,
+        batch_no: u64,
+        lo: Option<&Key>,
+        upper: Key,
+        page: &Page,
+        t0: Instant,
+    ) -> Result<BatchOutcome> {
         let t = self.target;
         let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
         let nk = t.keys.len();
@@ -284,7 +294,16 @@ impl Write<'_> {
             images = self.images_after(&mut tx, &before, &written, batch_no).await?;
         }
         self.store_images(&mut tx, batch_no, &images).await?;
-        let cp = Checkpoint::new(0, batch_no, lo, upper, page.rows.len() as u64, changed, 0, self.batch_size);
+        let cp = Checkpoint::new(
+            0,
+            batch_no,
+            lo,
+            upper,
+            page.rows.len() as u64,
+            changed,
+            0,
+            self.batch_size,
+        );
         checkpoint_and_commit(self.db, tx, self.run_id, cp, t0, Vec::new()).await
     }
 
@@ -366,7 +385,10 @@ impl Write<'_> {
         let (mut read, mut changed, mut images) = (0u64, 0u64, Vec::new());
         for (i, res) in results.into_iter().enumerate() {
             match res {
-                RowResult::Done { changed: c, images: mut im } => {
+                RowResult::Done {
+                    changed: c,
+                    images: mut im,
+                } => {
                     read += 1;
                     changed += c;
                     images.append(&mut im);
@@ -375,7 +397,8 @@ impl Write<'_> {
                     if read > 0 {
                         let upto = page.cursors[i - 1].clone();
                         self.store_images(&mut tx, no, &images).await?;
-                        let cp = Checkpoint::new(0, no, lower.as_ref(), upto.clone(), read, changed, 0, self.batch_size);
+                        let cp =
+                            Checkpoint::new(0, no, lower.as_ref(), upto.clone(), read, changed, 0, self.batch_size);
                         outcomes.push(self.checkpoint(&mut tx, cp).await?);
                         (read, changed, images) = (0, 0, Vec::new());
                         no += 1;
@@ -447,7 +470,14 @@ impl Write<'_> {
             .map_err(Error::db(format!("batch {batch_no}: cannot store the undo images")))
     }
 
-    async fn record(&self, tx: &mut Tx<'_>, batch_no: u64, key: &[Value], err: &Error, events: &mut Events) -> Result<()> {
+    async fn record(
+        &self,
+        tx: &mut Tx<'_>,
+        batch_no: u64,
+        key: &[Value],
+        err: &Error,
+        events: &mut Events,
+    ) -> Result<()> {
         let failure = state::Failure {
             run_id: self.run_id.to_string(),
             batch_no,

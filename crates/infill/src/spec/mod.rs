@@ -638,7 +638,10 @@ impl Spec {
             body,
             timeout,
             max_attempts,
-            idempotency_header: raw.idempotency_header.clone().unwrap_or_else(|| "Idempotency-Key".into()),
+            idempotency_header: raw
+                .idempotency_header
+                .clone()
+                .unwrap_or_else(|| "Idempotency-Key".into()),
             location: self.location(h.span()),
         };
         // Syntax errors now; undefined names when rows are rendered (plan,
@@ -675,7 +678,11 @@ impl Spec {
                 jf("source"),
                 format!(
                     "a job has one source, this one has {}: keep one of them",
-                    given.iter().map(|k| format!("source.{k}")).collect::<Vec<_>>().join(" and ")
+                    given
+                        .iter()
+                        .map(|k| format!("source.{k}"))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
                 ),
             ));
         }
@@ -721,7 +728,9 @@ impl Spec {
                 return Err(self.err(
                     span,
                     jf(field),
-                    format!("{field} applies to source.table only; with another source, put the condition in its query"),
+                    format!(
+                        "{field} applies to source.table only; with another source, put the condition in its query"
+                    ),
                 ));
             }
             Ok(())
@@ -1084,14 +1093,14 @@ impl Spec {
             source: match &source_kind {
                 Source::Table => None,
                 Source::Query { sql, database } => Some(serde_json::json!({ "query": sql.sql, "database": database })),
-                Source::Diff { from, sql, missing_in, .. } => {
-                    Some(serde_json::json!({ "diff": sql.sql, "from": from, "missing_in": missing_in }))
-                }
+                Source::Diff {
+                    from, sql, missing_in, ..
+                } => Some(serde_json::json!({ "diff": sql.sql, "from": from, "missing_in": missing_in })),
                 // The file's content is not in the definition: a file
                 // appended to since keeps its runs resumable.
-                Source::File { path, format, .. } => {
-                    Some(serde_json::json!({ "file": path.file_name().map(|f| f.to_string_lossy().into_owned()), "format": format }))
-                }
+                Source::File { path, format, .. } => Some(
+                    serde_json::json!({ "file": path.file_name().map(|f| f.to_string_lossy().into_owned()), "format": format }),
+                ),
             },
         };
         let def = Definition {
@@ -1379,7 +1388,10 @@ impl Spec {
                 } else if let Some(d) = src.and_then(|s| s.diff.as_ref()) {
                     (Some(d.get_ref().from.span()), "source.diff.from")
                 } else {
-                    (src.and_then(|s| s.database.as_ref()).map(|d| d.span()), "source.database")
+                    (
+                        src.and_then(|s| s.database.as_ref()).map(|d| d.span()),
+                        "source.database",
+                    )
                 };
                 self.err(
                     at.unwrap_or_else(|| self.raw.jobs[&job.name].span()),

@@ -161,10 +161,7 @@ pub struct RawDiff {
 #[serde(untagged)]
 pub enum RawFile {
     Path(String),
-    Table {
-        path: String,
-        format: Option<String>,
-    },
+    Table { path: String, format: Option<String> },
 }
 
 /// `source.key = "id"` or `["tenant_id", "id"]`.
