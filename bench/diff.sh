@@ -32,7 +32,7 @@ cleanup; mkdir -p "$WORK"
 log "loading $ROWS rows into PostgreSQL and MariaDB (1% missing there)"
 psql -X -q -d postgres -c "CREATE DATABASE $DB"
 psql -X -q -v ON_ERROR_STOP=1 -d "$DB" -c "CREATE TABLE sessions (id bigint PRIMARY KEY, user_id bigint NOT NULL, score int NOT NULL);
-INSERT INTO sessions SELECT i, i % 977, i % 100 FROM generate_series(1, $ROWS) i; VACUUM ANALYZE sessions;"
+INSERT INTO sessions SELECT i, i % 977, i % 100 FROM generate_series(1, $ROWS) i;" -c "VACUUM ANALYZE sessions"
 my -e "CREATE DATABASE $DB"
 my "$DB" -e "CREATE TABLE sessions (id bigint PRIMARY KEY, user_id bigint NOT NULL, score int NOT NULL);
 INSERT INTO sessions SELECT seq, seq % 977, seq % 100 FROM seq_1_to_$ROWS WHERE seq % 100 <> 0;"
