@@ -78,6 +78,7 @@ pub(super) async fn deliver(
         })
     };
     let mut limit = limiter(&settings);
+    let mut limit_rate = settings.rate;
     reader.set_upper(run.upper.clone());
     // The committed checkpoint, and where the reader stands.
     let mut committed = run.cursor.clone();
@@ -107,9 +108,10 @@ pub(super) async fn deliver(
                 lock.check().await?;
                 last_lock_check = Instant::now();
             }
-            if applied.contains_key("rate") {
+            // `infill set rate=...`: a new bucket at the new rate.
+            if settings.rate != limit_rate {
                 limit = limiter(&settings);
-                applied.remove("rate");
+                limit_rate = settings.rate;
             }
         }
         let concurrency = settings.concurrency.max(1) as usize;
