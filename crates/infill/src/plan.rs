@@ -257,43 +257,7 @@ async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Id
     };
     let batch_size = r.settings.batch_size;
     let batches = candidates.div_ceil(batch_size.max(1));
-    let mut writes = vec![match (&job.call, &job.insert) {
-        (Some(c), _) => TableWrites {
-            table: "(action.call)".into(),
-            rows: candidates,
-            what: format!("calls of: {}", c.sql),
-        },
-        (_, Some(i)) => TableWrites {
-            table: i.table.join("."),
-            rows: candidates,
-            what: "rows inserted (at most: a row whose unique key is taken is skipped)".into(),
-        },
-        _ if job.http.is_some() => TableWrites {
-            table: "(action.http)".into(),
-            rows: candidates,
-            what: format!(
-                "requests to {}",
-                r.http.as_ref().map(|h| r.redactor.mask(&h.url)).unwrap_or_default()
-            ),
-        },
-        _ => TableWrites {
-            table: job.table.join("."),
-            rows: candidates,
-            what: "rows updated, one statement per row by its key".into(),
-        },
-    }];
-    if job.undo {
-        writes.push(TableWrites {
-            table: "infill_undo".into(),
-            rows: candidates,
-            what: "undo images (before and after values)".into(),
-        });
-    }
-    writes.push(TableWrites {
-        table: "infill_batches".into(),
-        rows: batches,
-        what: "checkpoints, one per batch".into(),
-    });
+    let writes = planned_writes(r, candidates, batches);
     Ok(JobPlan {
         job: job.name.clone(),
         description: job.description.clone(),
@@ -319,6 +283,51 @@ async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Id
         fingerprint: Fingerprint::of(r, identity),
         requests,
     })
+}
+
+/// What a run of the job would write, table by table.
+fn planned_writes(r: &ResolvedJob, candidates: u64, batches: u64) -> Vec<TableWrites> {
+    let job = &r.job;
+    let mut writes = vec![match (&job.call, &job.insert, &r.http) {
+        (Some(c), _, _) => TableWrites {
+            table: "(action.call)".into(),
+            rows: candidates,
+            what: format!("calls of: {}", c.sql),
+        },
+        (_, Some(i), _) => TableWrites {
+            table: i.table.join("."),
+            rows: candidates,
+            what: "rows inserted (at most: a row whose unique key is taken is skipped)".into(),
+        },
+        (_, _, Some(h)) => TableWrites {
+            table: "(action.http)".into(),
+            rows: candidates,
+            what: format!("requests to {}", r.redactor.mask(&h.url)),
+        },
+        _ if job.reads_pages() => TableWrites {
+            table: job.table.join("."),
+            rows: candidates,
+            what: "rows updated, one statement per row by its key".into(),
+        },
+        _ => TableWrites {
+            table: job.table.join("."),
+            rows: candidates,
+            what: "rows updated (at most: a row changed since is skipped)".into(),
+        },
+    }];
+    if job.undo {
+        writes.push(TableWrites {
+            table: "infill_undo".into(),
+            rows: candidates,
+            what: "undo images (before and after values)".into(),
+        });
+    }
+    writes.push(TableWrites {
+        table: "infill_batches".into(),
+        rows: batches,
+        what: "checkpoints, one per batch".into(),
+    });
+    writes
 }
 
 /// How many rows a query, diff or file source holds now.
@@ -440,35 +449,7 @@ pub(crate) async fn analyse(
         plan.sample = sample(&mut tx, db, target, r, &upper).await?;
     }
     plan.batches = plan.keys_in_range.div_ceil(plan.batch_size.max(1)) * target.segments();
-    plan.writes.push(match (&job.call, &job.insert) {
-        (Some(c), _) => TableWrites {
-            table: "(action.call)".into(),
-            rows: plan.candidates,
-            what: format!("calls of: {}", c.sql),
-        },
-        (_, Some(i)) => TableWrites {
-            table: i.table.join("."),
-            rows: plan.candidates,
-            what: "rows inserted (at most: a row whose unique key is taken is skipped)".into(),
-        },
-        _ => TableWrites {
-            table: plan.table.clone(),
-            rows: plan.candidates,
-            what: "rows updated (at most: a row changed since is skipped)".into(),
-        },
-    });
-    if job.undo {
-        plan.writes.push(TableWrites {
-            table: "infill_undo".into(),
-            rows: plan.candidates,
-            what: "undo images (before and after values)".into(),
-        });
-    }
-    plan.writes.push(TableWrites {
-        table: "infill_batches".into(),
-        rows: plan.batches,
-        what: "checkpoints, one per batch".into(),
-    });
+    plan.writes = planned_writes(r, plan.candidates, plan.batches);
     plan.estimated_seconds = least_duration(plan.candidates, plan.batches, r);
     tx.rollback()
         .await

@@ -418,35 +418,18 @@ impl Target {
         // The action's statement, prepared once: its errors name the
         // field, and the server's inferred parameter types type the row's
         // fields from then on.
-        let (text, stmt) = if let (Some(_), Some(t)) = (&target.call, &job.call) {
-            (
-                t,
-                Box::new(|t: &Target, v: &[Value]| t.call_statement(v)) as Box<dyn Fn(&Target, &[Value]) -> Query>,
-            )
-        } else if let Some(i) = &job.insert {
-            let on_conflict = d.insert_on_conflict();
-            (
-                &i.columns[0].1,
-                Box::new(move |t: &Target, v: &[Value]| {
-                    if on_conflict {
-                        t.insert_row(v)
-                    } else {
-                        t.insert_values(v)
-                    }
-                }) as Box<dyn Fn(&Target, &[Value]) -> Query>,
-            )
-        } else {
-            let key: Key = vec![Value::Null; target.keys.len()];
-            (
-                &job.updates[0].1,
-                Box::new(move |t: &Target, v: &[Value]| t.update_row(&key, v))
-                    as Box<dyn Fn(&Target, &[Value]) -> Query>,
-            )
-        };
         let marks: Vec<Value> = (0..target.row_cols.len())
             .map(|i| Value::Text(format!("\u{1}infill-field-{i}")))
             .collect();
-        let q = stmt(&target, &marks);
+        let (text, q) = match (&job.call, &job.insert) {
+            (Some(t), _) => (t, target.call_statement(&marks)),
+            (_, Some(i)) if d.insert_on_conflict() => (&i.columns[0].1, target.insert_row(&marks)),
+            (_, Some(i)) => (&i.columns[0].1, target.insert_values(&marks)),
+            _ => {
+                let key: Key = vec![Value::Null; target.keys.len()];
+                (&job.updates[0].1, target.update_row(&key, &marks))
+            }
+        };
         let described = conn.describe(&q).await.map_err(|e| match e {
             sqlx::Error::Database(dbe) => sql_error(db, &text.location, &text.field, r.redactor.mask(dbe.message())),
             other => Error::Database {

@@ -17,13 +17,13 @@ use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::json;
 
-use super::{BatchReport, CONTROL_EVERY, End, Event, LOCK_CHECK_EVERY, Live, Looped, PROBE_EVERY, RunRequest};
+use super::{BatchReport, End, Event, Looped, RunRequest};
 use crate::dialect::Db;
 use crate::error::{Error, Result};
 use crate::http::{Delivery, Renderer};
 use crate::lock::JobLock;
 use crate::source::Reader;
-use crate::state::{self, Checkpoint, RunRecord};
+use crate::state::{self, RunRecord};
 use crate::value::{Key, Value, key_to_json};
 
 /// The first retry's wait when the receiver names none.
@@ -59,26 +59,15 @@ pub(super) async fn deliver(
         .timeout(spec.timeout)
         .build()
         .map_err(|e| Error::CannotProceed(format!("cannot set up the HTTP client: {e}")))?;
-    let mut settings = r.settings.clone();
-    let mut applied = std::collections::BTreeMap::new();
-    let mut live = Live {
-        db,
-        run_id: &run.id,
-        base: &r.settings,
-        obs,
-        stop,
-        probes: super::prepare_probes(db, &r.settings)?,
-        last_control: Instant::now() - CONTROL_EVERY,
-        last_probe: Instant::now() - PROBE_EVERY,
-    };
+    let mut between = super::Between::new(db, req, run, obs, stop)?;
     let limiter = |s: &crate::spec::Settings| {
         s.rate.map(|rate| {
             let period = Duration::from_secs_f64(1.0 / rate.per_second.max(1e-6));
             governor::RateLimiter::direct(governor::Quota::with_period(period).expect("a positive period"))
         })
     };
-    let mut limit = limiter(&settings);
-    let mut limit_rate = settings.rate;
+    let mut limit = limiter(&between.settings);
+    let mut limit_rate = between.settings.rate;
     reader.set_upper(run.upper.clone());
     // The committed checkpoint, and where the reader stands.
     let mut committed = run.cursor.clone();
@@ -90,34 +79,21 @@ pub(super) async fn deliver(
     let mut base_seq = 0u64;
     let mut next_seq = 0u64;
     let mut inflight = FuturesUnordered::new();
-    let mut last_lock_check = Instant::now();
-    let stop_after = match (req.limit, req.canary) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
     let mut sent_this_session = 0u64;
     let mut stopping: Option<End> = None;
     loop {
         if stopping.is_none() {
-            if stop.requested() {
-                stopping = Some(End::Stopped);
-            } else if let Some(end) = live.checkpoint(&mut settings, &mut applied, lock, audit).await? {
-                stopping = Some(end);
-            }
-            if last_lock_check.elapsed() >= LOCK_CHECK_EVERY {
-                lock.check().await?;
-                last_lock_check = Instant::now();
-            }
+            stopping = between.check(lock, audit).await?;
             // `infill set rate=...`: a new bucket at the new rate.
-            if settings.rate != limit_rate {
-                limit = limiter(&settings);
-                limit_rate = settings.rate;
+            if between.settings.rate != limit_rate {
+                limit = limiter(&between.settings);
+                limit_rate = between.settings.rate;
             }
         }
-        let concurrency = settings.concurrency.max(1) as usize;
+        let concurrency = between.settings.concurrency.max(1) as usize;
         // Send while the window allows.
         while stopping.is_none() && window.len() < concurrency {
-            if stop_after.is_some_and(|l| sent_this_session >= l) {
+            if between.stop_after.is_some_and(|l| sent_this_session >= l) {
                 stopping = Some(End::Limit);
                 break;
             }
@@ -211,7 +187,7 @@ pub(super) async fn deliver(
                 batch_size,
             )
             .await?;
-            if super::too_many_failures(settings.max_failures, looped.rows_failed, looped.rows_read) {
+            if super::too_many_failures(between.settings.max_failures, looped.rows_failed, looped.rows_read) {
                 return Err(Error::RowsFailed(format!(
                     "{} records failed, more than max_failures allows; the run stopped. `infill failures {}` lists them",
                     looped.rows_failed,
@@ -246,84 +222,42 @@ async fn settle(
     let fail = |what: &str| Error::db(format!("cannot record the deliveries: {what}"));
     let mut conn = db.conn().await?;
     let mut tx = conn.begin_with(db.dialect.begin_write()).await.map_err(fail("begin"))?;
-    let mut no = looped.batches + 1;
-    let mut lower = committed.clone();
-    let mut checkpoints = Vec::new();
-    let mut lines = Vec::new();
-    let (mut read, mut changed) = (0u64, 0u64);
-    let mut last_cursor = lower.clone();
-    for slot in slots.drain(..) {
-        match slot.outcome {
-            Some(Delivery::Delivered { .. }) => {
-                read += 1;
-                changed += 1;
-                last_cursor = Some(slot.cursor);
-            }
-            Some(Delivery::Failed {
-                status,
-                excerpt,
-                attempts,
-            }) => {
-                if read > 0 {
-                    let to = last_cursor.clone().expect("a delivered record");
-                    checkpoints.push(Checkpoint::new(
-                        0,
-                        no,
-                        lower.as_ref(),
-                        to.clone(),
-                        read,
-                        changed,
-                        0,
-                        batch_size,
-                    ));
-                    no += 1;
-                    lower = Some(to);
-                    (read, changed) = (0, 0);
-                }
-                let message = r.redactor.mask(&format!(
-                    "{} after {attempts} attempt(s): {excerpt}",
-                    status.map_or("no response".to_string(), |s| format!("HTTP {s}"))
-                ));
-                let failure = state::Failure {
-                    run_id: run.id.clone(),
-                    batch_no: no,
-                    key: key_to_json(&slot.key),
-                    error_code: status.map(|s| s.to_string()),
-                    message: message.clone(),
-                    failed_at: state::now(),
-                };
-                state::insert_failure(db, &mut tx, &failure)
-                    .await
-                    .map_err(fail("the dead letter"))?;
-                lines.push(json!({ "batch_no": no, "key": failure.key, "error": message, "code": failure.error_code }));
-                checkpoints.push(Checkpoint::new(
-                    0,
-                    no,
-                    lower.as_ref(),
-                    slot.cursor.clone(),
-                    1,
-                    0,
-                    1,
-                    batch_size,
-                ));
-                no += 1;
-                lower = Some(slot.cursor.clone());
-                last_cursor = Some(slot.cursor);
-            }
+    let settled: Vec<(Key, Option<u64>)> = slots
+        .iter()
+        .map(|slot| match slot.outcome {
+            Some(Delivery::Delivered { .. }) => (slot.cursor.clone(), Some(1)),
+            Some(Delivery::Failed { .. }) => (slot.cursor.clone(), None),
             None => unreachable!("only settled records are committed"),
-        }
-    }
-    if read > 0 || lower.as_ref() != Some(&upto) {
-        checkpoints.push(Checkpoint::new(
-            0,
-            no,
-            lower.as_ref(),
-            upto.clone(),
-            read,
-            changed,
-            0,
-            batch_size,
+        })
+        .collect();
+    let (mut checkpoints, batch_of) =
+        super::split_batches(looped.batches + 1, committed.as_ref(), &settled, &upto, batch_size);
+    let mut lines = Vec::new();
+    for (slot, no) in slots.drain(..).zip(batch_of) {
+        let Some(Delivery::Failed {
+            status,
+            excerpt,
+            attempts,
+        }) = slot.outcome
+        else {
+            continue;
+        };
+        let message = r.redactor.mask(&format!(
+            "{} after {attempts} attempt(s): {excerpt}",
+            status.map_or("no response".to_string(), |s| format!("HTTP {s}"))
         ));
+        let failure = state::Failure {
+            run_id: run.id.clone(),
+            batch_no: no,
+            key: key_to_json(&slot.key),
+            error_code: status.map(|s| s.to_string()),
+            message: message.clone(),
+            failed_at: state::now(),
+        };
+        state::insert_failure(db, &mut tx, &failure)
+            .await
+            .map_err(fail("the dead letter"))?;
+        lines.push(json!({ "batch_no": no, "key": failure.key, "error": message, "code": failure.error_code }));
     }
     for cp in &mut checkpoints {
         cp.duration_ms = t0.elapsed().as_millis() as u64;

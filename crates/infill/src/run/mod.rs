@@ -776,9 +776,6 @@ async fn batches(
     if let Some(keys) = retry {
         return retry_rows(db, req, obs, stop, target, run, audit, looped, keys).await;
     }
-    // `infill set` changes these while the run goes.
-    let mut settings = r.settings.clone();
-    let mut applied = std::collections::BTreeMap::new();
     let Some(upper) = run.upper.clone() else {
         return Ok(End::Done);
     };
@@ -795,65 +792,29 @@ async fn batches(
     }
     let mut seg_target = target.segment(segment);
     let session_start = Instant::now();
-    let mut last_lock_check = Instant::now();
-    let mut live = Live {
-        db,
-        run_id: &run.id,
-        base: &r.settings,
-        obs,
-        stop,
-        probes: prepare_probes(db, &r.settings)?,
-        last_control: Instant::now() - CONTROL_EVERY,
-        last_probe: Instant::now() - PROBE_EVERY,
-    };
+    let mut between = Between::new(db, req, run, obs, stop)?;
     let mut adaptive = crate::pace::Adaptive::default();
     loop {
-        if stop.requested() {
-            return Ok(End::Stopped);
-        }
-        if let Some(end) = live.checkpoint(&mut settings, &mut applied, lock, audit).await? {
+        if let Some(end) = between.check(lock, audit).await? {
             return Ok(end);
         }
-        let s = &settings;
+        let s = &between.settings;
         if s.fixed_batch {
             batch_size = s.batch_size;
         }
-        if last_lock_check.elapsed() >= LOCK_CHECK_EVERY {
-            lock.check().await?;
-            last_lock_check = Instant::now();
-        }
-        let stop_after = match (req.limit, req.canary) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let remaining = stop_after.map(|l| l.saturating_sub(looped.session_read));
+        let remaining = between.remaining(looped);
         if remaining == Some(0) {
             return Ok(End::Limit);
         }
         // The batch's upper key; a lost connection or a timeout here is
         // retried like a batch's.
         let boundary = seg_target.boundary(cursor.as_ref(), &upper, batch_size);
-        let mut attempt = 0;
-        let hi = loop {
-            let found = async {
-                let mut c = db.conn().await?;
-                first_key(&mut c, &boundary).await
-            }
-            .await;
-            match found {
-                Ok(k) => break k.unwrap_or_else(|| upper.clone()),
-                Err(e) if e.is_transient() && attempt < MAX_RETRIES => {
-                    attempt += 1;
-                    let wait = backoff(attempt);
-                    audit.write(
-                        "retry",
-                        json!({ "batch_no": looped.batches + 1, "attempt": attempt, "error": r.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
-                    )?;
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let hi = read_retrying(audit, r, looped.batches + 1, async || {
+            let mut c = db.conn().await?;
+            first_key(&mut c, &boundary).await
+        })
+        .await?
+        .unwrap_or_else(|| upper.clone());
         let settle = Settle {
             db,
             target: &seg_target,
@@ -971,6 +932,93 @@ async fn retry_rows(
         throttle(&r.settings, Duration::ZERO, looped.session_changed, session_start, stop).await;
     }
     Ok(End::Done)
+}
+
+/// What every run loop does between two batches: stop on a signal, obey
+/// `infill pause`/`cancel`/`set`, the pause file and the probes, check the
+/// job's lock now and then, and count rows against `--limit`/`--canary`.
+struct Between<'a> {
+    live: Live<'a>,
+    /// The settings as `infill set` has changed them.
+    settings: Settings,
+    applied: std::collections::BTreeMap<String, String>,
+    last_lock_check: Instant,
+    stop_after: Option<u64>,
+}
+
+impl<'a> Between<'a> {
+    fn new(db: &'a Db, req: &'a RunRequest, run: &'a RunRecord, obs: &'a dyn Observer, stop: &'a Stop) -> Result<Self> {
+        let r = &req.job;
+        Ok(Between {
+            live: Live {
+                db,
+                run_id: &run.id,
+                base: &r.settings,
+                obs,
+                stop,
+                probes: prepare_probes(db, &r.settings)?,
+                last_control: Instant::now() - CONTROL_EVERY,
+                last_probe: Instant::now() - PROBE_EVERY,
+            },
+            settings: r.settings.clone(),
+            applied: std::collections::BTreeMap::new(),
+            last_lock_check: Instant::now(),
+            stop_after: match (req.limit, req.canary) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        })
+    }
+
+    /// Before a batch: Some(end) when the run must stop there.
+    async fn check(&mut self, lock: &mut JobLock, audit: &mut AuditLog) -> Result<Option<End>> {
+        if self.live.stop.requested() {
+            return Ok(Some(End::Stopped));
+        }
+        if let Some(end) = self
+            .live
+            .checkpoint(&mut self.settings, &mut self.applied, lock, audit)
+            .await?
+        {
+            return Ok(Some(end));
+        }
+        if self.last_lock_check.elapsed() >= LOCK_CHECK_EVERY {
+            lock.check().await?;
+            self.last_lock_check = Instant::now();
+        }
+        Ok(None)
+    }
+
+    /// Rows this session may still read (None: no limit).
+    fn remaining(&self, looped: &Looped) -> Option<u64> {
+        self.stop_after.map(|l| l.saturating_sub(looped.session_read))
+    }
+}
+
+/// Runs a read, retrying it like a batch on transient errors (each retry
+/// an audit line).
+async fn read_retrying<T>(
+    audit: &mut AuditLog,
+    r: &ResolvedJob,
+    batch_no: u64,
+    mut read: impl AsyncFnMut() -> Result<T>,
+) -> Result<T> {
+    let mut attempt = 0;
+    loop {
+        match read().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && attempt < MAX_RETRIES => {
+                attempt += 1;
+                let wait = backoff(attempt);
+                audit.write(
+                    "retry",
+                    json!({ "batch_no": batch_no, "attempt": attempt, "error": r.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
+                )?;
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Between batches: the requests of `infill pause`, `cancel` and `set`
@@ -1292,22 +1340,9 @@ impl Settle<'_> {
     /// The batch's outcome if its checkpoint committed (read back after an
     /// error whose outcome is unknown).
     async fn committed(&self, batch_no: u64, retries: u32) -> Result<Option<BatchOutcome>> {
-        let mut c = match self.db.conn().await {
-            Ok(c) => c,
-            Err(_) => return Ok(None),
-        };
-        let Ok(found) = state::batches_after(self.db, &mut c, self.run_id, batch_no - 1).await else {
-            return Ok(None);
-        };
-        Ok(found
-            .into_iter()
-            .find(|cp| cp.batch_no == batch_no)
-            .map(|cp| BatchOutcome {
-                duration: Duration::from_millis(cp.duration_ms),
-                checkpoint: cp,
-                retries,
-                written: Vec::new(),
-            }))
+        Ok(committed_since(self.db, self.run_id, batch_no, retries)
+            .await
+            .and_then(|found| found.into_iter().find(|o| o.checkpoint.batch_no == batch_no)))
     }
 
     async fn record_failure(
@@ -1325,19 +1360,122 @@ impl Settle<'_> {
             .begin_with(self.db.dialect.begin_write())
             .await
             .map_err(fail("cannot begin"))?;
-        let failure = state::Failure {
-            run_id: self.run_id.to_string(),
-            batch_no,
-            key: key_to_json(key),
-            error_code: error_code(err),
-            message: self.redactor.mask(&error_text(err)),
-            failed_at: state::now(),
-        };
+        let failure = row_failure(self.run_id, batch_no, key, err, self.redactor);
         state::insert_failure(self.db, &mut tx, &failure)
             .await
             .map_err(fail("cannot record the failed row"))?;
         let cp = Checkpoint::new(self.target.segment_no, batch_no, lo, upper, 1, 0, 1, self.batch_size);
         checkpoint_and_commit(self.db, tx, self.run_id, cp, t0, Vec::new()).await
+    }
+}
+
+/// The batches from `batch_no` on, read back after an error whose outcome
+/// is unknown (a connection lost during COMMIT): Some when their
+/// checkpoints committed, None when not (or when they cannot be read).
+async fn committed_since(db: &Db, run_id: &str, batch_no: u64, retries: u32) -> Option<Vec<BatchOutcome>> {
+    let mut c = db.conn().await.ok()?;
+    let found = state::batches_after(db, &mut c, run_id, batch_no - 1).await.ok()?;
+    let outcomes: Vec<BatchOutcome> = found
+        .into_iter()
+        .map(|cp| BatchOutcome {
+            duration: Duration::from_millis(cp.duration_ms),
+            checkpoint: cp,
+            retries,
+            written: Vec::new(),
+        })
+        .collect();
+    (!outcomes.is_empty()).then_some(outcomes)
+}
+
+/// Splits rows settled one by one (a page applied row by row, or records
+/// delivered) into batches: each run of rows that went through is one, and
+/// each failed row is one of its own (`infill_failures` is keyed by batch).
+/// `rows` holds each row's cursor and what it changed (None: it failed);
+/// the last batch reaches `upper`. Returns the checkpoints, numbered from
+/// `first`, and each row's batch number.
+fn split_batches(
+    first: u64,
+    lower: Option<&Key>,
+    rows: &[(Key, Option<u64>)],
+    upper: &Key,
+    batch_size: u64,
+) -> (Vec<Checkpoint>, Vec<u64>) {
+    let mut checkpoints = Vec::new();
+    let mut batch_of = Vec::with_capacity(rows.len());
+    let mut no = first;
+    let mut lower = lower.cloned();
+    let (mut read, mut changed) = (0u64, 0u64);
+    for (i, (cursor, outcome)) in rows.iter().enumerate() {
+        match outcome {
+            Some(c) => {
+                read += 1;
+                changed += c;
+            }
+            None => {
+                if read > 0 {
+                    let upto = rows[i - 1].0.clone();
+                    checkpoints.push(Checkpoint::new(
+                        0,
+                        no,
+                        lower.as_ref(),
+                        upto.clone(),
+                        read,
+                        changed,
+                        0,
+                        batch_size,
+                    ));
+                    (read, changed) = (0, 0);
+                    no += 1;
+                    lower = Some(upto);
+                }
+                checkpoints.push(Checkpoint::new(
+                    0,
+                    no,
+                    lower.as_ref(),
+                    cursor.clone(),
+                    1,
+                    0,
+                    1,
+                    batch_size,
+                ));
+                batch_of.push(no);
+                no += 1;
+                lower = Some(cursor.clone());
+                continue;
+            }
+        }
+        batch_of.push(no);
+    }
+    if read > 0 || lower.as_ref() != Some(upper) {
+        checkpoints.push(Checkpoint::new(
+            0,
+            no,
+            lower.as_ref(),
+            upper.clone(),
+            read,
+            changed,
+            0,
+            batch_size,
+        ));
+    }
+    (checkpoints, batch_of)
+}
+
+/// A row that failed alone, as `infill_failures` keeps it.
+fn row_failure(
+    run_id: &str,
+    batch_no: u64,
+    key: &[Value],
+    err: &Error,
+    redactor: &crate::secret::Redactor,
+) -> state::Failure {
+    state::Failure {
+        run_id: run_id.to_string(),
+        batch_no,
+        key: key_to_json(key),
+        error_code: error_code(err),
+        message: redactor.mask(&error_text(err)),
+        failed_at: state::now(),
     }
 }
 

@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::{
-    BatchOutcome, BatchReport, CONTROL_EVERY, End, Event, LOCK_CHECK_EVERY, Live, Looped, MAX_RETRIES, PROBE_EVERY,
-    RunRequest, backoff, checkpoint_and_commit, error_code, error_text, insert_rows, is_row_error, prepare_probes,
-    throttle, too_many_failures,
+    BatchOutcome, BatchReport, Between, End, Event, Looped, MAX_RETRIES, RunRequest, backoff, checkpoint_and_commit,
+    committed_since, insert_rows, is_row_error, read_retrying, row_failure, split_batches, throttle, too_many_failures,
 };
 use crate::dialect::{Db, Exec, Tx};
 use crate::error::{Error, Result};
@@ -45,43 +44,20 @@ pub(super) async fn batches(
     reader: &mut Reader,
 ) -> Result<End> {
     let r = &req.job;
-    let mut settings = r.settings.clone();
-    let mut applied = std::collections::BTreeMap::new();
     reader.set_upper(run.upper.clone());
     let mut cursor = run.cursor.clone();
     let session_start = Instant::now();
-    let mut last_lock_check = Instant::now();
-    let mut live = Live {
-        db,
-        run_id: &run.id,
-        base: &r.settings,
-        obs,
-        stop,
-        probes: prepare_probes(db, &r.settings)?,
-        last_control: Instant::now() - CONTROL_EVERY,
-        last_probe: Instant::now() - PROBE_EVERY,
-    };
+    let mut between = Between::new(db, req, run, obs, stop)?;
     let mut adaptive = crate::pace::Adaptive::default();
     loop {
-        if stop.requested() {
-            return Ok(End::Stopped);
-        }
-        if let Some(end) = live.checkpoint(&mut settings, &mut applied, lock, audit).await? {
+        if let Some(end) = between.check(lock, audit).await? {
             return Ok(end);
         }
-        let s = &settings;
+        let s = &between.settings;
         if s.fixed_batch {
             batch_size = s.batch_size;
         }
-        if last_lock_check.elapsed() >= LOCK_CHECK_EVERY {
-            lock.check().await?;
-            last_lock_check = Instant::now();
-        }
-        let stop_after = match (req.limit, req.canary) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let remaining = stop_after.map(|l| l.saturating_sub(looped.session_read));
+        let remaining = between.remaining(looped);
         if remaining == Some(0) {
             return Ok(End::Limit);
         }
@@ -90,22 +66,7 @@ pub(super) async fn batches(
         let t0 = Instant::now();
         // Reading is retried like a write; a bad record fails the run
         // before anything of its page is written.
-        let mut attempt = 0;
-        let page = loop {
-            match reader.page(cursor.as_ref(), n).await {
-                Ok(p) => break p,
-                Err(e) if e.is_transient() && attempt < MAX_RETRIES => {
-                    attempt += 1;
-                    let wait = backoff(attempt);
-                    audit.write(
-                        "retry",
-                        json!({ "batch_no": batch_no, "attempt": attempt, "error": r.redactor.mask(&e.to_string()), "wait_ms": wait.as_millis() as u64 }),
-                    )?;
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let page = read_retrying(audit, r, batch_no, async || reader.page(cursor.as_ref(), n).await).await?;
         let Some(next) = page.cursor.clone() else {
             return Ok(End::Done);
         };
@@ -219,7 +180,7 @@ impl Write<'_> {
                     tokio::time::sleep(wait).await;
                     // A connection lost during COMMIT: the checkpoints say
                     // whether the page went through.
-                    if let Some(o) = self.committed(batch_no, retries).await {
+                    if let Some(o) = committed_since(self.db, self.run_id, batch_no, retries).await {
                         return Ok((o, events));
                     }
                 }
@@ -229,23 +190,6 @@ impl Write<'_> {
                 Err(e) => return Err(e),
             }
         }
-    }
-
-    async fn committed(&self, batch_no: u64, retries: u32) -> Option<Vec<BatchOutcome>> {
-        let mut c = self.db.conn().await.ok()?;
-        let found = state::batches_after(self.db, &mut c, self.run_id, batch_no - 1)
-            .await
-            .ok()?;
-        let outcomes: Vec<BatchOutcome> = found
-            .into_iter()
-            .map(|cp| BatchOutcome {
-                duration: Duration::from_millis(cp.duration_ms),
-                checkpoint: cp,
-                retries,
-                written: Vec::new(),
-            })
-            .collect();
-        (!outcomes.is_empty()).then_some(outcomes)
     }
 
     /// The whole page in one go: one batch.
@@ -379,43 +323,27 @@ impl Write<'_> {
             }
         }
         // Batches: each run of good rows, and each failed row alone.
-        let mut outcomes = Vec::new();
-        let mut no = batch_no;
-        let mut lower = lo.cloned();
-        let (mut read, mut changed, mut images) = (0u64, 0u64, Vec::new());
-        for (i, res) in results.into_iter().enumerate() {
+        let settled: Vec<(Key, Option<u64>)> = results
+            .iter()
+            .zip(&page.cursors)
+            .map(|(res, cursor)| match res {
+                RowResult::Done { changed, .. } => (cursor.clone(), Some(*changed)),
+                RowResult::Failed(_) => (cursor.clone(), None),
+            })
+            .collect();
+        let (checkpoints, batch_of) = split_batches(batch_no, lo, &settled, &upper, self.batch_size);
+        let mut images: std::collections::BTreeMap<u64, Vec<UndoImage>> = Default::default();
+        for ((res, no), key) in results.into_iter().zip(&batch_of).zip(&keys) {
             match res {
-                RowResult::Done {
-                    changed: c,
-                    images: mut im,
-                } => {
-                    read += 1;
-                    changed += c;
-                    images.append(&mut im);
-                }
-                RowResult::Failed(e) => {
-                    if read > 0 {
-                        let upto = page.cursors[i - 1].clone();
-                        self.store_images(&mut tx, no, &images).await?;
-                        let cp =
-                            Checkpoint::new(0, no, lower.as_ref(), upto.clone(), read, changed, 0, self.batch_size);
-                        outcomes.push(self.checkpoint(&mut tx, cp).await?);
-                        (read, changed, images) = (0, 0, Vec::new());
-                        no += 1;
-                        lower = Some(upto);
-                    }
-                    self.record(&mut tx, no, &keys[i], &e, events).await?;
-                    let upto = page.cursors[i].clone();
-                    let cp = Checkpoint::new(0, no, lower.as_ref(), upto.clone(), 1, 0, 1, self.batch_size);
-                    outcomes.push(self.checkpoint(&mut tx, cp).await?);
-                    no += 1;
-                    lower = Some(upto);
-                }
+                RowResult::Done { images: im, .. } => images.entry(*no).or_default().extend(im),
+                RowResult::Failed(e) => self.record(&mut tx, *no, key, &e, events).await?,
             }
         }
-        if read > 0 || lower.as_ref() != Some(&upper) {
-            self.store_images(&mut tx, no, &images).await?;
-            let cp = Checkpoint::new(0, no, lower.as_ref(), upper, read, changed, 0, self.batch_size);
+        for (no, im) in &images {
+            self.store_images(&mut tx, *no, im).await?;
+        }
+        let mut outcomes = Vec::with_capacity(checkpoints.len());
+        for cp in checkpoints {
             outcomes.push(self.checkpoint(&mut tx, cp).await?);
         }
         tx.commit().await.map_err(fail("cannot commit"))?;
@@ -478,14 +406,7 @@ impl Write<'_> {
         err: &Error,
         events: &mut Events,
     ) -> Result<()> {
-        let failure = state::Failure {
-            run_id: self.run_id.to_string(),
-            batch_no,
-            key: key_to_json(key),
-            error_code: error_code(err),
-            message: self.redactor.mask(&error_text(err)),
-            failed_at: state::now(),
-        };
+        let failure = row_failure(self.run_id, batch_no, key, err, self.redactor);
         state::insert_failure(self.db, tx, &failure)
             .await
             .map_err(Error::db(format!("batch {batch_no}: cannot record the failed row")))?;
