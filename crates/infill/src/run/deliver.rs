@@ -98,9 +98,11 @@ pub(super) async fn deliver(
                 break;
             }
             if buffer.is_empty() && !source_done {
-                let page = reader
-                    .page(read_at.as_ref(), batch_size.max(concurrency as u64))
-                    .await?;
+                let n = batch_size.max(concurrency as u64);
+                let page = super::read_retrying(audit, r, looped.batches + 1, async || {
+                    reader.page(read_at.as_ref(), n).await
+                })
+                .await?;
                 source_done = page.end || page.cursor.is_none();
                 if page.cursor.is_some() {
                     read_at = page.cursor.clone();
