@@ -317,3 +317,22 @@ async fn unknown_field_in_the_template_fails_at_plan() {
         );
     }
 }
+
+/// A receiver that is down: each attempt fails to connect, the record is
+/// dead-lettered after `max_attempts`, and with no failures allowed the run
+/// stops (exit 1) naming the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_is_down_stops_the_run() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    sessions(&db, 10).await;
+    let spec = spec(&db, "http://127.0.0.1:1/hook", "action.http.max_attempts = 2");
+    let out = db.run(&["run", &spec, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let summary = json(&out);
+    assert_eq!(summary["rows_changed"], 0, "{summary}");
+    let failures = json(&db.run(&["failures", summary["run_id"].as_str().unwrap(), "--json"]));
+    let message = failures[0]["message"].as_str().unwrap();
+    assert!(message.starts_with("no response after 2 attempt(s)"), "{message}");
+}

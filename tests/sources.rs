@@ -452,3 +452,46 @@ async fn source_spec_errors_name_the_field() {
         assert!(err.contains("infill.toml:"), "names the file and line: {err}");
     }
 }
+
+/// A diff whose source server is down, or whose `missing_in` table does not
+/// exist, stops before anything is written, naming the database or field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_with_a_server_down_or_a_table_missing() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    accounts(&db, 5).await;
+    let down = db.spec(
+        r#"old = "postgres://postgres@127.0.0.1:1/nowhere"
+
+[jobs.copy]
+source.diff = { from = "old", query = "SELECT id FROM accounts", key = "id", missing_in = "accounts" }
+action.table = "accounts"
+action.insert.id = ":id"
+action.insert.tier = "'x'"
+"#,
+    );
+    let out = db.run(&["run", down.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to database `old`"), "{err}");
+    assert!(err.contains("nothing was written"), "{err}");
+
+    let missing = db.spec(&format!(
+        r#"old = "{}"
+
+[jobs.copy]
+source.diff = {{ from = "old", query = "SELECT id FROM accounts", key = "id", missing_in = "acounts" }}
+action.table = "accounts"
+action.insert.id = ":id"
+action.insert.tier = "'x'"
+"#,
+        db.url
+    ));
+    let out = db.run(&["plan", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("jobs.copy.source.diff.missing_in"), "{err}");
+    assert!(err.contains("table `acounts` does not exist"), "{err}");
+    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE tier = 'x'").await, 0);
+}
