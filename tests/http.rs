@@ -336,3 +336,58 @@ async fn a_receiver_that_is_down_stops_the_run() {
     let message = failures[0]["message"].as_str().unwrap();
     assert!(message.starts_with("no response after 2 attempt(s)"), "{message}");
 }
+
+/// Seed 004 whole: sessions in an old PostgreSQL database that are missing
+/// from the new one (SQLite here) are replayed as webhooks, exactly those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_exactly_the_rows_a_diff_finds_missing() {
+    let Some(old) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let Some(new) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    old.exec(
+        "CREATE TABLE sessions (id BIGINT PRIMARY KEY, kind TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL);
+         INSERT INTO sessions SELECT i, CASE WHEN i % 3 = 0 THEN 'run' ELSE 'walk' END,
+           TIMESTAMPTZ '2025-03-01 00:00:00+00' + i * INTERVAL '1 hour' FROM generate_series(1, 300) i;",
+    )
+    .await;
+    new.exec("CREATE TABLE sessions (id INTEGER PRIMARY KEY, kind TEXT NOT NULL)")
+        .await;
+    new.exec(&format!(
+        "INSERT INTO sessions SELECT i, 'x' FROM ({}) s WHERE i % 10 <> 0",
+        new.series(300)
+    ))
+    .await;
+    let rx = Arc::new(Receiver::default());
+    let url = serve(rx.clone()).await;
+    let spec = new.spec(&format!(
+        r#"old = "{}"
+
+[jobs.replay]
+source.diff = {{ from = "old", query = "SELECT id, kind, created_at FROM sessions WHERE kind = :kind", key = "id", missing_in = "sessions" }}
+params.kind = {{ type = "text", default = "run" }}
+action.http.url = "{url}"
+action.http.body = '{{"id": {{{{ row.id }}}}, "kind": {{{{ row.kind }}}}, "at": {{{{ row.created_at }}}}}}'
+concurrency = 4
+"#,
+        old.url
+    ));
+    let out = new.run(&["run", spec.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let got = rx.got.lock().unwrap().clone();
+    let mut ids: Vec<i64> = got.iter().map(|r| r.body["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (1..=10).map(|i| i * 30).collect::<Vec<i64>>(),
+        "ids divisible by 10 and by 3"
+    );
+    assert_eq!(got[0].body["kind"], "run");
+    assert!(
+        got[0].body["at"].as_str().unwrap().starts_with("2025-03-"),
+        "{:?}",
+        got[0].body
+    );
+}

@@ -342,22 +342,16 @@ async fn read_stream(
     target: &Target,
     r: &ResolvedJob,
 ) -> Result<(crate::source::Page, u64, Vec<crate::dialect::Column>)> {
-    let source_db = match &r.source_db {
-        Some(url) => Some(Db::connect(url, &ConnectOptions::default()).await?),
-        None => None,
-    };
+    let sources = crate::source::SourceDbs::connect(r, &ConnectOptions::default()).await?;
     let wanted = crate::source::wanted_fields(r, target)?;
     let found = async {
-        let mut reader =
-            crate::source::Reader::open(r, db, source_db.as_ref().unwrap_or(db), wanted.as_deref()).await?;
+        let mut reader = sources.reader(r, db, wanted.as_deref()).await?;
         let first = reader.page(None, SAMPLE_ROWS).await?;
         let candidates = reader.count_after(None).await?;
         Ok::<_, Error>((first, candidates, reader.fields.clone()))
     }
     .await;
-    if let Some(s) = source_db {
-        s.close().await;
-    }
+    sources.close().await;
     found
 }
 

@@ -101,6 +101,50 @@ fn sql_error(db_name: &str, text: &SqlText, message: String) -> Error {
     }
 }
 
+/// The databases a job's rows are read from, besides its target: the
+/// source of a query or diff on another database, and where a diff looks
+/// its keys up when that is not the target. Each is `target` when unset.
+pub struct SourceDbs {
+    source: Option<Db>,
+    lookup: Option<Db>,
+}
+
+impl SourceDbs {
+    /// Connects the ones the job names.
+    pub async fn connect(r: &ResolvedJob, opts: &crate::dialect::ConnectOptions) -> Result<SourceDbs> {
+        let source = match &r.source_db {
+            Some(url) => Some(Db::connect(url, opts).await?),
+            None => None,
+        };
+        let lookup = match &r.lookup_db {
+            Some(url) => match Db::connect(url, opts).await {
+                Ok(db) => Some(db),
+                Err(e) => {
+                    if let Some(s) = source {
+                        s.close().await;
+                    }
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        Ok(SourceDbs { source, lookup })
+    }
+
+    /// Opens the job's reader (see [`Reader::open`]).
+    pub async fn reader(&self, r: &ResolvedJob, target: &Db, wanted: Option<&[String]>) -> Result<Reader> {
+        let source = self.source.as_ref().unwrap_or(target);
+        let lookup = self.lookup.as_ref().unwrap_or(target);
+        Reader::open(r, lookup, source, wanted).await
+    }
+
+    pub async fn close(self) {
+        for db in [self.source, self.lookup].into_iter().flatten() {
+            db.close().await;
+        }
+    }
+}
+
 /// The fields of a row the job's action uses: the `:name`s of its SQL, or
 /// the `row.name`s of its template (None: the whole row).
 pub fn wanted_fields(r: &ResolvedJob, target: &crate::target::Target) -> Result<Option<Vec<String>>> {

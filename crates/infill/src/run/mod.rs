@@ -23,7 +23,7 @@ use crate::dialect::{ConnectOptions, Db, Exec};
 use crate::error::{Error, Result};
 use crate::lock::JobLock;
 use crate::plan::{PlanOptions, as_count, count, first_key};
-use crate::source::Reader;
+use crate::source::{Reader, SourceDbs};
 use crate::spec::{MaxFailures, ResolvedJob, Settings};
 use crate::state::{self, Checkpoint, RunRecord, RunStatus, UndoImage};
 use crate::target::{BatchShape, Target};
@@ -224,18 +224,13 @@ pub async fn run(req: RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Out
 
 async fn run_on(db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
     let r = &req.job;
-    let source_db = match &r.source_db {
-        Some(url) => Some(Db::connect(url, &connect_options(r)).await?),
-        None => None,
-    };
-    let result = run_with(db, source_db.as_ref().unwrap_or(db), req, obs, stop).await;
-    if let Some(s) = source_db {
-        s.close().await;
-    }
+    let sources = SourceDbs::connect(r, &connect_options(r)).await?;
+    let result = run_with(db, &sources, req, obs, stop).await;
+    sources.close().await;
     result
 }
 
-async fn run_with(db: &Db, source_db: &Db, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
+async fn run_with(db: &Db, sources: &SourceDbs, req: &RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
     let r = &req.job;
     if req.dry_run {
         return crate::plan::plan_job(db, r, PlanOptions::default())
@@ -247,7 +242,7 @@ async fn run_with(db: &Db, source_db: &Db, req: &RunRequest, obs: &dyn Observer,
     let mut reader = match r.job.reads_pages() {
         true => {
             let wanted = crate::source::wanted_fields(r, &target)?;
-            Some(Reader::open(r, db, source_db, wanted.as_deref()).await?)
+            Some(sources.reader(r, db, wanted.as_deref()).await?)
         }
         false => None,
     };

@@ -425,6 +425,9 @@ pub struct ResolvedJob {
     pub source_db: Option<DatabaseUrl>,
     /// `action.http`, expanded.
     pub http: Option<HttpTarget>,
+    /// Where a diff's `missing_in` is looked up when that is not the target
+    /// (an http job keeps its state apart from the job's database).
+    pub lookup_db: Option<DatabaseUrl>,
     pub env: Option<String>,
     pub params: BTreeMap<String, Value>,
     pub settings: Settings,
@@ -1235,12 +1238,16 @@ impl Spec {
         let env = self.env_table(o.env.as_deref())?;
 
         let mut redactor = Redactor::default();
+        let mut lookup_db = None;
         let (url, source_db) = if job.http.is_some() {
             // Rows are read from the job's database; state is kept apart.
             let source = match job.source.database(&job.database) {
                 Some(name) => Some(self.named_url(&job, name, o.env.as_deref(), &mut redactor)?),
                 None => None,
             };
+            if matches!(job.source, Source::Diff { .. }) {
+                lookup_db = Some(self.url_for(&job, o.env.as_deref(), &mut redactor)?);
+            }
             (self.state_url(&job, o.env.as_deref(), &mut redactor)?, source)
         } else {
             let url = self.url_for(&job, o.env.as_deref(), &mut redactor)?;
@@ -1318,6 +1325,7 @@ impl Spec {
             target: url,
             source_db,
             http,
+            lookup_db,
             env: o.env.clone(),
             params,
             settings,
