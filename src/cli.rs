@@ -58,6 +58,13 @@ enum Command {
     /// Undoing twice changes nothing the second time. An interrupted undo
     /// continues where it stopped when given again.
     Undo(UndoArgs),
+    /// Write a job's source rows (or, for an http job, the bodies it would
+    /// send) to a JSON or JSONL file, without running its action.
+    ///
+    /// The format follows the file name: .jsonl or .ndjson for a JSON object
+    /// per line, anything else for one JSON array. The file is written
+    /// beside its name and renamed into place.
+    Export(ExportArgs),
     /// Run the jobs' checks and print PASS or FAIL for each; exit 1 if any fails.
     ///
     /// Read-only: fit for CI and cron.
@@ -238,6 +245,21 @@ struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    target: JobsArg,
+    /// The file to write (relative to the current folder).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Write at most N rows.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// Print what was written as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
 struct ResumeArgs {
     /// The run id, or a prefix of 8 or more characters.
     run: String,
@@ -396,6 +418,7 @@ async fn dispatch(command: Command, stop: &Stop) -> Result<ExitCode, Error> {
         }
         Command::Resume(a) => resume(a, stop).await,
         Command::Verify(a) => verify(a).await,
+        Command::Export(a) => export(a).await,
         Command::Status(a) => status(a).await,
         Command::Failures(a) => {
             let spec = Spec::load(spec_path(None, a.spec.spec.as_deref())?)?;
@@ -593,6 +616,30 @@ async fn undo(
     } else {
         ExitCode::Success
     })
+}
+
+async fn export(a: ExportArgs) -> Result<ExitCode, Error> {
+    let spec = Spec::load(spec_path(a.target.spec_file.as_deref(), a.target.spec.spec.as_deref())?)?;
+    let job = spec.pick_job(a.target.job.as_deref())?.name.clone();
+    let overrides = Overrides {
+        env: a.target.spec.env.clone(),
+        params: a.target.params.clone(),
+        ..Default::default()
+    };
+    let r = spec.resolve(&job, &overrides)?;
+    let done = infill::export::export(&r, &a.out, a.limit).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&done).expect("serialisable"));
+    } else {
+        println!(
+            "exported {} rows of job {} to {} ({})",
+            done.rows,
+            done.job,
+            done.path.display(),
+            done.format
+        );
+    }
+    Ok(ExitCode::Success)
 }
 
 async fn verify(a: VerifyArgs) -> Result<ExitCode, Error> {

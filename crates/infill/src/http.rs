@@ -131,7 +131,13 @@ pub fn render_request(
     let names: Vec<String> = fields[nk..].iter().map(|c| c.name.clone()).collect();
     let types: Vec<String> = fields[nk..].iter().map(|c| c.sql_type.clone()).collect();
     let json = row_json(&names, &types, &row[nk..]);
-    let body = renderer.render(&r.job.name, &json, &r.params_json(), &idem)?;
+    // A secret param reaches the receiver as it is, and shows masked.
+    let params = if masked {
+        r.params_json()
+    } else {
+        serde_json::Value::Object(r.params.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
+    };
+    let body = renderer.render(&r.job.name, &json, &params, &idem)?;
     let mask = |s: &str| if masked { r.redactor.mask(s) } else { s.to_string() };
     let mut headers: Vec<(String, String)> = vec![("Content-Type".into(), "application/json".into())];
     for (k, v) in &target.headers {
