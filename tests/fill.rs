@@ -98,15 +98,9 @@ async fn fills_holes_and_nothing_else(db: TestDb) {
         .await,
         6000 / 250
     );
-    let image = db
-        .texts(&format!(
-            "SELECT before_image, after_image FROM infill_undo WHERE run_id = '{run_id}' ORDER BY batch_no, seq LIMIT 1"
-        ))
-        .await;
-    let before_img: serde_json::Value = serde_json::from_str(image[0][0].as_deref().unwrap()).unwrap();
-    let after_img: serde_json::Value = serde_json::from_str(image[0][1].as_deref().unwrap()).unwrap();
-    assert_eq!(before_img[0]["activity_id"], serde_json::Value::Null);
-    assert_eq!(after_img[0]["note"], "linked");
+    let (before_img, after_img) = db.first_image(run_id).await;
+    assert_eq!(before_img["activity_id"], serde_json::Value::Null);
+    assert_eq!(after_img["note"], "linked");
 
     // Running again finds nothing to do: the guard makes it idempotent.
     let again = db.run(&["run", spec.to_str().unwrap(), "--param", "block=2", "--json"]);

@@ -225,3 +225,53 @@ async fn no_images_no_undo(db: TestDb) {
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE note = 'filled'").await, 667);
 }
 on_all_backends!(no_images_no_undo, no_images_no_undo);
+
+/// A guard that pins every written column to NULL (`note IS NULL AND
+/// amount IS NULL`): PostgreSQL stores the before images without reading
+/// them (a `null` per column), and undo still restores exactly and still
+/// reports a row changed since.
+async fn known_null_before_images(db: TestDb) {
+    schema(&db).await;
+    let before = db.checksum("items", COLS, "id").await;
+    let spec = spec(
+        &db,
+        &SPEC
+            .replace("\"note IS NULL\"", "\"note IS NULL AND amount IS NULL\"")
+            .replace(
+                "action.update.seen = \"CAST('2024-02-29 12:34:56' AS TIMESTAMP)\"\n",
+                "",
+            ),
+    );
+    let id = run_id(&db, &spec);
+    // Rows with neither a note (i % 3) nor an amount (i % 4): 1000 - 333 - 250 + 83.
+    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE note = 'filled'").await, 500);
+    if db.backend == common::Backend::Postgres {
+        let stored = db
+            .texts(&format!(
+                "SELECT before_image FROM infill_undo WHERE run_id = '{id}' LIMIT 1"
+            ))
+            .await;
+        let stored: serde_json::Value = serde_json::from_str(stored[0][0].as_deref().unwrap()).unwrap();
+        assert_eq!(stored, serde_json::json!({ "note": null, "amount": null }));
+    }
+    let (b, a) = db.first_image(&id).await;
+    assert_eq!(
+        (b["note"].clone(), a["note"].clone()),
+        (serde_json::Value::Null, "filled".into())
+    );
+    db.exec("UPDATE items SET amount = 99 WHERE id = 1").await;
+    let (code, out) = undo(&db, &[&id[..13]]);
+    assert_eq!(code, Some(1), "one conflict: {out}");
+    assert_eq!(
+        (out["restored"].as_u64(), out["conflicts"].as_u64()),
+        (Some(499), Some(1))
+    );
+    db.exec("UPDATE items SET amount = NULL, note = NULL WHERE id = 1")
+        .await;
+    assert_eq!(
+        db.checksum("items", COLS, "id").await,
+        before,
+        "every other row as before"
+    );
+}
+on_all_backends!(known_null_before_images, known_null_before_images);

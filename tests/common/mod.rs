@@ -352,6 +352,29 @@ impl TestDb {
             .sum()
     }
 
+    /// The before and after images of the first row the run wrote, as
+    /// objects (column to value), whichever way the engine stored them: a
+    /// row of arrays of objects, or a row of columns (PostgreSQL).
+    pub async fn first_image(&self, run: &str) -> (serde_json::Value, serde_json::Value) {
+        let row = self
+            .texts(&format!(
+                "SELECT before_image, after_image FROM infill_undo WHERE run_id = '{run}' ORDER BY batch_no, seq LIMIT 1"
+            ))
+            .await;
+        let json = |i: usize| -> serde_json::Value { serde_json::from_str(row[0][i].as_deref().unwrap()).unwrap() };
+        let (before, after) = (json(0), json(1));
+        if after.is_array() {
+            return (before[0].clone(), after[0].clone());
+        }
+        let mut b = serde_json::Map::new();
+        let mut a = serde_json::Map::new();
+        for (name, values) in after.as_object().unwrap() {
+            a.insert(name.clone(), values[0].clone());
+            b.insert(name.clone(), before[name.as_str()].get(0).cloned().unwrap_or_default());
+        }
+        (b.into(), a.into())
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }

@@ -100,6 +100,143 @@ impl Fragment {
     }
 }
 
+/// An identifier as a predicate spells it: unquoted (the server folds its
+/// case) or quoted (exact).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ident {
+    pub name: String,
+    pub quoted: bool,
+}
+
+#[derive(Debug, PartialEq)]
+enum Token {
+    Word(String),
+    Quoted(String),
+    Other(char),
+    Literal,
+}
+
+impl Fragment {
+    /// The columns this predicate requires to be NULL: its top-level
+    /// conjuncts of the exact form `column IS NULL`. A row it admits holds
+    /// NULL there, so a write guarded by it needs no read of the before value.
+    ///
+    /// Deliberately narrow: a predicate with a comment, a dollar quote, or
+    /// `OR`, `XOR`, `BETWEEN`, `CASE`, `|`, `&` outside parentheses yields
+    /// nothing, since a wrong answer would make undo put NULL over a value.
+    pub fn null_conjuncts(&self) -> Vec<Ident> {
+        let Some(tokens) = tokens(&self.source) else {
+            return Vec::new();
+        };
+        let mut depth = 0i32;
+        let mut terms: Vec<Vec<&Token>> = vec![Vec::new()];
+        for t in &tokens {
+            match t {
+                Token::Other('(' | '[') => depth += 1,
+                Token::Other(')' | ']') => depth -= 1,
+                _ => {}
+            }
+            if depth == 0 {
+                match t {
+                    Token::Word(w)
+                        if ["OR", "XOR", "BETWEEN", "CASE"]
+                            .iter()
+                            .any(|k| w.eq_ignore_ascii_case(k)) =>
+                    {
+                        return Vec::new();
+                    }
+                    Token::Other('|' | '&') => return Vec::new(),
+                    Token::Word(w) if w.eq_ignore_ascii_case("AND") => {
+                        terms.push(Vec::new());
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(last) = terms.last_mut() {
+                last.push(t);
+            }
+        }
+        if depth != 0 {
+            return Vec::new();
+        }
+        let word = |t: &Token, k: &str| matches!(t, Token::Word(w) if w.eq_ignore_ascii_case(k));
+        terms
+            .iter()
+            .filter_map(|term| match term.as_slice() {
+                [col, is, null] if word(is, "IS") && word(null, "NULL") => match col {
+                    Token::Word(w)
+                        if !["NOT", "NULL", "TRUE", "FALSE"]
+                            .iter()
+                            .any(|k| w.eq_ignore_ascii_case(k)) =>
+                    {
+                        Some(Ident {
+                            name: w.clone(),
+                            quoted: false,
+                        })
+                    }
+                    Token::Quoted(q) => Some(Ident {
+                        name: q.clone(),
+                        quoted: true,
+                    }),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Words, quoted identifiers, literals and single characters; `None` for
+/// text this scanner does not follow (comments, dollar quotes, an open quote).
+fn tokens(sql: &str) -> Option<Vec<Token>> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            let end = b[i..]
+                .iter()
+                .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_' || x == b'$' || x >= 0x80))
+                .map_or(b.len(), |p| i + p);
+            out.push(Token::Word(sql[i..end].to_string()));
+            i = end;
+        } else if c.is_ascii_digit() {
+            let end = b[i..]
+                .iter()
+                .position(|&x| !(x.is_ascii_alphanumeric() || x == b'.' || x == b'_'))
+                .map_or(b.len(), |p| i + p);
+            out.push(Token::Literal);
+            i = end;
+        } else if c == b'"' || c == b'`' {
+            let end = skip_quoted(b, i, c, false)?;
+            let q = c as char;
+            let inner = sql[i + 1..end - 1].replace(&format!("{q}{q}"), &q.to_string());
+            out.push(Token::Quoted(inner));
+            i = end;
+        } else if c == b'\'' {
+            // Backslashes as escapes, or not: either way the literal is
+            // opaque; a guess that ends it early only shortens a term.
+            i = skip_quoted(b, i, c, true).or_else(|| skip_quoted(b, i, c, false))?;
+            out.push(Token::Literal);
+        } else if (c == b'-' && b.get(i + 1) == Some(&b'-'))
+            || (c == b'/' && b.get(i + 1) == Some(&b'*'))
+            || c == b'$'
+            || c == b'#'
+        {
+            return None;
+        } else {
+            let ch = sql[i..].chars().next()?;
+            out.push(Token::Other(ch));
+            i += ch.len_utf8();
+        }
+    }
+    Some(out)
+}
+
 fn quote_name(q: u8) -> &'static str {
     match q {
         b'\'' => "string literal",
@@ -181,6 +318,40 @@ mod tests {
     fn mysql_backslash_escapes() {
         let f = Fragment::parse(r"a = 'it\'s :x' AND b = :b", true).unwrap();
         assert_eq!(f.params(), ["b"]);
+    }
+
+    #[test]
+    fn null_conjuncts_only_where_certain() {
+        let pinned = |sql: &str| -> Vec<String> {
+            Fragment::parse(sql, false)
+                .unwrap()
+                .null_conjuncts()
+                .into_iter()
+                .map(|i| if i.quoted { format!("\"{}\"", i.name) } else { i.name })
+                .collect()
+        };
+        assert_eq!(pinned("c IS NULL"), ["c"]);
+        assert_eq!(pinned("  c  is   null "), ["c"]);
+        assert_eq!(pinned("a > :min AND c IS NULL AND (d = 1 OR e IS NULL)"), ["c"]);
+        assert_eq!(pinned("\"Full Name\" IS NULL and b is null"), ["\"Full Name\"", "b"]);
+        assert_eq!(pinned("s = 'x AND c IS NULL' AND c IS NULL"), ["c"]);
+        assert_eq!(pinned("a || b = 'x' AND c IS NULL"), Vec::<String>::new());
+        for unsure in [
+            "c IS NULL OR d = 1",
+            "NOT c IS NULL",
+            "c IS NOT NULL",
+            "a BETWEEN 1 AND c IS NULL",
+            "CASE WHEN x THEN 1 END = 1 AND c IS NULL",
+            "c IS NULL -- AND OR",
+            "t.c IS NULL",
+            "x = c IS NULL",
+            "c IS NULL XOR d",
+            "(c IS NULL",
+            "$$a$$ = 'a' AND c IS NULL",
+            "c ISNULL",
+        ] {
+            assert_eq!(pinned(unsure), Vec::<String>::new(), "{unsure}");
+        }
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub struct Target {
     pub filter: Option<Fragment>,
     /// `source.where` alone.
     pub base_filter: Option<Fragment>,
+    /// Every written column is NULL in each row `source.where` admits
+    /// (`c IS NULL` among its top-level conjuncts), so the before images
+    /// are known without reading them. Only PostgreSQL uses it: MySQL's
+    /// `IS NULL` also matches a NOT NULL date column's zero date.
+    pub before_null: bool,
     /// `priority = [...]`, in order.
     pub priority: Vec<Fragment>,
     /// `categories.NAME`, in name order.
@@ -285,6 +290,24 @@ impl Target {
             Some(i) => Some(inspect_insert(db, conn, i, insert_exprs.into_iter().map(|(f, _)| f).collect()).await?),
             None => None,
         };
+        let before_null = !sets.is_empty()
+            && filter.as_ref().is_some_and(|f| {
+                let pinned = f.null_conjuncts();
+                sets.iter().all(|(c, _)| {
+                    pinned.iter().any(|i| {
+                        if d.case_sensitive_columns() {
+                            c.name
+                                == if i.quoted {
+                                    i.name.clone()
+                                } else {
+                                    i.name.to_lowercase()
+                                }
+                        } else {
+                            c.name.eq_ignore_ascii_case(&i.name)
+                        }
+                    })
+                })
+            });
         let target = Target {
             dialect: d,
             table: d.quote_table(&job.table),
@@ -292,6 +315,7 @@ impl Target {
             keys,
             sets,
             base_filter: filter.clone(),
+            before_null,
             filter,
             priority,
             categories,
@@ -401,6 +425,7 @@ impl Target {
             keys,
             sets,
             base_filter: None,
+            before_null: false,
             filter: None,
             priority: Vec::new(),
             categories: Vec::new(),

@@ -770,6 +770,43 @@ async fn fetch_images(
     Ok(out)
 }
 
+/// Images stored in columns: `after` maps each written column to its
+/// values in key order, `before` the same or `null` for a column that was
+/// NULL in every row.
+fn rows_of_columns(
+    keys: &[serde_json::Value],
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> std::result::Result<Vec<(serde_json::Value, serde_json::Value, serde_json::Value)>, String> {
+    let column =
+        |image: &serde_json::Value, name: &str| -> std::result::Result<Option<Vec<serde_json::Value>>, String> {
+            match image.get(name) {
+                Some(serde_json::Value::Array(v)) if v.len() == keys.len() => Ok(Some(v.clone())),
+                Some(serde_json::Value::Null) if !std::ptr::eq(image, after) => Ok(None),
+                _ => Err(format!("column `{name}` does not hold one value per key")),
+            }
+        };
+    let names: Vec<&String> = after.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+    let mut rows: Vec<(serde_json::Map<_, _>, serde_json::Map<_, _>)> = vec![Default::default(); keys.len()];
+    for name in names {
+        let a = column(after, name)?.unwrap_or_default();
+        let b = column(before, name)?;
+        for (i, row) in rows.iter_mut().enumerate() {
+            row.0.insert(
+                name.clone(),
+                b.as_ref().map_or(serde_json::Value::Null, |b| b[i].clone()),
+            );
+            row.1.insert(name.clone(), a[i].clone());
+        }
+    }
+    Ok(keys
+        .iter()
+        .cloned()
+        .zip(rows)
+        .map(|(k, (b, a))| (k, serde_json::Value::Object(b), serde_json::Value::Object(a)))
+        .collect())
+}
+
 /// The images of one row of `infill_undo`.
 fn read_images(db: &Db, target: &Target, run_id: &str, row: &[Value]) -> Result<Vec<Image>> {
     let int = |v: &Value| match v {
@@ -782,9 +819,13 @@ fn read_images(db: &Db, target: &Target, run_id: &str, row: &[Value]) -> Result<
         serde_json::from_str(&v.display()).map_err(|e| unreadable(e.to_string()))
     };
     let (keys, befores, afters) = (json(&row[2])?, json(&row[3])?, json(&row[4])?);
-    // A row of arrays (keys are arrays themselves), or a single image.
+    // A row of images in columns (PostgreSQL), a row of images in arrays
+    // (keys are arrays themselves), or a single image.
     let triples: Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> =
         match (keys.as_array(), befores.as_array(), afters.as_array()) {
+            (Some(k), _, None) if k.first().is_some_and(|x| x.is_array()) && afters.is_object() => {
+                rows_of_columns(k, &befores, &afters).map_err(unreadable)?
+            }
             (Some(k), Some(b), Some(a)) if k.first().is_some_and(|x| x.is_array()) => {
                 if k.len() != b.len() || k.len() != a.len() {
                     return Err(unreadable("the arrays differ in length".into()));

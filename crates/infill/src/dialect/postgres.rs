@@ -163,9 +163,11 @@ impl Dialect for PostgresDialect {
     /// Lock, write and undo images in one round trip: the candidates are
     /// locked in a CTE, the UPDATE joins them (re-checking the guard) and
     /// returns before and after values, and a data-modifying CTE stores the
-    /// images. Column names in the images are bound, never pasted.
+    /// images. Column names in the images are bound, never pasted. When the
+    /// guard pins every written column to NULL the before values are known,
+    /// and the batch is one UPDATE whose RETURNING feeds the images.
     fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Query> {
-        if !s.undo && s.limit.is_none() {
+        if s.limit.is_none() && (!s.undo || t.before_null) {
             return Some(plain_batch(self, t, s));
         }
         let mut b = SqlBuilder::new(self);
@@ -190,18 +192,8 @@ impl Dialect for PostgresDialect {
         if let Some(l) = s.limit {
             b.push(&format!(" LIMIT {l}"));
         }
-        b.push(" FOR NO KEY UPDATE), infill_upd AS (UPDATE ")
-            .push(&t.table)
-            .push(" SET ");
-        for (i, (col, f)) in t.sets.iter().enumerate() {
-            if i > 0 {
-                b.push(", ");
-            }
-            b.push(&self.quote_ident(&col.name))
-                .push(" = (")
-                .fragment(f, &t.params)
-                .push(")");
-        }
+        b.push(" FOR NO KEY UPDATE), infill_upd AS (UPDATE ").push(&t.table);
+        push_sets(self, &mut b, t);
         b.push(" FROM infill_cand WHERE ");
         let join: Vec<String> = t
             .key_q
@@ -215,50 +207,11 @@ impl Dialect for PostgresDialect {
         let mark = b.mark();
         t.push_range(&mut b, s.lo, Some(s.hi), true);
         b.wrap_since(mark, |range| range.replacen(" WHERE ", " AND ", 1));
-        let mut ret: Vec<String> = t
-            .key_q
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{}.{k}::text AS infill_k{i}", t.table))
-            .collect();
-        for (i, (c, _)) in t.sets.iter().enumerate() {
-            ret.push(format!("infill_cand.infill_b{i}::text AS infill_b{i}"));
-            ret.push(format!(
-                "{}.{}::text AS infill_a{i}",
-                t.table,
-                self.quote_ident(&c.name)
-            ));
-        }
-        b.push(" RETURNING ").push(&ret.join(", ")).push(")");
+        b.push(" RETURNING ")
+            .push(&returning(self, t, true).join(", "))
+            .push(")");
         if s.undo {
-            // One row of images per batch: three JSON arrays in key order
-            // (one index entry instead of one per row written).
-            b.push(", infill_und AS (INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
-            b.bind(Value::Text(s.run_id.into()))
-                .push(", ")
-                .bind(Value::Int(s.batch_no as i64));
-            let keys: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}")).collect();
-            let order = format!(" ORDER BY {})::text", keys.join(", "));
-            b.push(", 0, jsonb_agg(jsonb_build_array(")
-                .push(&keys.join(", "))
-                .push(")")
-                .push(&order)
-                .push(", ");
-            for (prefix, last) in [("b", false), ("a", true)] {
-                b.push("jsonb_agg(jsonb_build_object(");
-                for (i, (c, _)) in t.sets.iter().enumerate() {
-                    if i > 0 {
-                        b.push(", ");
-                    }
-                    b.bind(Value::Text(c.name.clone()))
-                        .push(&format!("::text, infill_{prefix}{i}"));
-                }
-                b.push(")").push(&order);
-                if !last {
-                    b.push(", ");
-                }
-            }
-            b.push(" FROM infill_upd HAVING count(*) > 0)");
+            push_images(&mut b, t, s, false);
         }
         let last_key: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}::text")).collect();
         let desc: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i} DESC")).collect();
@@ -284,13 +237,9 @@ impl Dialect for PostgresDialect {
     }
 }
 
-/// A batch without undo images and without a row limit: one UPDATE over the
-/// key range, its `where` the guard. No before values are needed, so no
-/// candidates are read and locked first. The result has the shape of
-/// `fused_batch`'s: rows read (here: written), rows written, no last key.
-fn plain_batch(d: &PostgresDialect, t: &Target, s: &BatchShape<'_>) -> Query {
-    let mut b = SqlBuilder::new(d);
-    b.push("WITH infill_upd AS (UPDATE ").push(&t.table).push(" SET ");
+/// ` SET col = (expr), ...` of the written columns.
+fn push_sets(d: &PostgresDialect, b: &mut SqlBuilder<'_>, t: &Target) {
+    b.push(" SET ");
     for (i, (col, f)) in t.sets.iter().enumerate() {
         if i > 0 {
             b.push(", ");
@@ -300,8 +249,87 @@ fn plain_batch(d: &PostgresDialect, t: &Target, s: &BatchShape<'_>) -> Query {
             .fragment(f, &t.params)
             .push(")");
     }
+}
+
+/// The RETURNING list of a batch's UPDATE, as text: keys, before values
+/// (from `infill_cand`, when read) and after values.
+fn returning(d: &PostgresDialect, t: &Target, before: bool) -> Vec<String> {
+    let mut ret: Vec<String> = t
+        .key_q
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{}.{k}::text AS infill_k{i}", t.table))
+        .collect();
+    for (i, (c, _)) in t.sets.iter().enumerate() {
+        if before {
+            ret.push(format!("infill_cand.infill_b{i}::text AS infill_b{i}"));
+        }
+        ret.push(format!("{}.{}::text AS infill_a{i}", t.table, d.quote_ident(&c.name)));
+    }
+    ret
+}
+
+/// `, infill_und AS (INSERT INTO infill_undo ...)`: one row of images per
+/// batch, in columns (keys, then each written column's values before and
+/// after; a known-NULL before is one `null` per column). Plain `json`
+/// aggregates with no ORDER BY: one aggregation pass feeds all three in
+/// the same row order, and they cost a fraction of `jsonb` objects per row.
+fn push_images(b: &mut SqlBuilder<'_>, t: &Target, s: &BatchShape<'_>, before_null: bool) {
+    b.push(
+        ", infill_und AS (INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ",
+    );
+    b.bind(Value::Text(s.run_id.into()))
+        .push(", ")
+        .bind(Value::Int(s.batch_no as i64));
+    let keys: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}")).collect();
+    b.push(", 0, json_agg(json_build_array(")
+        .push(&keys.join(", "))
+        .push("))::text, ");
+    if before_null {
+        let nulls: serde_json::Map<String, serde_json::Value> = t
+            .sets
+            .iter()
+            .map(|(c, _)| (c.name.clone(), serde_json::Value::Null))
+            .collect();
+        b.bind(Value::Text(serde_json::Value::Object(nulls).to_string()));
+    } else {
+        push_columns(b, t, "b");
+    }
+    b.push(", ");
+    push_columns(b, t, "a");
+    b.push(" FROM infill_upd HAVING count(*) > 0)");
+}
+
+/// `json_build_object('col', json_agg(infill_<prefix>N), ...)::text`.
+fn push_columns(b: &mut SqlBuilder<'_>, t: &Target, prefix: &str) {
+    b.push("json_build_object(");
+    for (i, (c, _)) in t.sets.iter().enumerate() {
+        if i > 0 {
+            b.push(", ");
+        }
+        b.bind(Value::Text(c.name.clone()))
+            .push(&format!("::text, json_agg(infill_{prefix}{i})"));
+    }
+    b.push(")::text");
+}
+
+/// A batch without a row limit whose before values need no read: no undo
+/// images, or a guard pinning every written column to NULL. One UPDATE over
+/// the key range, its `where` the guard, returning what the images hold.
+/// The result has the shape of `fused_batch`'s: rows read (here: written),
+/// rows written, no last key.
+fn plain_batch(d: &PostgresDialect, t: &Target, s: &BatchShape<'_>) -> Query {
+    let mut b = SqlBuilder::new(d);
+    b.push("WITH infill_upd AS (UPDATE ").push(&t.table);
+    push_sets(d, &mut b, t);
     t.push_range(&mut b, s.lo, Some(s.hi), true);
-    b.push(" RETURNING 1) SELECT count(*), count(*), NULL::text FROM infill_upd");
+    if s.undo {
+        b.push(" RETURNING ").push(&returning(d, t, false).join(", ")).push(")");
+        push_images(&mut b, t, s, true);
+    } else {
+        b.push(" RETURNING 1)");
+    }
+    b.push(" SELECT count(*), count(*), NULL::text FROM infill_upd");
     b.finish()
 }
 
