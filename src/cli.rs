@@ -545,6 +545,7 @@ async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, E
     match outcome {
         Ok(Outcome::DryRun(report)) => output::dry_run(&report, json),
         Ok(Outcome::Ran(summary)) => output::summary(&summary, json),
+        Ok(Outcome::Exported(done)) => exported(&done, json),
         Err(e) => {
             // A run that ended in an error (rows failed, a check failed,
             // cancelled) still has its summary: JSON readers get it.
@@ -618,6 +619,20 @@ async fn undo(
     })
 }
 
+fn exported(done: &infill::export::Exported, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(done).expect("serialisable"));
+    } else {
+        println!(
+            "exported {} rows of job {} to {} ({})",
+            done.rows,
+            done.job,
+            done.path.display(),
+            done.format
+        );
+    }
+}
+
 async fn export(a: ExportArgs) -> Result<ExitCode, Error> {
     let spec = Spec::load(spec_path(a.target.spec_file.as_deref(), a.target.spec.spec.as_deref())?)?;
     let job = spec.pick_job(a.target.job.as_deref())?.name.clone();
@@ -628,17 +643,7 @@ async fn export(a: ExportArgs) -> Result<ExitCode, Error> {
     };
     let r = spec.resolve(&job, &overrides)?;
     let done = infill::export::export(&r, &a.out, a.limit).await?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&done).expect("serialisable"));
-    } else {
-        println!(
-            "exported {} rows of job {} to {} ({})",
-            done.rows,
-            done.job,
-            done.path.display(),
-            done.format
-        );
-    }
+    exported(&done, a.json);
     Ok(ExitCode::Success)
 }
 

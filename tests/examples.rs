@@ -1,7 +1,9 @@
 //! The examples under examples/ run as written: seed 002's runbook (three
 //! jobs in dependency order, each with its validation) with either fix for
-//! orphans, and seed 003's plan, approval, priority canary and checks. Each
-//! gets a fresh PostgreSQL database loaded from the example's setup.sql.
+//! orphans, seed 003's plan, approval, priority canary and checks, and seed
+//! 004's webhook replay of the activities a diff finds missing, and its
+//! fixture export. Each gets a fresh PostgreSQL database loaded from the
+//! example's setup.sql.
 
 mod common;
 
@@ -20,6 +22,9 @@ async fn setup(name: &str, specs: &[&str]) -> Option<TestDb> {
     db.exec(&std::fs::read_to_string(example(name).join("setup.sql")).unwrap())
         .await;
     for spec in specs {
+        if let Some(dir) = Path::new(spec).parent() {
+            std::fs::create_dir_all(db.path().join(dir)).unwrap();
+        }
         std::fs::copy(example(name).join(spec), db.path().join(spec)).unwrap();
     }
     Some(db)
@@ -185,4 +190,117 @@ async fn seed_003_plan_approve_priority_canary_and_pass() {
     let verdict: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(verdict["passed"], true);
     assert_eq!(verdict["checks"].as_array().unwrap().len(), 4);
+}
+
+/// A dispatcher on loopback that records each event's body and headers.
+async fn dispatcher() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(serde_json::Value, String, String)>>>,
+) {
+    use axum::http::HeaderMap;
+    type Got = std::sync::Arc<std::sync::Mutex<Vec<(serde_json::Value, String, String)>>>;
+    let got: Got = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/webhook",
+            axum::routing::post(
+                |axum::extract::State(got): axum::extract::State<Got>, headers: HeaderMap, body: String| async move {
+                    let h = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    got.lock().unwrap().push((
+                        serde_json::from_str(&body).unwrap(),
+                        h("authorization"),
+                        h("idempotency-key"),
+                    ));
+                    "ok"
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_004_replays_the_missing_activities_and_exports_fixtures() {
+    let Some(db) = setup("seed-004-replay", &["infill.toml", "templates/strava_event.json.j2"]).await else {
+        return;
+    };
+    let (url, got) = dispatcher().await;
+    let range = [
+        "--param",
+        "start_date=2024-03-01",
+        "--param",
+        "end_date=2024-03-31",
+        "--param",
+        "activity_type=Run",
+    ];
+    let missing = db
+        .int(
+            "SELECT COUNT(*) FROM old_activities o WHERE start_date >= '2024-03-01' AND start_date < '2024-04-01' \
+             AND type = 'Run' AND NOT EXISTS (SELECT 1 FROM new_activities n WHERE n.id = o.id)",
+        )
+        .await;
+    assert!(missing > 10, "the fixture has Runs missing in March");
+    let mut args = vec!["run", "--job", "replay", "--rate", "200/s", "--json"];
+    args.extend(range);
+    let out = db
+        .infill()
+        .env("DATABASE_URL", &db.url)
+        .env("DISPATCHER_URL", &url)
+        .env("DISPATCHER_TOKEN", "dispatch-secret-4242")
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len() as i64, missing, "exactly the missing Runs of March");
+    let (event, auth, key) = &got[0];
+    assert_eq!(event["object_type"], "activity");
+    assert_eq!(event["aspect_type"], "create");
+    assert_eq!(event["subscription_id"], 12345);
+    let id = event["object_id"].as_i64().unwrap();
+    let row = db
+        .texts(&format!(
+            "SELECT athlete_id::text, extract(epoch FROM start_date)::bigint::text, type FROM old_activities WHERE id = {id}"
+        ))
+        .await;
+    assert_eq!(event["owner_id"].to_string(), row[0][0].clone().unwrap());
+    assert_eq!(event["event_time"].to_string(), row[0][1].clone().unwrap());
+    assert_eq!(row[0][2].as_deref(), Some("Run"));
+    assert_eq!(auth, "Bearer dispatch-secret-4242");
+    assert!(key.starts_with("infill-"));
+    let audit = std::fs::read_dir(db.path().join("infill_logs"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect::<String>();
+    assert!(
+        !audit.contains("dispatch-secret-4242"),
+        "the token stays out of the audit log"
+    );
+
+    // The same events as fixtures, at most 5, without sending anything.
+    let mut args = vec!["run", "--job", "fixtures", "--limit", "5"];
+    args.extend(range);
+    let (code, _, out) = infill(&db, "ops", &args);
+    assert_eq!(code, Some(0), "{out}");
+    let fixtures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(db.path().join("fixtures/activities_sample.json")).unwrap())
+            .unwrap();
+    let fixtures = fixtures.as_array().unwrap();
+    assert_eq!(fixtures.len(), 5);
+    assert_eq!(
+        fixtures[0],
+        got.iter()
+            .map(|g| g.0.clone())
+            .min_by_key(|e| e["object_id"].as_i64())
+            .unwrap()
+    );
 }

@@ -130,3 +130,63 @@ async fn a_failed_export_leaves_the_old_file() {
         .count();
     assert_eq!(leftovers, 0, "no temporary file left behind");
 }
+
+/// `action.export` as a job's action: `infill run` writes the file (rows
+/// through the template), `plan` shows the first items and writes nothing,
+/// and a second run replaces the file whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_job_writes_its_file_on_run() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    sessions(&db).await;
+    std::fs::create_dir_all(db.path().join("fixtures")).unwrap();
+    let spec = db.spec(
+        r#"
+[jobs.fixtures]
+source.table = "sessions"
+source.key = "id"
+source.where = "kind = :kind"
+params.kind = { type = "text", default = "walk" }
+action.export.path = "fixtures/sessions.json"
+action.export.template = '{"session": {{ row.id }}, "who": {{ row.user_name }}}'
+"#,
+    );
+    let spec = spec.to_str().unwrap();
+    let file = db.path().join("fixtures/sessions.json");
+
+    let out = db.run(&["plan", spec]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(r#"{"session": 1, "who": "user 1"}"#),
+        "{}",
+        text(&out)
+    );
+    assert!(!file.exists(), "plan writes nothing");
+
+    let out = db.run(&["run", spec, "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["rows"].as_u64(), summary["format"].as_str()),
+        (Some(25), Some("json"))
+    );
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(got.as_array().unwrap().len(), 25);
+    assert_eq!(got[1], serde_json::json!({"session": 3, "who": "user 3"}));
+
+    db.exec("DELETE FROM sessions WHERE id > 10").await;
+    let out = db.run(&["run", spec, "--param", "kind=run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("exported 5 rows of job fixtures"), "{}", text(&out));
+    let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(
+        got.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["session"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 4, 6, 8, 10],
+        "replaced whole"
+    );
+}

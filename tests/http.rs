@@ -1,7 +1,8 @@
 //! `action.http` (seed 004's webhook replay) against a real HTTP server on
 //! loopback (axum) that records what it receives: each record delivered
 //! with its rendered body, headers and a stable Idempotency-Key; 503s with
-//! Retry-After retried until delivered; a 400 dead-lettered; a kill -9
+//! Retry-After retried until delivered; a 400 dead-lettered, then sent
+//! again by `--retry-failed` once the receiver is fixed; a kill -9
 //! mid-replay resumes re-sending at most `concurrency` records; a template
 //! naming an unknown field fails at plan naming its line; secrets stay out
 //! of the audit log and the plan.
@@ -254,6 +255,27 @@ async fn a_400_goes_to_the_dead_letter() {
             .contains("invalid session payload"),
         "{failures}"
     );
+
+    // The receiver is fixed: --retry-failed sends those four again, and
+    // nothing else, with the keys they had.
+    rx.fixed.store(true, Ordering::SeqCst);
+    let failed_keys: Vec<String> = got.iter().filter(|r| r.status == 400).map(|r| r.key.clone()).collect();
+    let before = got.len();
+    let out = db.run(&[
+        "run",
+        &spec,
+        "--retry-failed",
+        summary["run_id"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(json(&out)["rows_changed"], 4, "{}", text(&out));
+    let got = rx.got.lock().unwrap().clone();
+    let resent: Vec<&Received> = got[before..].iter().collect();
+    let mut ids: Vec<i64> = resent.iter().map(|r| r.body["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, [50, 100, 150, 200]);
+    assert!(resent.iter().all(|r| r.status == 200 && failed_keys.contains(&r.key)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,19 +56,17 @@ async fn write_rows(
     lines: bool,
     limit: Option<u64>,
 ) -> Result<u64> {
-    // The http bodies when the job sends some, else the rows as they are.
-    let renderer = match &r.job.http {
-        Some(h) => Some(crate::http::Renderer::new(h, &r.job.name)?),
-        None => None,
-    };
+    // Rows through the job's template (an http body, an exec stdin, an
+    // export template), else as they are.
+    let renderer = crate::http::Renderer::of_job(&r.job)?;
     let wanted = match (&renderer, &r.job.source) {
         (
-            Some(_),
+            Some(t),
             crate::spec::Source::File {
                 format: crate::spec::FileFormat::Jsonl,
                 ..
             },
-        ) => renderer.as_ref().and_then(|t| t.wanted()),
+        ) => t.wanted(),
         _ => None,
     };
     let mut reader = sources.reader(r, target, wanted.as_deref()).await?;
@@ -80,12 +78,14 @@ async fn write_rows(
         let path = path.to_path_buf();
         move |e: std::io::Error| Error::Io { path, source: e }
     };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
     let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     let mut w = std::io::BufWriter::new(file);
     let nk = r.job.key.len();
     let names: Vec<String> = reader.fields[nk..].iter().map(|c| c.name.clone()).collect();
     let types: Vec<String> = reader.fields[nk..].iter().map(|c| c.sql_type.clone()).collect();
-    let params = r.params_json();
     let mut cursor = None;
     let mut n = 0u64;
     let written: Result<()> = async {
@@ -98,14 +98,12 @@ async fn write_rows(
                 if limit.is_some_and(|l| n >= l) {
                     break 'pages;
                 }
-                let json = crate::http::row_json(&names, &types, &row[nk..]);
                 let item = match &renderer {
                     Some(t) => {
-                        let key = crate::http::idempotency_key(&r.job.name, &crate::value::key_to_json(&row[..nk]));
-                        let body = t.render(&r.job.name, &json, &params, &key)?;
+                        let body = crate::http::render_row(t, r, &reader.fields, row, true)?.body;
                         serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body))
                     }
-                    None => json,
+                    None => crate::http::row_json(&names, &types, &row[nk..]),
                 };
                 let text = serde_json::to_string(&item).expect("serialisable");
                 let sep: &[u8] = match (lines, n) {

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::spec::{HttpSpec, Location};
+use crate::spec::{HttpSpec, Location, TemplateText};
 use crate::value::Value;
 
 /// The body when a spec gives none: the row as a JSON object.
@@ -37,6 +37,7 @@ pub struct Renderer {
     env: minijinja::Environment<'static>,
     name: String,
     location: Location,
+    field: String,
 }
 
 /// A request as it would be sent.
@@ -50,24 +51,42 @@ pub struct Rendered {
 }
 
 impl Renderer {
-    /// Compiles the body template; a syntax error names the template line.
-    pub fn new(spec: &HttpSpec, job: &str) -> Result<Renderer> {
+    /// Compiles a template (`None`: the row as JSON); a syntax error names
+    /// the template line and `field`, the spec field it came from.
+    pub fn new(template: Option<&TemplateText>, location: &Location, field: String) -> Result<Renderer> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::Json);
-        let (name, text) = match &spec.body {
+        let (name, text) = match template {
             Some(b) => (b.name.clone(), b.text.clone()),
             None => ("body".to_string(), DEFAULT_BODY.to_string()),
         };
         env.add_template_owned(name.clone(), text).map_err(|e| Error::Spec {
-            location: spec.location.clone(),
-            field: format!("jobs.{job}.action.http.body"),
+            location: location.clone(),
+            field: field.clone(),
             message: template_message(&name, &e),
         })?;
         Ok(Renderer {
             env,
             name,
-            location: spec.location.clone(),
+            location: location.clone(),
+            field,
+        })
+    }
+
+    /// The renderer of a job's template: the http body, the exec stdin or
+    /// the export template (None for other actions).
+    pub fn of_job(job: &crate::spec::Job) -> Result<Option<Renderer>> {
+        let field = |f: &str| format!("jobs.{}.action.{f}", job.name);
+        Ok(match (&job.http, &job.exec, &job.export) {
+            (Some(h), _, _) => Some(Renderer::new(h.body.as_ref(), &h.location, field("http.body"))?),
+            (_, Some(e), _) => Some(Renderer::new(e.stdin.as_ref(), &e.location, field("exec.stdin"))?),
+            (_, _, Some(x)) => Some(Renderer::new(
+                x.template.as_ref(),
+                &x.location,
+                field("export.template"),
+            )?),
+            _ => None,
         })
     }
 
@@ -94,12 +113,12 @@ impl Renderer {
     }
 
     /// Renders the body for one row.
-    pub fn render(&self, job: &str, row: &serde_json::Value, params: &serde_json::Value, key: &str) -> Result<String> {
+    pub fn render(&self, row: &serde_json::Value, params: &serde_json::Value, key: &str) -> Result<String> {
         let t = self.env.get_template(&self.name).expect("added");
         t.render(minijinja::context! { row => row, params => params, idempotency_key => key })
             .map_err(|e| Error::Spec {
                 location: self.location.clone(),
-                field: format!("jobs.{job}.action.http.body"),
+                field: self.field.clone(),
                 message: template_message(&self.name, &e),
             })
     }
@@ -125,6 +144,46 @@ pub fn render_request(
     row: &[Value],
     masked: bool,
 ) -> Result<Rendered> {
+    let Row {
+        body,
+        idempotency_key: idem,
+        ..
+    } = render_row(renderer, r, fields, row, masked)?;
+    let mask = |s: &str| if masked { r.redactor.mask(s) } else { s.to_string() };
+    let mut headers: Vec<(String, String)> = vec![("Content-Type".into(), "application/json".into())];
+    for (k, v) in &target.headers {
+        headers.retain(|(h, _)| !h.eq_ignore_ascii_case(k));
+        headers.push((k.clone(), mask(v)));
+    }
+    headers.push((spec.idempotency_header.clone(), idem));
+    Ok(Rendered {
+        method: spec.method.clone(),
+        url: mask(&target.url),
+        headers,
+        body,
+    })
+}
+
+/// A row rendered through a job's template.
+pub struct Row {
+    /// The key as JSON.
+    pub key: serde_json::Value,
+    pub idempotency_key: String,
+    /// The fields as a JSON object, typed.
+    pub row: serde_json::Value,
+    /// What the template made of it.
+    pub body: String,
+}
+
+/// Renders one row: its fields as JSON, and the template over them, the
+/// params and the idempotency key (secret params masked when `masked`).
+pub fn render_row(
+    renderer: &Renderer,
+    r: &crate::spec::ResolvedJob,
+    fields: &[crate::dialect::Column],
+    row: &[Value],
+    masked: bool,
+) -> Result<Row> {
     let nk = r.job.key.len();
     let key = crate::value::key_to_json(&row[..nk]);
     let idem = idempotency_key(&r.job.name, &key);
@@ -137,18 +196,11 @@ pub fn render_request(
     } else {
         serde_json::Value::Object(r.params.iter().map(|(k, v)| (k.clone(), v.to_json())).collect())
     };
-    let body = renderer.render(&r.job.name, &json, &params, &idem)?;
-    let mask = |s: &str| if masked { r.redactor.mask(s) } else { s.to_string() };
-    let mut headers: Vec<(String, String)> = vec![("Content-Type".into(), "application/json".into())];
-    for (k, v) in &target.headers {
-        headers.retain(|(h, _)| !h.eq_ignore_ascii_case(k));
-        headers.push((k.clone(), mask(v)));
-    }
-    headers.push((spec.idempotency_header.clone(), idem));
-    Ok(Rendered {
-        method: spec.method.clone(),
-        url: mask(&target.url),
-        headers,
+    let body = renderer.render(&json, &params, &idem)?;
+    Ok(Row {
+        key,
+        idempotency_key: idem,
+        row: json,
         body,
     })
 }
@@ -206,14 +258,11 @@ fn typed(v: &Value, t: &str) -> serde_json::Value {
 /// What became of one record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// A 2xx.
-    Delivered { status: u16, attempts: u32 },
-    /// A final failure: the status (none: no response) and what was said.
-    Failed {
-        status: Option<u16>,
-        excerpt: String,
-        attempts: u32,
-    },
+    /// A 2xx, or a command that exited 0.
+    Delivered,
+    /// A final failure: a code (the HTTP status, `exit 3`, `timeout`) and
+    /// what went wrong, with an excerpt of what the other side said.
+    Failed { code: Option<String>, message: String },
 }
 
 /// True for the statuses worth another attempt.
@@ -272,10 +321,7 @@ where
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 if resp.status().is_success() {
-                    return Delivery::Delivered {
-                        status,
-                        attempts: attempt,
-                    };
+                    return Delivery::Delivered;
                 }
                 let ra = resp
                     .headers()
@@ -288,29 +334,31 @@ where
             Err(e) => {
                 let retry = e.is_timeout() || e.is_connect() || e.is_request() || e.is_body();
                 if !retry {
-                    return Delivery::Failed {
-                        status: None,
-                        excerpt: excerpt_of(&e.to_string()),
-                        attempts: attempt,
-                    };
+                    return failed(None, attempt, &excerpt_of(&e.to_string()));
                 }
                 (None, None, excerpt_of(&error_chain(&e)))
             }
         };
         let again = status.is_none_or(retryable);
         if !again || attempt >= max_attempts {
-            return Delivery::Failed {
-                status,
-                excerpt,
-                attempts: attempt,
-            };
+            return failed(status, attempt, &excerpt);
         }
         let jitter = (jitter_seed(&req.body, attempt) % 1000) as f64 / 1000.0;
         sleep(retry_delay(attempt, retry_after.as_deref(), Utc::now(), base, jitter)).await;
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+fn failed(status: Option<u16>, attempts: u32, excerpt: &str) -> Delivery {
+    Delivery::Failed {
+        code: status.map(|s| s.to_string()),
+        message: format!(
+            "{} after {attempts} attempt(s): {excerpt}",
+            status.map_or("no response".to_string(), |s| format!("HTTP {s}"))
+        ),
+    }
+}
+
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
@@ -321,7 +369,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn excerpt_of(s: &str) -> String {
+pub(crate) fn excerpt_of(s: &str) -> String {
     let mut end = s.len().min(EXCERPT);
     while !s.is_char_boundary(end) {
         end -= 1;

@@ -10,6 +10,7 @@ pub mod approval;
 pub mod audit;
 pub mod dialect;
 pub mod error;
+pub mod exec;
 pub mod export;
 pub mod host;
 pub mod http;

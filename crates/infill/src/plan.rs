@@ -244,13 +244,57 @@ async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Id
         })
         .collect();
     // Requests are rendered, never sent: a template error shows here.
-    let requests = match (&job.http, &r.http) {
-        (Some(spec), Some(target)) => {
-            let renderer = crate::http::Renderer::new(spec, &job.name)?;
+    let requests = match (&job.http, &r.http, &job.exec, &job.export) {
+        (Some(spec), Some(target), _, _) => {
+            let renderer = crate::http::Renderer::new(
+                spec.body.as_ref(),
+                &spec.location,
+                format!("jobs.{}.action.http.body", job.name),
+            )?;
             first
                 .rows
                 .iter()
                 .map(|row| crate::http::render_request(&renderer, r, spec, target, &fields, row, true))
+                .collect::<Result<Vec<_>>>()?
+        }
+        // A command's stdin, or an exported item: shown like a request.
+        (_, _, Some(spec), _) => {
+            let renderer = crate::http::Renderer::of_job(job)?.expect("an exec job has a template");
+            let line = std::iter::once(spec.program.display().to_string())
+                .chain(spec.args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" ");
+            first
+                .rows
+                .iter()
+                .map(|row| {
+                    let cmd = crate::exec::prepare(spec, &renderer, r, "(plan)", &fields, row, true)?;
+                    Ok(crate::http::Rendered {
+                        method: "EXEC".into(),
+                        url: line.clone(),
+                        headers: cmd
+                            .env
+                            .into_iter()
+                            .filter(|(k, _)| k.starts_with("ROW_") || k == "INFILL_IDEMPOTENCY_KEY")
+                            .collect(),
+                        body: cmd.stdin,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        (_, _, _, Some(spec)) => {
+            let renderer = crate::http::Renderer::of_job(job)?.expect("an export job has a template");
+            first
+                .rows
+                .iter()
+                .map(|row| {
+                    Ok(crate::http::Rendered {
+                        method: "EXPORT".into(),
+                        url: spec.path.display().to_string(),
+                        headers: Vec::new(),
+                        body: crate::http::render_row(&renderer, r, &fields, row, true)?.body,
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?
         }
         _ => Vec::new(),
@@ -303,6 +347,28 @@ fn planned_writes(r: &ResolvedJob, candidates: u64, batches: u64) -> Vec<TableWr
             table: "(action.http)".into(),
             rows: candidates,
             what: format!("requests to {}", r.redactor.mask(&h.url)),
+        },
+        _ if job.exec.is_some() => TableWrites {
+            table: "(action.exec)".into(),
+            rows: candidates,
+            what: format!(
+                "runs of {}",
+                job.exec
+                    .as_ref()
+                    .map(|e| e.program.display().to_string())
+                    .unwrap_or_default()
+            ),
+        },
+        _ if job.export.is_some() => TableWrites {
+            table: "(action.export)".into(),
+            rows: candidates,
+            what: format!(
+                "rows written to {}",
+                job.export
+                    .as_ref()
+                    .map(|e| e.path.display().to_string())
+                    .unwrap_or_default()
+            ),
         },
         _ if job.reads_pages() => TableWrites {
             table: job.table.join("."),

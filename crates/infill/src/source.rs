@@ -148,17 +148,20 @@ impl SourceDbs {
 /// The fields of a row the job's action uses: the `:name`s of its SQL, or
 /// the `row.name`s of its template (None: the whole row).
 pub fn wanted_fields(r: &ResolvedJob, target: &crate::target::Target) -> Result<Option<Vec<String>>> {
-    match &r.job.http {
-        // Every column, so that a name the row lacks fails in the template,
-        // naming its line (a JSONL file has no header: the names it uses).
-        Some(h) => match &r.job.source {
+    if !r.job.outside() {
+        return Ok(Some(target.row_cols.iter().map(|c| c.name.clone()).collect()));
+    }
+    // Every column, so that a name the row lacks fails in the template,
+    // naming its line (a JSONL file has no header: the names it uses).
+    match (&r.job.source, crate::http::Renderer::of_job(&r.job)?) {
+        (
             Source::File {
                 format: FileFormat::Jsonl,
                 ..
-            } => Ok(crate::http::Renderer::new(h, &r.job.name)?.wanted()),
-            _ => Ok(None),
-        },
-        None => Ok(Some(target.row_cols.iter().map(|c| c.name.clone()).collect())),
+            },
+            Some(t),
+        ) => Ok(t.wanted()),
+        _ => Ok(None),
     }
 }
 

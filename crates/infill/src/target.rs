@@ -338,7 +338,7 @@ impl Target {
         let job = &r.job;
         let d = db.dialect;
         let table_field = format!("jobs.{}.action.table", job.name);
-        let columns = if job.table.is_empty() || job.http.is_some() {
+        let columns = if job.table.is_empty() || job.outside() {
             Vec::new()
         } else {
             let columns = read_columns(db, conn, &job.table).await?;

@@ -1,7 +1,7 @@
-//! The run loop of `action.http`: records are sent in source order with at
-//! most `concurrency` requests in flight and at the job's `rate`, and the
-//! checkpoint is the cursor below which every record is settled (a 2xx,
-//! or dead-lettered in `infill_failures`).
+//! The run loop of `action.http` and `action.exec`: records are sent (or
+//! run) in source order with at most `concurrency` in flight and at the
+//! job's `rate`, and the checkpoint is the cursor below which every record
+//! is settled (a 2xx or a zero exit, or dead-lettered in `infill_failures`).
 //!
 //! A record is sent only while it lies within `concurrency` records of
 //! the *committed* checkpoint. So after a kill -9, the records sent again
@@ -25,6 +25,7 @@ use crate::lock::JobLock;
 use crate::source::Reader;
 use crate::state::{self, RunRecord};
 use crate::value::{Key, Value, key_to_json};
+use futures_util::future::BoxFuture;
 
 /// The first retry's wait when the receiver names none.
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -35,6 +36,68 @@ struct Slot {
     /// The source's cursor just after this record.
     cursor: Key,
     outcome: Option<Delivery>,
+}
+
+/// What is done with each record.
+enum Action<'a> {
+    Http {
+        renderer: Renderer,
+        client: reqwest::Client,
+        spec: &'a crate::spec::HttpSpec,
+        target: &'a crate::spec::HttpTarget,
+    },
+    Exec {
+        renderer: Renderer,
+        spec: &'a crate::spec::ExecSpec,
+    },
+}
+
+impl<'a> Action<'a> {
+    fn of(r: &'a crate::spec::ResolvedJob) -> Result<Action<'a>> {
+        let renderer = Renderer::of_job(&r.job)?;
+        match (&r.job.http, &r.http, &r.job.exec, renderer) {
+            (Some(spec), Some(target), _, Some(renderer)) => {
+                let client = reqwest::Client::builder()
+                    .timeout(spec.timeout)
+                    .build()
+                    .map_err(|e| Error::CannotProceed(format!("cannot set up the HTTP client: {e}")))?;
+                Ok(Action::Http {
+                    renderer,
+                    client,
+                    spec,
+                    target,
+                })
+            }
+            (_, _, Some(spec), Some(renderer)) => Ok(Action::Exec { renderer, spec }),
+            _ => Err(Error::Usage("not an http or exec job".into())),
+        }
+    }
+
+    /// The record's request or command, started when polled.
+    fn start(
+        &self,
+        r: &crate::spec::ResolvedJob,
+        run_id: &str,
+        fields: &[crate::dialect::Column],
+        row: &[Value],
+    ) -> Result<BoxFuture<'static, Delivery>> {
+        Ok(match self {
+            Action::Http {
+                renderer,
+                client,
+                spec,
+                target,
+            } => {
+                let request = crate::http::render_request(renderer, r, spec, target, fields, row, false)?;
+                let (client, attempts) = (client.clone(), spec.max_attempts);
+                async move { crate::http::send(&client, &request, attempts, BACKOFF_BASE, tokio::time::sleep).await }
+                    .boxed()
+            }
+            Action::Exec { renderer, spec } => {
+                crate::exec::run(crate::exec::prepare(spec, renderer, r, run_id, fields, row, false)?).boxed()
+            }
+        })
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -49,16 +112,13 @@ pub(super) async fn deliver(
     audit: &mut crate::audit::AuditLog,
     looped: &mut Looped,
     reader: &mut Reader,
+    only: Option<&[Key]>,
 ) -> Result<End> {
     let r = &req.job;
-    let (Some(spec), Some(target)) = (&r.job.http, &r.http) else {
-        return Err(Error::Usage("not an http job".into()));
-    };
-    let renderer = Renderer::new(spec, &r.job.name)?;
-    let client = reqwest::Client::builder()
-        .timeout(spec.timeout)
-        .build()
-        .map_err(|e| Error::CannotProceed(format!("cannot set up the HTTP client: {e}")))?;
+    let action = Action::of(r)?;
+    // `--retry-failed`: only these records (keys as JSON) are sent again.
+    let only: Option<std::collections::HashSet<String>> =
+        only.map(|keys| keys.iter().map(|k| key_to_json(k).to_string()).collect());
     let mut between = super::Between::new(db, req, run, obs, stop)?;
     let limiter = |s: &crate::spec::Settings| {
         s.rate.map(|rate| {
@@ -110,11 +170,17 @@ pub(super) async fn deliver(
                 buffer.extend(page.rows.into_iter().zip(page.cursors));
             }
             let Some((row, cursor)) = buffer.pop_front() else { break };
+            let nk = r.job.key.len();
+            if only
+                .as_ref()
+                .is_some_and(|o| !o.contains(&key_to_json(&row[..nk]).to_string()))
+            {
+                continue;
+            }
             if let Some(l) = &limit {
                 l.until_ready().await;
             }
-            let request = crate::http::render_request(&renderer, r, spec, target, &reader.fields, &row, false)?;
-            let nk = r.job.key.len();
+            let started = action.start(r, &run.id, &reader.fields, &row)?;
             window.push_back(Slot {
                 key: row[..nk].to_vec(),
                 cursor,
@@ -123,12 +189,7 @@ pub(super) async fn deliver(
             let seq = next_seq;
             next_seq += 1;
             sent_this_session += 1;
-            let client = client.clone();
-            let attempts = spec.max_attempts;
-            inflight.push(async move {
-                let d = crate::http::send(&client, &request, attempts, BACKOFF_BASE, tokio::time::sleep).await;
-                (seq, d)
-            });
+            inflight.push(started.map(move |d| (seq, d)));
         }
         if inflight.is_empty() {
             // Nothing in flight: the window is settled (or empty).
@@ -227,7 +288,7 @@ async fn settle(
     let settled: Vec<(Key, Option<u64>)> = slots
         .iter()
         .map(|slot| match slot.outcome {
-            Some(Delivery::Delivered { .. }) => (slot.cursor.clone(), Some(1)),
+            Some(Delivery::Delivered) => (slot.cursor.clone(), Some(1)),
             Some(Delivery::Failed { .. }) => (slot.cursor.clone(), None),
             None => unreachable!("only settled records are committed"),
         })
@@ -236,23 +297,15 @@ async fn settle(
         super::split_batches(looped.batches + 1, committed.as_ref(), &settled, &upto, batch_size);
     let mut lines = Vec::new();
     for (slot, no) in slots.drain(..).zip(batch_of) {
-        let Some(Delivery::Failed {
-            status,
-            excerpt,
-            attempts,
-        }) = slot.outcome
-        else {
+        let Some(Delivery::Failed { code, message }) = slot.outcome else {
             continue;
         };
-        let message = r.redactor.mask(&format!(
-            "{} after {attempts} attempt(s): {excerpt}",
-            status.map_or("no response".to_string(), |s| format!("HTTP {s}"))
-        ));
+        let message = r.redactor.mask(&message);
         let failure = state::Failure {
             run_id: run.id.clone(),
             batch_no: no,
             key: key_to_json(&slot.key),
-            error_code: status.map(|s| s.to_string()),
+            error_code: code,
             message: message.clone(),
             failed_at: state::now(),
         };

@@ -145,6 +145,8 @@ pub struct RunSummary {
 #[derive(Debug)]
 pub enum Outcome {
     Ran(RunSummary),
+    /// `action.export`: the file written.
+    Exported(crate::export::Exported),
     DryRun(Box<crate::plan::JobPlan>),
 }
 
@@ -216,6 +218,12 @@ fn connect_options(r: &ResolvedJob) -> ConnectOptions {
 /// Runs (or dry-runs) one job to its end, an interruption, or an error.
 pub async fn run(req: RunRequest, obs: &dyn Observer, stop: &Stop) -> Result<Outcome> {
     let r = &req.job;
+    if let (Some(x), false) = (&r.job.export, req.dry_run) {
+        // A whole file each time, renamed into place: nothing to resume.
+        return crate::export::export(r, &x.path, req.limit)
+            .await
+            .map(Outcome::Exported);
+    }
     let db = Db::connect(&r.target, &connect_options(r)).await?;
     let result = run_on(&db, &req, obs, stop).await;
     db.close().await;
@@ -510,7 +518,7 @@ async fn with_lock(
         session_changed: 0,
     };
     let result = match reader {
-        Some(reader) if retry.is_none() && r.job.http.is_some() => {
+        Some(reader) if r.job.http.is_some() || r.job.exec.is_some() => {
             deliver::deliver(
                 db,
                 req,
@@ -522,6 +530,7 @@ async fn with_lock(
                 &mut audit,
                 &mut looped,
                 reader,
+                retry.as_ref().map(|(_, keys)| keys.as_slice()),
             )
             .await
         }
@@ -542,7 +551,7 @@ async fn with_lock(
             .await
         }
         Some(_) => Err(Error::Usage(
-            "--retry-failed applies to jobs with source.table; with another source, fix the rows and run the job again"
+            "--retry-failed applies to jobs with source.table, action.http or action.exec; with another source, fix the rows and run the job again"
                 .into(),
         )),
         None => {

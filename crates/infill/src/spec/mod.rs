@@ -258,6 +258,30 @@ pub struct TemplateText {
     pub text: String,
 }
 
+/// `action.exec`: a command per row.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// The program: a path (relative ones resolved against the spec's
+    /// folder) or a name found on PATH.
+    pub program: std::path::PathBuf,
+    pub args: Vec<String>,
+    pub stdin: Option<TemplateText>,
+    pub timeout: std::time::Duration,
+    /// Variables passed on from infill's environment, besides PATH.
+    pub pass_env: Vec<String>,
+    /// The working directory: the spec's folder.
+    pub dir: std::path::PathBuf,
+    pub location: Location,
+}
+
+/// `action.export`: the rows to a file.
+#[derive(Debug, Clone)]
+pub struct ExportSpec {
+    pub path: std::path::PathBuf,
+    pub template: Option<TemplateText>,
+    pub location: Location,
+}
+
 /// `action.http`, before `${VAR}` expansion.
 #[derive(Debug, Clone)]
 pub struct HttpSpec {
@@ -312,6 +336,10 @@ pub struct Job {
     pub insert: Option<Insert>,
     /// `action.http`: an event per row.
     pub http: Option<HttpSpec>,
+    /// `action.exec`: a command per row.
+    pub exec: Option<ExecSpec>,
+    /// `action.export`: the rows to a file.
+    pub export: Option<ExportSpec>,
     pub params: Vec<ParamDecl>,
     pub undo: bool,
     pub depends_on: Vec<String>,
@@ -336,7 +364,13 @@ impl Job {
     /// one (a query, diff or file source, or an http action), not written
     /// set-based.
     pub fn reads_pages(&self) -> bool {
-        self.source.is_stream() || self.http.is_some()
+        self.source.is_stream() || self.outside()
+    }
+
+    /// True when the action writes no database (http, exec, export): its
+    /// state is kept in the state database, and its effects have no undo.
+    pub fn outside(&self) -> bool {
+        self.http.is_some() || self.exec.is_some() || self.export.is_some()
     }
 
     /// Every SQL fragment of the job, for validation against the target.
@@ -609,31 +643,7 @@ impl Spec {
             Some(n) => return Err(self.err(n.span(), field("max_attempts"), "must be between 1 and 100")),
             None => 5,
         };
-        let body = match &raw.body {
-            None => None,
-            Some(b) => {
-                let text = b.get_ref();
-                if text.contains("{{") || text.contains("{%") || text.trim_start().starts_with(['{', '[']) {
-                    Some(TemplateText {
-                        name: "body".into(),
-                        text: text.clone(),
-                    })
-                } else {
-                    let path = self.dir.join(text);
-                    let content = std::fs::read_to_string(&path).map_err(|e| {
-                        self.err(
-                            b.span(),
-                            field("body"),
-                            format!("cannot read the template {}: {e}", path.display()),
-                        )
-                    })?;
-                    Some(TemplateText {
-                        name: text.clone(),
-                        text: content,
-                    })
-                }
-            }
-        };
+        let body = raw.body.as_ref().map(|b| self.template(b, field("body"))).transpose()?;
         let spec = HttpSpec {
             url: raw.url.get_ref().clone(),
             method,
@@ -649,7 +659,118 @@ impl Spec {
         };
         // Syntax errors now; undefined names when rows are rendered (plan,
         // dry run).
-        crate::http::Renderer::new(&spec, job)?;
+        crate::http::Renderer::new(spec.body.as_ref(), &spec.location, field("body"))?;
+        Ok(spec)
+    }
+
+    /// A template written inline (it holds `{{`, `{%`, or starts as JSON)
+    /// or the path of a template file, relative to the spec.
+    fn template(&self, s: &Spanned<String>, field: String) -> Result<TemplateText> {
+        let text = s.get_ref();
+        if text.contains("{{") || text.contains("{%") || text.trim_start().starts_with(['{', '[']) {
+            return Ok(TemplateText {
+                name: field.rsplit('.').next().unwrap_or("template").to_string(),
+                text: text.clone(),
+            });
+        }
+        let path = self.dir.join(text);
+        let content = std::fs::read_to_string(&path).map_err(|e| {
+            self.err(
+                s.span(),
+                field,
+                format!("cannot read the template {}: {e}", path.display()),
+            )
+        })?;
+        Ok(TemplateText {
+            name: text.clone(),
+            text: content,
+        })
+    }
+
+    fn validate_exec(&self, job: &str, e: &Spanned<raw::RawExec>) -> Result<ExecSpec> {
+        let raw = e.get_ref();
+        let field = |f: &str| format!("jobs.{job}.action.exec.{f}");
+        let (program, args) = match raw.command.get_ref().split_first() {
+            Some((p, a)) if !p.trim().is_empty() => (p.clone(), a.to_vec()),
+            _ => {
+                return Err(self.err(
+                    raw.command.span(),
+                    field("command"),
+                    "name the program and its arguments: command = [\"./notify.sh\", \"--flag\"]",
+                ));
+            }
+        };
+        let program = if program.contains('/') {
+            let path = self.dir.join(&program);
+            if !path.is_file() {
+                return Err(self.err(
+                    raw.command.span(),
+                    field("command"),
+                    format!("no program at {}", path.display()),
+                ));
+            }
+            path
+        } else {
+            let found = std::env::var_os("PATH").map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join(&program))
+                    .find(|c| c.is_file())
+            });
+            match found.flatten() {
+                Some(path) => path,
+                None => {
+                    return Err(self.err(
+                        raw.command.span(),
+                        field("command"),
+                        format!("`{program}` is not on PATH; give its path (relative to the spec) instead"),
+                    ));
+                }
+            }
+        };
+        let timeout = match &raw.timeout {
+            Some(t) => parse_duration(t.get_ref()).map_err(|m| self.err(t.span(), field("timeout"), m))?,
+            None => std::time::Duration::from_secs(60),
+        };
+        let stdin = raw
+            .stdin
+            .as_ref()
+            .map(|s| self.template(s, field("stdin")))
+            .transpose()?;
+        let spec = ExecSpec {
+            program,
+            args,
+            stdin,
+            timeout,
+            pass_env: raw.env.clone(),
+            dir: self.dir.clone(),
+            location: self.location(e.span()),
+        };
+        crate::http::Renderer::new(spec.stdin.as_ref(), &spec.location, field("stdin"))?;
+        Ok(spec)
+    }
+
+    fn validate_export(&self, job: &str, e: &Spanned<raw::RawExport>) -> Result<ExportSpec> {
+        let raw = e.get_ref();
+        let field = |f: &str| format!("jobs.{job}.action.export.{f}");
+        let path = raw.path.get_ref();
+        if !(path.ends_with(".json") || path.ends_with(".jsonl") || path.ends_with(".ndjson")) {
+            return Err(self.err(
+                raw.path.span(),
+                field("path"),
+                "name a .json file (one array) or a .jsonl file (an object per line)",
+            ));
+        }
+        let template = raw
+            .template
+            .as_ref()
+            .map(|t| self.template(t, field("template")))
+            .transpose()?;
+        let spec = ExportSpec {
+            path: self.dir.join(path),
+            template,
+            location: self.location(e.span()),
+        };
+        crate::http::Renderer::new(spec.template.as_ref(), &spec.location, field("template"))?;
         Ok(spec)
     }
 
@@ -834,34 +955,25 @@ impl Spec {
             )
         })?;
         let act = action.get_ref();
-        for (kind, span) in [
-            ("exec", act.exec.as_ref().map(|v| v.span())),
-            ("export", act.export.as_ref().map(|v| v.span())),
-        ] {
-            if let Some(span) = span {
-                return Err(self.err(
-                    span,
-                    jf(&format!("action.{kind}")),
-                    format!(
-                        "action.{kind} is not supported by this version of infill yet; use action.update, action.insert, action.call or action.http"
-                    ),
-                ));
-            }
-        }
         let actions = [
             act.update.as_ref().is_some_and(|u| !u.is_empty()),
             act.call.is_some(),
             act.insert.is_some(),
             act.http.is_some(),
+            act.exec.is_some(),
+            act.export.is_some(),
         ];
         if actions.iter().filter(|a| **a).count() > 1 {
             return Err(self.err(
                 action.span(),
                 jf("action"),
-                "a job has one action: action.update, action.insert, action.call or action.http",
+                "a job has one action: action.update, action.insert, action.call, action.http, action.exec or action.export",
             ));
         }
         let http = act.http.as_ref().map(|h| self.validate_http(name, h)).transpose()?;
+        let exec = act.exec.as_ref().map(|e| self.validate_exec(name, e)).transpose()?;
+        let export = act.export.as_ref().map(|e| self.validate_export(name, e)).transpose()?;
+        let outside = http.is_some() || exec.is_some() || export.is_some();
         if let (Some(t), Some(st)) = (&act.table, &src.table)
             && t.get_ref() != st.get_ref()
             && act.insert.is_none()
@@ -883,7 +995,7 @@ impl Spec {
             }
             (Some(u), None) => u,
             (None, Some(_)) => &no_update,
-            (None, None) if act.insert.is_some() || http.is_some() => &no_update,
+            (None, None) if act.insert.is_some() || outside => &no_update,
             (None, None) => {
                 return Err(self.err(
                     action.span(),
@@ -1067,6 +1179,10 @@ impl Spec {
             source: Option<serde_json::Value>,
             #[serde(skip_serializing_if = "Option::is_none")]
             http: Option<serde_json::Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            exec: Option<serde_json::Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            export: Option<serde_json::Value>,
         }
         let database = raw
             .database
@@ -1075,7 +1191,7 @@ impl Spec {
             .unwrap_or_else(|| "target".into());
         // A call's or a request's effects cannot be imaged: their runs are
         // not undoable.
-        let undo = call.is_none() && http.is_none() && raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
+        let undo = call.is_none() && !outside && raw.undo.as_ref().map(|u| *u.get_ref()).unwrap_or(true);
         let def = Definition {
             database: &database,
             table: &table_parts,
@@ -1093,6 +1209,15 @@ impl Spec {
             undo,
             priority: priority.iter().map(|p| p.sql.as_str()).collect(),
             http: None,
+            exec: exec.as_ref().map(|e| {
+                serde_json::json!({
+                    "program": e.program, "args": e.args, "stdin": e.stdin.as_ref().map(|t| &t.text),
+                    "env": e.pass_env,
+                })
+            }),
+            export: export
+                .as_ref()
+                .map(|x| serde_json::json!({ "path": x.path, "template": x.template.as_ref().map(|t| &t.text) })),
             source: match &source_kind {
                 Source::Table => None,
                 Source::Query { sql, database } => Some(serde_json::json!({ "query": sql.sql, "database": database })),
@@ -1137,6 +1262,8 @@ impl Spec {
             call,
             insert,
             http,
+            exec,
+            export,
             params,
             undo,
             depends_on: raw.depends_on.iter().map(|d| d.get_ref().clone()).collect(),
@@ -1239,7 +1366,7 @@ impl Spec {
 
         let mut redactor = Redactor::default();
         let mut lookup_db = None;
-        let (url, source_db) = if job.http.is_some() {
+        let (url, source_db) = if job.outside() {
             // Rows are read from the job's database; state is kept apart.
             let source = match job.source.database(&job.database) {
                 Some(name) => Some(self.named_url(&job, name, o.env.as_deref(), &mut redactor)?),
@@ -1338,7 +1465,7 @@ impl Spec {
     /// The URL of the database a job writes to, `${VAR}`s expanded.
     pub fn target_url(&self, job_name: &str, env: Option<&str>) -> Result<DatabaseUrl> {
         let job = self.jobs.get(job_name).ok_or_else(|| self.unknown_job(job_name))?;
-        if job.http.is_some() {
+        if job.outside() {
             return self.state_url(job, env, &mut Redactor::default());
         }
         self.url_for(job, env, &mut Redactor::default())

@@ -181,8 +181,33 @@ pub struct RawAction {
     pub insert: Option<Spanned<BTreeMap<String, Spanned<String>>>>,
     pub call: Option<Spanned<String>>,
     pub http: Option<Spanned<RawHttp>>,
-    pub exec: Option<Spanned<toml::Value>>,
-    pub export: Option<Spanned<toml::Value>>,
+    pub exec: Option<Spanned<RawExec>>,
+    pub export: Option<Spanned<RawExport>>,
+}
+
+/// `action.exec.*`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExec {
+    /// The program and its arguments (no shell).
+    pub command: Spanned<Vec<String>>,
+    /// What the command reads on stdin: an inline template or a template
+    /// file (default: the row as JSON).
+    pub stdin: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    /// Variables of infill's environment passed on (besides PATH).
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+/// `action.export.*`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExport {
+    /// The file written: `.json` (one array) or `.jsonl` (a line per row).
+    pub path: Spanned<String>,
+    /// Each row through a template (inline or a file); default: the row.
+    pub template: Option<Spanned<String>>,
 }
 
 /// `action.http.*`.
