@@ -139,9 +139,10 @@ async fn changed_rows_are_conflicts(db: TestDb) {
         .map(|c| format!("{} {}", c["key"], c["column"]))
         .collect();
     rows.sort();
+    // Integer keys read back as numbers, except where MySQL images hold text.
     let key = |n: i64| match db.backend {
-        common::Backend::Sqlite => format!("[{n}]"),
-        _ => format!("[\"{n}\"]"),
+        common::Backend::MySql => format!("[\"{n}\"]"),
+        _ => format!("[{n}]"),
     };
     assert_eq!(
         rows,

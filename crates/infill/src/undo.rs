@@ -770,9 +770,10 @@ async fn fetch_images(
     Ok(out)
 }
 
-/// Images stored in columns: `after` maps each written column to its
-/// values in key order, `before` the same or `null` for a column that was
-/// NULL in every row.
+/// Images stored in columns: `keys` the keys (scalars for a one-column
+/// key), `after` maps each written column to its values in the same
+/// order, `before` the same or `null` for a column that was NULL in every
+/// row.
 fn rows_of_columns(
     keys: &[serde_json::Value],
     before: &serde_json::Value,
@@ -791,17 +792,26 @@ fn rows_of_columns(
     for name in names {
         let a = column(after, name)?.unwrap_or_default();
         let b = column(before, name)?;
+        // Integer columns are stored as numbers; values compare as text.
+        let text = |v: &serde_json::Value| match v {
+            serde_json::Value::Number(n) => serde_json::Value::String(n.to_string()),
+            other => other.clone(),
+        };
         for (i, row) in rows.iter_mut().enumerate() {
             row.0.insert(
                 name.clone(),
-                b.as_ref().map_or(serde_json::Value::Null, |b| b[i].clone()),
+                b.as_ref().map_or(serde_json::Value::Null, |b| text(&b[i])),
             );
-            row.1.insert(name.clone(), a[i].clone());
+            row.1.insert(name.clone(), text(&a[i]));
         }
     }
+    // A key column's keys are stored flat; keys of several columns as arrays.
     Ok(keys
         .iter()
-        .cloned()
+        .map(|k| match k {
+            serde_json::Value::Array(_) => k.clone(),
+            scalar => serde_json::Value::Array(vec![scalar.clone()]),
+        })
         .zip(rows)
         .map(|(k, (b, a))| (k, serde_json::Value::Object(b), serde_json::Value::Object(a)))
         .collect())
@@ -823,7 +833,7 @@ fn read_images(db: &Db, target: &Target, run_id: &str, row: &[Value]) -> Result<
     // (keys are arrays themselves), or a single image.
     let triples: Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> =
         match (keys.as_array(), befores.as_array(), afters.as_array()) {
-            (Some(k), _, None) if k.first().is_some_and(|x| x.is_array()) && afters.is_object() => {
+            (Some(k), _, None) if afters.as_object().is_some_and(|o| o.values().all(|v| v.is_array())) => {
                 rows_of_columns(k, &befores, &afters).map_err(unreadable)?
             }
             (Some(k), Some(b), Some(a)) if k.first().is_some_and(|x| x.is_array()) => {

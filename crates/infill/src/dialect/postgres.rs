@@ -251,22 +251,37 @@ fn push_sets(d: &PostgresDialect, b: &mut SqlBuilder<'_>, t: &Target) {
     }
 }
 
-/// The RETURNING list of a batch's UPDATE, as text: keys, before values
-/// (from `infill_cand`, when read) and after values.
+/// The RETURNING list of a batch's UPDATE: keys, before values (from
+/// `infill_cand`, when read) and after values, integers as they are and
+/// anything else as text (exact in JSON either way).
 fn returning(d: &PostgresDialect, t: &Target, before: bool) -> Vec<String> {
     let mut ret: Vec<String> = t
         .key_q
         .iter()
+        .zip(&t.keys)
         .enumerate()
-        .map(|(i, k)| format!("{}.{k}::text AS infill_k{i}", t.table))
+        .map(|(i, (k, c))| format!("{} AS infill_k{i}", exact(&format!("{}.{k}", t.table), c)))
         .collect();
     for (i, (c, _)) in t.sets.iter().enumerate() {
         if before {
-            ret.push(format!("infill_cand.infill_b{i}::text AS infill_b{i}"));
+            ret.push(format!(
+                "{} AS infill_b{i}",
+                exact(&format!("infill_cand.infill_b{i}"), c)
+            ));
         }
-        ret.push(format!("{}.{}::text AS infill_a{i}", t.table, d.quote_ident(&c.name)));
+        let col = format!("{}.{}", t.table, d.quote_ident(&c.name));
+        ret.push(format!("{} AS infill_a{i}", exact(&col, c)));
     }
     ret
+}
+
+/// A value for a JSON image: an integer column as a JSON number (its digits
+/// exactly), anything else as its text, which the column reads back.
+fn exact(expr: &str, c: &Column) -> String {
+    match c.sql_type.to_ascii_lowercase().as_str() {
+        "smallint" | "integer" | "bigint" | "int2" | "int4" | "int8" => expr.to_string(),
+        _ => format!("{expr}::text"),
+    }
 }
 
 /// `, infill_und AS (INSERT INTO infill_undo ...)`: one row of images per
@@ -281,10 +296,15 @@ fn push_images(b: &mut SqlBuilder<'_>, t: &Target, s: &BatchShape<'_>, before_nu
     b.bind(Value::Text(s.run_id.into()))
         .push(", ")
         .bind(Value::Int(s.batch_no as i64));
+    // One key column: a flat array of keys; several: an array per key.
     let keys: Vec<String> = (0..t.key_q.len()).map(|i| format!("infill_k{i}")).collect();
-    b.push(", 0, json_agg(json_build_array(")
-        .push(&keys.join(", "))
-        .push("))::text, ");
+    match keys.as_slice() {
+        [one] => b.push(&format!(", 0, json_agg({one})::text, ")),
+        _ => b
+            .push(", 0, json_agg(json_build_array(")
+            .push(&keys.join(", "))
+            .push("))::text, "),
+    };
     if before_null {
         let nulls: serde_json::Map<String, serde_json::Value> = t
             .sets
