@@ -61,6 +61,9 @@ pub struct Target {
     /// are known without reading them. Only PostgreSQL uses it: MySQL's
     /// `IS NULL` also matches a NOT NULL date column's zero date.
     pub before_null: bool,
+    /// `SELECT VERSION()` on MySQL/MariaDB (empty elsewhere): whether the
+    /// engine can take the images itself.
+    pub server_version: String,
     /// `priority = [...]`, in order.
     pub priority: Vec<Fragment>,
     /// `categories.NAME`, in name order.
@@ -308,6 +311,17 @@ impl Target {
                     })
                 })
             });
+        let server_version = match d.backend() {
+            crate::dialect::Backend::MySql => conn
+                .fetch(&Query::new("SELECT VERSION()"))
+                .await
+                .ok()
+                .and_then(|rows| rows.into_iter().next())
+                .and_then(|r| r.into_iter().next())
+                .map(|v| v.display())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         let target = Target {
             dialect: d,
             table: d.quote_table(&job.table),
@@ -316,6 +330,7 @@ impl Target {
             sets,
             base_filter: filter.clone(),
             before_null,
+            server_version,
             filter,
             priority,
             categories,
@@ -426,6 +441,7 @@ impl Target {
             sets,
             base_filter: None,
             before_null: false,
+            server_version: String::new(),
             filter: None,
             priority: Vec::new(),
             categories: Vec::new(),
@@ -773,7 +789,7 @@ impl Target {
     /// The whole batch (lock, guarded write, undo images) as one statement,
     /// where the dialect can; it returns one row: candidates read, rows
     /// written, and the last candidate's key as a JSON array.
-    pub fn fused_batch(&self, shape: &BatchShape<'_>) -> Option<Query> {
+    pub fn fused_batch(&self, shape: &BatchShape<'_>) -> Option<crate::dialect::Fused> {
         self.dialect.fused_batch(self, shape)
     }
 

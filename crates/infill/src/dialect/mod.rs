@@ -58,6 +58,28 @@ pub struct Column {
     pub sql_type: String,
 }
 
+/// A batch as a few statements run in order in its transaction.
+pub struct Fused {
+    pub steps: Vec<(Query, Step)>,
+}
+
+/// What a statement of a [`Fused`] batch tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing: run it.
+    Run,
+    /// Its affected rows are the rows read and written.
+    Written,
+    /// One row: rows read, rows written, the last key read as a JSON array
+    /// (or NULL).
+    Counts,
+    /// One row: the rows locked and imaged, and whether the images are
+    /// whole (1). When the locked rows are not exactly the rows written
+    /// (another session made a row a candidate meanwhile), the batch is
+    /// rolled back and written again the slow, exact way.
+    Check,
+}
+
 /// The SQL text of one database.
 pub trait Dialect: Send + Sync {
     fn backend(&self) -> Backend;
@@ -145,9 +167,10 @@ pub trait Dialect: Send + Sync {
     fn try_lock_query(&self, name: &str) -> Option<Query>;
     /// A query releasing the job lock.
     fn unlock_query(&self, name: &str) -> Option<Query>;
-    /// The whole batch as one statement (see `Target::fused_batch`), where
-    /// the engine can chain the lock, the write and the undo images.
-    fn fused_batch(&self, _target: &crate::target::Target, _shape: &crate::target::BatchShape<'_>) -> Option<Query> {
+    /// The whole batch as statements the engine runs on its own, no row
+    /// coming back to infill (see `Target::fused_batch`), where it can chain
+    /// the lock, the write and the undo images.
+    fn fused_batch(&self, _target: &crate::target::Target, _shape: &crate::target::BatchShape<'_>) -> Option<Fused> {
         None
     }
     /// Quotes a dotted table name.

@@ -9,12 +9,58 @@ use std::time::Duration;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions, MySqlRow};
 use sqlx::{AssertSqlSafe, Column as _, Executor, MySqlConnection, Row, SqlSafeStr, TypeInfo, ValueRef};
 
-use super::{Backend, Column, Dialect, expanded_compare};
+use super::{Backend, Column, Dialect, Fused, SqlBuilder, Step, expanded_compare};
 use crate::sql::Query;
+use crate::target::{BatchShape, Target};
 use crate::value::Value;
 
 /// The MySQL/MariaDB dialect.
 pub struct MySqlDialect;
+
+/// True for `SELECT VERSION()` of MariaDB `major.minor` or later.
+fn mariadb_at_least(version: &str, major: u32, minor: u32) -> bool {
+    if !version.contains("MariaDB") {
+        return false;
+    }
+    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (ma, mi) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (ma, mi) >= (major, minor)
+}
+
+fn base_type(sql_type: &str) -> String {
+    sql_type
+        .to_ascii_lowercase()
+        .split(['(', ' '])
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn integer_type(sql_type: &str) -> bool {
+    matches!(
+        base_type(sql_type).as_str(),
+        "tinyint" | "smallint" | "mediumint" | "int" | "integer" | "bigint"
+    )
+}
+
+/// A column whose value survives `CAST(.. AS CHAR)` into a JSON string
+/// and back (not binary data or bits).
+fn text_safe(sql_type: &str) -> bool {
+    !matches!(
+        base_type(sql_type).as_str(),
+        "binary"
+            | "varbinary"
+            | "tinyblob"
+            | "blob"
+            | "mediumblob"
+            | "longblob"
+            | "bit"
+            | "geometry"
+            | "point"
+            | "linestring"
+            | "polygon"
+    )
+}
 
 impl Dialect for MySqlDialect {
     fn backend(&self) -> Backend {
@@ -78,6 +124,120 @@ impl Dialect for MySqlDialect {
     fn update_by_key_list(&self) -> bool {
         true
     }
+    /// Without images, one UPDATE over the range (the guard re-checked).
+    /// With images, on MariaDB 10.6 or later and integer keys, the engine
+    /// takes them itself, so no row comes back to infill: one locking read
+    /// stores the candidates' keys and values in session variables, the
+    /// UPDATE writes the range, and an INSERT stores the images with the
+    /// written values of those keys (JSON_TABLE over the keys). At READ
+    /// COMMITTED another session may make a row of the range a candidate
+    /// between the read and the UPDATE; the check step sees the UPDATE
+    /// write more rows than were locked, and the batch is rolled back and
+    /// written by key list instead.
+    fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Fused> {
+        if s.limit.is_some() {
+            return None;
+        }
+        let mut update = SqlBuilder::new(self);
+        update.push("UPDATE ").push(&t.table).push(" SET ");
+        for (i, (col, f)) in t.sets.iter().enumerate() {
+            if i > 0 {
+                update.push(", ");
+            }
+            update
+                .push(&self.quote_ident(&col.name))
+                .push(" = (")
+                .fragment(f, &t.params)
+                .push(")");
+        }
+        t.push_range(&mut update, s.lo, Some(s.hi), true);
+        let update = (update.finish(), Step::Written);
+        if !s.undo {
+            return Some(Fused { steps: vec![update] });
+        }
+        if !mariadb_at_least(&t.server_version, 10, 6)
+            || !t.keys.iter().all(|k| integer_type(&k.sql_type))
+            || t.sets.iter().any(|(c, _)| !text_safe(&c.sql_type))
+        {
+            return None;
+        }
+        let qualified: Vec<String> = t.key_q.iter().map(|k| format!("{}.{k}", t.table)).collect();
+        let order = qualified.join(", ");
+        let key = match qualified.as_slice() {
+            [one] => one.clone(),
+            many => format!("JSON_ARRAY({})", many.join(", ")),
+        };
+        let columns = |b: &mut SqlBuilder<'_>| {
+            b.push("JSON_OBJECT(");
+            for (i, (c, _)) in t.sets.iter().enumerate() {
+                if i > 0 {
+                    b.push(", ");
+                }
+                let col = format!("{}.{}", t.table, self.quote_ident(&c.name));
+                b.bind(Value::Text(c.name.clone()))
+                    .push(&format!(", JSON_ARRAYAGG(CAST({col} AS CHAR) ORDER BY {order})"));
+            }
+            b.push(")");
+        };
+        let mut before = SqlBuilder::new(self);
+        before.push(&format!("SELECT COUNT(*), JSON_ARRAYAGG({key} ORDER BY {order}), "));
+        columns(&mut before);
+        before
+            .push(" INTO @infill_n, @infill_keys, @infill_before FROM ")
+            .push(&t.table);
+        t.push_range(&mut before, s.lo, Some(s.hi), true);
+        before.push(" FOR UPDATE");
+        let mut images = SqlBuilder::new(self);
+        images.push("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
+        images
+            .bind(Value::Text(s.run_id.into()))
+            .push(", ")
+            .bind(Value::Int(s.batch_no as i64))
+            .push(", 0, @infill_keys, @infill_before, ");
+        columns(&mut images);
+        let (paths, join): (Vec<String>, Vec<String>) = t
+            .keys
+            .iter()
+            .zip(&qualified)
+            .enumerate()
+            .map(|(i, (k, q))| {
+                let ty = if k.sql_type.to_ascii_lowercase().contains("unsigned") {
+                    "BIGINT UNSIGNED"
+                } else {
+                    "BIGINT"
+                };
+                let path = if qualified.len() == 1 {
+                    "$".to_string()
+                } else {
+                    format!("$[{i}]")
+                };
+                (
+                    format!("infill_k{i} {ty} PATH '{path}'"),
+                    format!("{q} = infill_keys.infill_k{i}"),
+                )
+            })
+            .unzip();
+        images.push(" FROM ").push(&t.table).push(&format!(
+            " JOIN JSON_TABLE(@infill_keys, '$[*]' COLUMNS ({})) infill_keys ON {} HAVING COUNT(*) > 0",
+            paths.join(", "),
+            join.join(" AND ")
+        ));
+        let mut check = SqlBuilder::new(self);
+        check
+            .push("SELECT @infill_n, COALESCE(JSON_VALID(@infill_keys) AND JSON_VALID(@infill_before) AND (SELECT JSON_VALID(after_image) FROM infill_undo WHERE run_id = ")
+            .bind(Value::Text(s.run_id.into()))
+            .push(" AND batch_no = ")
+            .bind(Value::Int(s.batch_no as i64))
+            .push(" AND seq = 0), @infill_n = 0)");
+        Some(Fused {
+            steps: vec![
+                (before.finish(), Step::Run),
+                update,
+                (images.finish(), Step::Run),
+                (check.finish(), Step::Check),
+            ],
+        })
+    }
     fn update_returning(&self) -> bool {
         false
     }
@@ -125,6 +285,8 @@ impl Dialect for MySqlDialect {
                 lock_timeout.as_secs().max(1)
             ),
             "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".into(),
+            // MariaDB builds JSON_ARRAYAGG on GROUP_CONCAT: no truncated images.
+            "SET SESSION group_concat_max_len = 4294967295".into(),
             // MariaDB's statement limit, in seconds; MySQL spells it max_execution_time.
             format!("SET SESSION max_statement_time = {}", statement_timeout.as_secs_f64()),
         ]

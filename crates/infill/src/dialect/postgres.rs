@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Column as _, Executor, PgConnection, Row, SqlSafeStr, TypeInfo, ValueRef};
 
-use super::{Backend, Column, Dialect, SqlBuilder};
+use super::{Backend, Column, Dialect, Fused, SqlBuilder, Step};
 use crate::sql::Query;
 use crate::target::{BatchShape, Target};
 use crate::value::Value;
@@ -166,9 +166,12 @@ impl Dialect for PostgresDialect {
     /// images. Column names in the images are bound, never pasted. When the
     /// guard pins every written column to NULL the before values are known,
     /// and the batch is one UPDATE whose RETURNING feeds the images.
-    fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Query> {
+    fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Fused> {
+        let one = |q: Query| Fused {
+            steps: vec![(q, Step::Counts)],
+        };
         if s.limit.is_none() && (!s.undo || t.before_null) {
-            return Some(plain_batch(self, t, s));
+            return Some(one(plain_batch(self, t, s)));
         }
         let mut b = SqlBuilder::new(self);
         let mut cand_cols: Vec<String> = t
@@ -221,7 +224,7 @@ impl Dialect for PostgresDialect {
             last_key.join(", "),
             desc.join(", ")
         ));
-        Some(b.finish())
+        Some(one(b.finish()))
     }
     fn try_lock_query(&self, name: &str) -> Option<Query> {
         Some(Query {

@@ -8,12 +8,29 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
 use sqlx::{AssertSqlSafe, Executor, Row, SqlSafeStr, SqliteConnection, TypeInfo, ValueRef};
 
-use super::{Backend, Column, Dialect};
+use super::{Backend, Column, Dialect, Fused, SqlBuilder, Step};
 use crate::sql::Query;
+use crate::target::{BatchShape, Target};
 use crate::value::Value;
 
 /// The SQLite dialect.
 pub struct SqliteDialect;
+
+/// True for a declared type with INTEGER or TEXT affinity (SQLite's rules),
+/// whose values a JSON image holds exactly (see `json_value`).
+fn json_exact(declared: &str) -> bool {
+    let t = declared.to_ascii_uppercase();
+    t.contains("INT") || t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT")
+}
+
+/// A column's value for a JSON image: integers and text as they are, a
+/// REAL (which an INTEGER column may hold) as text with every digit it
+/// needs to read back exactly. A BLOB fails the statement ("JSON cannot
+/// hold BLOB values"), so the row is isolated and reported, never imaged
+/// wrong.
+fn json_value(col: &str) -> String {
+    format!("CASE typeof({col}) WHEN 'real' THEN printf('%.17g', {col}) ELSE {col} END")
+}
 
 impl Dialect for SqliteDialect {
     fn backend(&self) -> Backend {
@@ -48,6 +65,99 @@ impl Dialect for SqliteDialect {
     }
     fn update_by_key_list(&self) -> bool {
         false
+    }
+    /// SQLite holds the write lock for the whole transaction, so the rows
+    /// of the range that pass the guard are exactly the rows the UPDATE
+    /// writes. The images are taken by the engine around the UPDATE (the
+    /// candidates' values into a row of `infill_undo`, then the written
+    /// values of those keys), so no row comes back to infill: through the
+    /// driver, each row returned costs more than SQLite's work on it.
+    fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Fused> {
+        if s.limit.is_some() {
+            return None;
+        }
+        let mut update = SqlBuilder::new(self);
+        update.push("UPDATE ").push(&t.table).push(" SET ");
+        for (i, (col, f)) in t.sets.iter().enumerate() {
+            if i > 0 {
+                update.push(", ");
+            }
+            update
+                .push(&self.quote_ident(&col.name))
+                .push(" = (")
+                .fragment(f, &t.params)
+                .push(")");
+        }
+        t.push_range(&mut update, s.lo, Some(s.hi), true);
+        let update = (update.finish(), Step::Written);
+        if !s.undo {
+            return Some(Fused { steps: vec![update] });
+        }
+        // Values JSON holds exactly: images only for INTEGER and TEXT columns.
+        if !t
+            .keys
+            .iter()
+            .chain(t.sets.iter().map(|(c, _)| c))
+            .all(|c| json_exact(&c.sql_type))
+        {
+            return None;
+        }
+        let order = t.key_q.join(", ");
+        let key = match t.key_q.as_slice() {
+            [one] => json_value(one),
+            many => format!(
+                "json_array({})",
+                many.iter().map(|k| json_value(k)).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let columns = |b: &mut SqlBuilder<'_>| {
+            b.push("json_object(");
+            for (i, (c, _)) in t.sets.iter().enumerate() {
+                if i > 0 {
+                    b.push(", ");
+                }
+                let v = json_value(&self.quote_ident(&c.name));
+                b.bind(Value::Text(c.name.clone()))
+                    .push(&format!(", json_group_array({v} ORDER BY {order})"));
+            }
+            b.push(")");
+        };
+        let mut before = SqlBuilder::new(self);
+        before.push("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
+        before
+            .bind(Value::Text(s.run_id.into()))
+            .push(", ")
+            .bind(Value::Int(s.batch_no as i64))
+            .push(&format!(", 0, json_group_array({key} ORDER BY {order}), "));
+        columns(&mut before);
+        before.push(", '{}' FROM ").push(&t.table);
+        t.push_range(&mut before, s.lo, Some(s.hi), true);
+        before.push(" HAVING count(*) > 0");
+        // The written values of the same keys, in the same order.
+        let mut after = SqlBuilder::new(self);
+        after.push("UPDATE infill_undo SET after_image = (SELECT ");
+        columns(&mut after);
+        after.push(" FROM ").push(&t.table).push(" WHERE ");
+        match t.key_q.as_slice() {
+            [one] => after.push(&format!("{one} IN (SELECT value FROM json_each(infill_undo.row_key))")),
+            many => {
+                let parts: Vec<String> = (0..many.len()).map(|i| format!("value ->> {i}")).collect();
+                after.push(&format!(
+                    "({}) IN (SELECT {} FROM json_each(infill_undo.row_key))",
+                    many.join(", "),
+                    parts.join(", ")
+                ))
+            }
+        };
+        after
+            .push(") WHERE run_id = ")
+            .bind(Value::Text(s.run_id.into()))
+            .push(" AND batch_no = ")
+            .bind(Value::Int(s.batch_no as i64))
+            .push(" AND seq = 0");
+        Some(Fused {
+            steps: vec![(before.finish(), Step::Run), update, (after.finish(), Step::Run)],
+        })
     }
     fn update_returning(&self) -> bool {
         true

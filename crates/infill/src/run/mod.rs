@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use crate::approval::{GatePass, PlanFile};
 use crate::audit::AuditLog;
-use crate::dialect::{ConnectOptions, Db, Exec};
+use crate::dialect::{ConnectOptions, Db, Exec, Step};
 use crate::error::{Error, Result};
 use crate::lock::JobLock;
 use crate::plan::{PlanOptions, as_count, count, first_key};
@@ -1541,18 +1541,52 @@ async fn apply_batch(
         limit,
         undo,
     };
-    if let Some(q) = target
+    if let Some(fused) = target
         .fused_batch(&shape)
         .filter(|_| !verbose && target.call.is_none() && target.insert.is_none())
     {
-        let row = tx
-            .fetch(&q)
-            .await
-            .map_err(fail("cannot write"))?
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        let (read, changed) = (as_count(row.first()), as_count(row.get(1)));
+        let (mut read, mut changed, mut row) = (0, 0, Vec::new());
+        let mut exact = true;
+        for (q, step) in &fused.steps {
+            match step {
+                Step::Run => {
+                    tx.execute(q).await.map_err(fail("cannot write"))?;
+                }
+                Step::Written => {
+                    changed = tx.execute(q).await.map_err(fail("cannot write"))?;
+                    read = changed;
+                }
+                Step::Counts => {
+                    row = tx
+                        .fetch(q)
+                        .await
+                        .map_err(fail("cannot write"))?
+                        .into_iter()
+                        .next()
+                        .unwrap_or_default();
+                    (read, changed) = (as_count(row.first()), as_count(row.get(1)));
+                }
+                Step::Check => {
+                    let c = tx
+                        .fetch(q)
+                        .await
+                        .map_err(fail("cannot check the undo images"))?
+                        .into_iter()
+                        .next()
+                        .unwrap_or_default();
+                    exact = as_count(c.first()) == changed && as_count(c.get(1)) == 1;
+                }
+            }
+        }
+        if !exact {
+            // Rows became candidates during the batch: write it again by key list.
+            tracing::info!(
+                batch_no,
+                "rows of the range changed during the batch; writing it again by key list"
+            );
+            tx.rollback().await.map_err(fail("cannot roll back"))?;
+            return apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await;
+        }
         let mut upper = hi.clone();
         if limit.is_some_and(|l| read >= l)
             && let Some(Value::Text(last)) = row.get(2)
@@ -1565,6 +1599,30 @@ async fn apply_batch(
         let cp = Checkpoint::new(target.segment_no, batch_no, lo, upper, read, changed, 0, batch_size);
         return checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await;
     }
+    drop(tx);
+    drop(conn);
+    apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await
+}
+
+/// A batch whose candidates come back to infill: read and locked, then
+/// written (by key list or over the range), their images built here.
+#[allow(clippy::too_many_arguments)]
+async fn apply_listed(
+    db: &Db,
+    target: &Target,
+    run_id: &str,
+    batch_no: u64,
+    lo: Option<&Key>,
+    hi: &Key,
+    limit: Option<u64>,
+    undo: bool,
+    batch_size: u64,
+    t0: Instant,
+) -> Result<BatchOutcome> {
+    let d = db.dialect;
+    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+    let mut conn = db.conn().await?;
+    let mut tx = conn.begin_with(d.begin_write()).await.map_err(fail("cannot begin"))?;
     let rows = tx
         .fetch(&target.candidates(lo, hi, limit))
         .await
