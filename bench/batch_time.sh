@@ -37,7 +37,7 @@ WARMUP=3
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 OUT=${OUT:-$ROOT/bench/results/batch_time.txt}
-BIN=$ROOT/target/release/infill
+BIN=${BIN:-}   # set: use that binary, build nothing
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf 'bench: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -57,8 +57,15 @@ log "work dir (spec, audit log, raw outputs): $WORK"
 
 # --- build ---------------------------------------------------------------
 REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
-log "cargo build --release (source $REV)"
-cargo build --release >&2
+if [[ -n $BIN ]]; then
+  [[ -x $BIN ]] || die "BIN=$BIN is not executable"
+  REV="binary $BIN (checkout $REV)"
+  log "using BIN=$BIN (no build)"
+else
+  log "cargo build --release (source $REV)"
+  cargo build --release >&2
+  BIN=$ROOT/target/release/infill
+fi
 [[ -x $BIN ]] || die "no binary at $BIN"
 
 # --- database and table (dropped on exit) --------------------------------

@@ -8,7 +8,8 @@
 #   bench/diff.sh                 # 1,000,000 keys
 #   ROWS=100000 bench/diff.sh     # quick
 #
-# Needs psql, mariadb, comm and /usr/bin/time; builds the release binary.
+# Needs psql, mariadb, comm and /usr/bin/time; builds the release binary
+# unless BIN=/path/to/infill is given.
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -16,8 +17,10 @@ ROWS=${ROWS:-1000000}
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
 DB=infill_bench_diff
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bin infill
-BIN=$(pwd)/target/release/infill
+if [[ -z ${BIN:-} ]]; then   # BIN=/path/to/infill: use it, build nothing
+  cargo build --release --quiet --bin infill
+  BIN=$(pwd)/target/release/infill
+fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/infill-diff.XXXXXX")
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 my() { mariadb -h 127.0.0.1 -u root "$@"; }

@@ -17,11 +17,15 @@ EVENTS=${EVENTS:-100000}
 RATE_SECONDS=${RATE_SECONDS:-30}
 PORT=${PORT:-18080}
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bin infill --example http_receiver
-BIN=$(pwd)/target/release/infill
+# BIN=/path/to/infill and RECEIVER_BIN=/path/to/http_receiver: use them, build nothing.
+if [[ -z ${BIN:-} || -z ${RECEIVER_BIN:-} ]]; then
+  cargo build --release --quiet --bin infill --example http_receiver
+fi
+BIN=${BIN:-$(pwd)/target/release/infill}
+RECEIVER_BIN=${RECEIVER_BIN:-$(pwd)/target/release/examples/http_receiver}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/infill-http.XXXXXX")
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-./target/release/examples/http_receiver "$PORT" &
+"$RECEIVER_BIN" "$PORT" &
 RECEIVER=$!
 trap 'kill $RECEIVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/stats" >/dev/null && break; sleep 0.1; done

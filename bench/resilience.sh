@@ -21,8 +21,8 @@ export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postg
 export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
 DB=infill_bench_resilience
 cd "$(dirname "$0")/.."
-BIN=$(pwd)/target/release/infill
-[[ -x $BIN ]] || { echo "build first: cargo build --release" >&2; exit 1; }
+BIN=${BIN:-$(pwd)/target/release/infill}   # BIN=/path/to/infill: another binary
+[[ -x $BIN ]] || { echo "build first: cargo build --release (or give BIN=/path/to/infill)" >&2; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/infill-resilience.XXXXXX")
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 psql_db() { psql -X -q -v ON_ERROR_STOP=1 -d "$DB" "$@"; }

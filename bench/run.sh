@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Benchmark: one set-based UPDATE against `infill run` on PostgreSQL.
+# Benchmark B1: one set-based UPDATE against `infill run` on PostgreSQL, and
+# optionally a per-row loop (one autocommit UPDATE per row, as a hand-written
+# script does it).
 #
-#   bench/run.sh                      # 1,000,000 rows, 3 repetitions
-#   ROWS=100000 bench/run.sh          # quick run
+#   bench/run.sh                                  # 1,000,000 rows, 3 repetitions
+#   ROWS=100000 bench/run.sh                      # quick run
+#   BATCH_SIZE=auto LOOP_ROWS=100000 bench/run.sh # B1 as bench/suite.sh runs it
 #
 # Knobs (environment):
 #   ROWS        rows in the table                       (default 1000000)
@@ -10,72 +13,52 @@
 #   BATCH_SIZE  infill --batch-size, or `auto` for the   (default 1000)
 #               default adaptive batches (batch_time 500ms)
 #   UNDO        keep undo images (true/false)           (default true)
-#   OUT         raw results file                        (default bench/results/latest.txt)
+#   LOOP_ROWS   rows of the per-row loop contender, run (default 0: no loop)
+#               once on a table of its own, scaled to ROWS
+#   BIN         infill binary to use; set, nothing is built
+#   OUT         report file                             (default bench/results/latest.txt)
+#   VALUES      key=value results for bench/summary.py  (default: OUT with .values.txt)
+#   KEEP_DB     1: keep the database infill_bench at the end (default: dropped)
 #   PGHOST PGPORT PGUSER   the server                   (default 127.0.0.1 5432 postgres)
 #
 # Each repetition makes two fresh, identical copies of bench_base (t_single,
 # t_infill), then times the contenders one after the other; the order
 # alternates between repetitions. See bench/README.md.
-set -euo pipefail
-shopt -s inherit_errexit
+source "$(dirname "$0")/lib.sh"
 
 ROWS=${ROWS:-1000000}
 REPEAT=${REPEAT:-3}
 BATCH_SIZE=${BATCH_SIZE:-1000}
 UNDO=${UNDO:-true}
-export PGHOST=${PGHOST:-127.0.0.1}
-export PGPORT=${PGPORT:-5432}
-export PGUSER=${PGUSER:-postgres}
-export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
+LOOP_ROWS=${LOOP_ROWS:-0}
+KEEP_DB=${KEEP_DB:-0}
 DB=infill_bench
 
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
+cd "$BENCH_ROOT"
+ROOT=$BENCH_ROOT
 OUT=${OUT:-$ROOT/bench/results/latest.txt}
-BIN=$ROOT/target/release/infill
+VALUES=${VALUES:-${OUT%.txt}.values.txt}
 
-log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { printf 'bench: FAILED: %s\n' "$*" >&2; exit 1; }
-
-[[ $ROWS =~ ^[1-9][0-9]*$ ]] || die "ROWS must be a positive integer (got '$ROWS')"
-[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer (got '$REPEAT')"
+posint ROWS
+posint REPEAT
 [[ $BATCH_SIZE =~ ^[1-9][0-9]*$ || $BATCH_SIZE == auto ]] || die "BATCH_SIZE must be a positive integer or auto (got '$BATCH_SIZE')"
 SIZE_ARGS=(--batch-size "$BATCH_SIZE")
 [[ $BATCH_SIZE == auto ]] && SIZE_ARGS=()
 [[ $UNDO == true || $UNDO == false ]] || die "UNDO must be true or false (got '$UNDO')"
-command -v psql >/dev/null || die "psql is not installed"
-command -v python3 >/dev/null || die "python3 is not installed"
+[[ $LOOP_ROWS =~ ^[0-9]+$ ]] && (( LOOP_ROWS <= ROWS )) || die "LOOP_ROWS must be an integer from 0 to ROWS (got '$LOOP_ROWS')"
+need psql python3
 
 psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -d postgres "$@"; }
 psql_db() { psql -X -q -v ON_ERROR_STOP=1 -d "$DB" "$@"; }
 scalar() { psql_db -At -c "$1"; }
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/infill-bench.XXXXXX")
-log "work dir (spec, audit logs, raw outputs): $WORK"
+bench_workdir bench
 
-# --- peak RSS: GNU time when present, else a python3 wrapper -------------
-if command -v /usr/bin/time >/dev/null && /usr/bin/time -f %M -o "$WORK/probe" true 2>/dev/null; then
-  RSS_TOOL="GNU time (/usr/bin/time -f %M)"
-  measure_rss() { local out=$1; shift; /usr/bin/time -f %M -o "$out" "$@"; }
-else
-  RSS_TOOL="python3 resource.getrusage(RUSAGE_CHILDREN).ru_maxrss"
-  measure_rss() {
-    local out=$1; shift
-    python3 -c '
-import resource, subprocess, sys
-rc = subprocess.call(sys.argv[2:])
-with open(sys.argv[1], "w") as f:
-    f.write("%d\n" % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-sys.exit(rc)' "$out" "$@"
-  }
-fi
+# --- build (or BIN) --------------------------------------------------------
+infill_bin
 
-# --- build ---------------------------------------------------------------
-# The source version benchmarked, taken before the build ("-dirty": local changes).
-REV=$(git describe --always --dirty 2>/dev/null || echo unknown)
-log "cargo build --release (source $REV)"
-cargo build --release >&2
-[[ -x $BIN ]] || die "no binary at $BIN"
+drop_db() { [[ $KEEP_DB == 1 ]] || psql_admin -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true; }
+trap drop_db EXIT
 
 # --- database and base table ---------------------------------------------
 log "creating database $DB with bench_base ($ROWS rows)"
@@ -102,9 +85,9 @@ action.update.c = "a * 31 + b"
 undo = $UNDO
 TOML
 
-copy_table() {
+copy_table() { # name [where]
   psql_db -c "DROP TABLE IF EXISTS $1" \
-          -c "CREATE TABLE $1 AS SELECT * FROM bench_base" \
+          -c "CREATE TABLE $1 AS SELECT * FROM bench_base ${2:-}" \
           -c "ALTER TABLE $1 ADD PRIMARY KEY (id)" \
           -c "VACUUM ANALYZE $1"
 }
@@ -126,44 +109,43 @@ SQL
   python3 -c "print('%.3f' % ($ms / 1000))"
 }
 
-run_infill() { # prints "seconds rss_kib"
-  local rep=$1 json=$WORK/infill.$1.json err=$WORK/infill.$1.err rss=$WORK/infill.$1.rss
+run_infill_rep() { # prints "seconds rss_kib"
   # Each run starts from empty state tables, like a first run on a database.
-  psql_db -c "DROP TABLE IF EXISTS infill_undo, infill_batches, infill_runs, infill_schema" >/dev/null 2>&1
+  psql_db -c "DROP TABLE IF EXISTS infill_undo, infill_batches, infill_failures, infill_approvals, infill_runs, infill_schema" >/dev/null 2>&1
   psql_db -c CHECKPOINT >/dev/null
-  local t0 t1 rc=0
-  t0=$(date +%s.%N)
-  measure_rss "$rss" "$BIN" run "$WORK/bench.toml" "${SIZE_ARGS[@]}" --yes --json > "$json" 2> "$err" || rc=$?
-  t1=$(date +%s.%N)
-  [[ $rc == 0 ]] || { cat "$err" >&2; die "infill run exited with $rc (stderr above, output in $json)"; }
-  python3 - "$json" "$ROWS" <<'PY' || die "unexpected infill summary in $json"
-import json, sys
-s = json.load(open(sys.argv[1]))
-assert s["status"] == "succeeded", s
-assert s["rows_changed"] == int(sys.argv[2]), s
-PY
-  local bad
+  local r bad
+  r=$(run_infill "$WORK/bench.toml" "$WORK/infill.$1.json" "$ROWS" "${SIZE_ARGS[@]}")
   bad=$(scalar "SELECT count(*) FROM t_infill WHERE c IS DISTINCT FROM a * 31 + b")
   [[ $bad == 0 ]] || die "infill left $bad rows where c IS DISTINCT FROM a * 31 + b"
-  echo "$(python3 -c "print('%.3f' % ($t1 - $t0))") $(tail -1 "$rss")"
+  echo "$r"
 }
 
-# Per-batch timings from the run's audit log (batch duration_ms covers the
-# batch transaction from BEGIN to COMMIT; the rest of the wall time is the
-# boundary query per batch, startup, validation and the state tables).
-batch_stats() {
-  python3 - "$1" <<'PY'
-import json, statistics, sys
-summary = json.load(open(sys.argv[1]))
-d = [json.loads(l)["duration_ms"] for l in open(summary["audit_log"]) if '"event":"batch"' in l]
-d.sort()
-p = lambda q: d[min(len(d) - 1, int(q * len(d)))]
-print("batches=%d sum_batch_ms=%d run_duration_ms=%d batch_ms_median=%s p95=%s max=%s" % (
-    len(d), sum(d), summary["duration_ms"], statistics.median(d), p(0.95), d[-1]))
-PY
+# The per-row loop, as a hand-written script does it: select the ids still
+# to fill, then one UPDATE per row, each its own statement, round trip and
+# commit (psql -f sends the statements one at a time, autocommit). Timed
+# from the SELECT to the last commit. On a table of its own holding the first
+# LOOP_ROWS rows of bench_base; prints seconds.
+run_loop() {
+  local ids=$WORK/loop.ids sql=$WORK/loop.sql t0 t1 n bad
+  psql_db -c CHECKPOINT >/dev/null
+  t0=$(now)
+  psql_db -At -c "SELECT id FROM t_loop WHERE c IS NULL ORDER BY id" > "$ids"
+  python3 -c '
+import sys
+out = sys.stdout
+for line in open(sys.argv[1]):
+    out.write("UPDATE t_loop SET c = a * 31 + b WHERE id = %d;\n" % int(line))' "$ids" > "$sql"
+  psql_db -f "$sql" > "$WORK/loop.out"
+  t1=$(now)
+  n=$(wc -l < "$sql")
+  [[ $n == "$LOOP_ROWS" ]] || die "per-row loop: $n statements, expected $LOOP_ROWS"
+  bad=$(scalar "SELECT count(*) FROM t_loop WHERE c IS DISTINCT FROM a * 31 + b")
+  [[ $bad == 0 ]] || die "per-row loop left $bad wrong rows"
+  [[ $(scalar "SELECT count(*) FROM t_loop") == "$LOOP_ROWS" ]] || die "t_loop does not hold $LOOP_ROWS rows"
+  elapsed "$t0" "$t1"
 }
 
-single_s=() infill_s=() infill_rss=()
+single_s=() infill_s=() infill_rss=() loop_s=""
 raw=$WORK/raw.txt
 : > "$raw"
 for rep in $(seq 1 "$REPEAT"); do
@@ -171,43 +153,80 @@ for rep in $(seq 1 "$REPEAT"); do
   copy_table t_single
   copy_table t_infill
   if (( rep % 2 )); then order="single infill"; else order="infill single"; fi
+  if (( rep == 1 && LOOP_ROWS > 0 )); then
+    copy_table t_loop "WHERE id <= $LOOP_ROWS"
+    order="loop $order"
+  fi
   for who in $order; do
-    if [[ $who == single ]]; then
-      s=$(run_single "$rep")
-      single_s+=("$s")
-      log "  single UPDATE: ${s}s"
-      echo "rep=$rep contender=single seconds=$s" >> "$raw"
-    else
-      r=$(run_infill "$rep")
-      read -r s k <<< "$r"
-      infill_s+=("$s")
-      infill_rss+=("$k")
-      stats=$(batch_stats "$WORK/infill.$rep.json")
-      log "  infill run: ${s}s, peak RSS ${k} KiB; $stats"
-      echo "rep=$rep contender=infill seconds=$s peak_rss_kib=$k $stats" >> "$raw"
-    fi
+    case $who in
+      single)
+        s=$(run_single "$rep")
+        single_s+=("$s")
+        log "  single UPDATE: ${s}s"
+        echo "rep=$rep contender=single seconds=$s" >> "$raw"
+        ;;
+      infill)
+        r=$(run_infill_rep "$rep")
+        read -r s k <<< "$r"
+        infill_s+=("$s")
+        infill_rss+=("$k")
+        stats=$(python3 "$ROOT/bench/stats.py" batches "$WORK/infill.$rep.json" | tr '\n' ' ')
+        log "  infill run: ${s}s, peak RSS ${k} KiB; $stats"
+        echo "rep=$rep contender=infill seconds=$s peak_rss_kib=$k run_duration_ms=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["duration_ms"])' "$WORK/infill.$rep.json") $stats" >> "$raw"
+        ;;
+      loop)
+        log "  per-row loop over $LOOP_ROWS rows (one autocommit UPDATE per row)..."
+        loop_s=$(run_loop)
+        log "  per-row loop: ${loop_s}s for $LOOP_ROWS rows"
+        echo "rep=$rep contender=loop rows=$LOOP_ROWS seconds=$loop_s" >> "$raw"
+        psql_db -c "DROP TABLE t_loop"
+        ;;
+    esac
   done
 done
+# Batch durations pooled over every infill run.
+jsons=()
+for rep in $(seq 1 "$REPEAT"); do jsons+=("$WORK/infill.$rep.json"); done
+python3 "$ROOT/bench/stats.py" batches "${jsons[@]}" > "$WORK/batches.txt"
 
 # --- report ------------------------------------------------------------------
 mkdir -p "$(dirname "$OUT")"
-python3 - "$ROWS" "$REPEAT" "$BATCH_SIZE" "$RSS_TOOL" "$raw" "${single_s[*]}" "${infill_s[*]}" "${infill_rss[*]}" > "$WORK/report.txt" <<'PY'
+: > "$VALUES"
+python3 - "$ROWS" "$REPEAT" "$BATCH_SIZE" "$RSS_TOOL" "$raw" "${single_s[*]}" "${infill_s[*]}" "${infill_rss[*]}" \
+    "$LOOP_ROWS" "$loop_s" "$WORK/batches.txt" "$VALUES" > "$WORK/report.txt" <<'PY'
 import statistics, sys
 rows, repeat, bs, tool, raw = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 single = [float(x) for x in sys.argv[6].split()]
 infill = [float(x) for x in sys.argv[7].split()]
 rss = [int(x) for x in sys.argv[8].split()]
+loop_rows, loop_s = int(sys.argv[9]), (float(sys.argv[10]) if sys.argv[10] else None)
+bat = dict(l.strip().split("=", 1) for l in open(sys.argv[11]) if "=" in l)
+values = open(sys.argv[12], "w")
 ms, mi = statistics.median(single), statistics.median(infill)
 ratio = ms / mi  # throughput ratio: (rows/s infill) / (rows/s single)
 peak = max(rss) / 1024
+p95 = float(bat["batch_ms_p95"])
 print("rows=%d repeat=%d batch_size=%s (medians of %d interleaved runs; order alternates)" % (rows, repeat, bs, repeat))
 print()
-print("%-28s %10s %12s %14s %16s" % ("contender", "seconds", "rows/s", "ratio vs single", "peak RSS MiB"))
-print("%-28s %10.2f %12.0f %14s %16s" % ("single UPDATE (psql)", ms, rows / ms, "1.00", "-"))
+print("%-30s %10s %12s %16s %14s" % ("contender", "seconds", "rows/s", "ratio vs single", "peak RSS MiB"))
+print("%-30s %10.2f %12.0f %16s %14s" % ("single UPDATE (psql)", ms, rows / ms, "1.00", "-"))
 label = "infill run (adaptive)" if bs == "auto" else "infill run --batch-size " + bs
-print("%-28s %10.2f %12.0f %14.3f %16.1f" % (label, mi, rows / mi, ratio, peak))
+print("%-30s %10.2f %12.0f %16.3f %14.1f" % (label, mi, rows / mi, ratio, peak))
+if loop_s is not None:
+    lr = loop_rows / loop_s
+    est = rows / lr
+    print("%-30s %10.2f %12.0f %16.4f %14s" % ("per-row loop, est. (scaled)", est, lr, lr / (rows / ms), "-"))
+    print()
+    print("per-row loop: measured on %d rows in %.2f s (%.0f rows/s), scaled to %d rows: %.0f s estimated." % (
+        loop_rows, loop_s, lr, rows, est))
+    print("infill vs per-row loop: %.1fx the loop's rows/s" % ((rows / mi) / lr))
 print()
-print("goals: ratio >= 0.80 -> %s;  peak RSS < 64 MiB -> %s" % ("met" if ratio >= 0.80 else "NOT met", "met" if peak < 64 else "NOT met"))
+print("infill batches (all runs pooled, from the audit logs): %s, median %s ms, p95 %s ms, max %s ms, largest %s keys" % (
+    bat["batches"], bat["batch_ms_median"], bat["batch_ms_p95"], bat["batch_ms_max"], bat["batch_keys_max"]))
+print()
+print("goals: ratio >= 0.80 -> %s;  peak RSS < 64 MiB -> %s;  batch p95 <= 600 ms -> %s%s" % (
+    "met" if ratio >= 0.80 else "NOT met", "met" if peak < 64 else "NOT met", "met" if p95 <= 600 else "NOT met",
+    (";  infill >= 100x per-row loop -> %s" % ("met" if (rows / mi) / (loop_rows / loop_s) >= 100 else "NOT met")) if loop_s else ""))
 print()
 print("raw (seconds; infill peak RSS via %s):" % tool)
 print("  single:", " ".join("%.3f" % x for x in single))
@@ -215,11 +234,22 @@ print("  infill:", " ".join("%.3f" % x for x in infill))
 print("  infill peak RSS KiB:", " ".join(str(x) for x in rss), "(max %.1f MiB, median %.1f MiB)" % (peak, statistics.median(rss) / 1024))
 print()
 print(open(raw).read().rstrip())
+kv = dict(rows=rows, repeat=repeat, batch_size=bs, single_s="%.3f" % ms, single_rps="%.0f" % (rows / ms),
+          infill_s="%.3f" % mi, infill_rps="%.0f" % (rows / mi), ratio="%.3f" % ratio,
+          infill_rss_kib=max(rss), batch_p95_ms=bat["batch_ms_p95"], batch_median_ms=bat["batch_ms_median"],
+          batch_max_ms=bat["batch_ms_max"], batches=bat["batches"],
+          single_runs=" ".join("%.3f" % x for x in single), infill_runs=" ".join("%.3f" % x for x in infill))
+if loop_s is not None:
+    lr = loop_rows / loop_s
+    kv.update(loop_rows=loop_rows, loop_s="%.3f" % loop_s, loop_rps="%.0f" % lr, loop_est_s="%.0f" % (rows / lr),
+              infill_vs_loop="%.1f" % ((rows / mi) / lr))
+for k, v in kv.items():
+    values.write("%s=%s\n" % (k, v))
 PY
 {
   echo "# infill bench, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(psql_db -At -c 'SHOW server_version'), infill source $REV"
-  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE UNDO=$UNDO bench/run.sh"
+  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE UNDO=$UNDO LOOP_ROWS=$LOOP_ROWS bench/run.sh"
   cat "$WORK/report.txt"
 } > "$OUT"
 cat "$OUT"
-log "raw results written to $OUT; spec and audit logs kept in $WORK"
+log "report written to $OUT, values to $VALUES; spec and audit logs kept in $WORK"
