@@ -248,7 +248,8 @@ async fn verbose_prints_each_written_row(db: TestDb) {
 on_all_backends!(verbose_prints_each_written_row, verbose_prints_each_written_row);
 
 /// State tables written by an earlier infill (schema version 1, without
-/// run groups and undo runs) are migrated in place by the next run.
+/// run groups and undo runs, and MySQL's undo keys in a TEXT) are migrated
+/// in place by the next run.
 async fn migrates_version_1_state(db: TestDb) {
     schema(&db, 300).await;
     let spec = db.spec(SPEC);
@@ -258,10 +259,18 @@ async fn migrates_version_1_state(db: TestDb) {
     db.exec("ALTER TABLE infill_runs DROP COLUMN group_id").await;
     db.exec("ALTER TABLE infill_runs DROP COLUMN undo_of").await;
     db.exec("UPDATE infill_schema SET version = 1").await;
+    let undo_keys_type = "SELECT COUNT(*) FROM information_schema.columns WHERE table_schema = DATABASE() AND table_name = 'infill_undo' AND column_name = 'row_key' AND data_type = 'longtext'";
+    if db.backend == common::Backend::MySql {
+        db.exec("ALTER TABLE infill_undo MODIFY row_key TEXT NOT NULL").await;
+        assert_eq!(db.int(undo_keys_type).await, 0);
+    }
 
     let out = db.run(&["run", spec, "--param", "block=2"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(db.int("SELECT COUNT(*) FROM infill_schema WHERE version = 2").await, 1);
+    assert_eq!(db.int("SELECT COUNT(*) FROM infill_schema WHERE version = 3").await, 1);
+    if db.backend == common::Backend::MySql {
+        assert_eq!(db.int(undo_keys_type).await, 1, "the undo keys widened");
+    }
     assert_eq!(
         db.int("SELECT COUNT(*) FROM infill_runs WHERE group_id IS NULL").await,
         2,

@@ -383,3 +383,33 @@ async fn mariadb_images_are_taken_by_the_engine() {
     let after: serde_json::Value = serde_json::from_str(stored[0][1].as_deref().unwrap()).unwrap();
     assert_eq!(after["note"][0], "filled", "{after}");
 }
+
+/// A batch of 15,000 rows keeps its images in one row of `infill_undo` on
+/// every engine (its keys alone outgrow a 64 kB TEXT): it commits whole,
+/// not split, and undo puts it back.
+async fn a_large_batch_is_imaged_whole(db: TestDb) {
+    db.exec("CREATE TABLE big (id BIGINT NOT NULL PRIMARY KEY, v BIGINT)")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO big (id, v) SELECT i, NULL FROM ({}) s",
+        db.series(15_000)
+    ))
+    .await;
+    let spec = db.spec(
+        "[jobs.fill]\nsource.table = \"big\"\nsource.key = \"id\"\nsource.where = \"v IS NULL\"\naction.update.v = \"id * 3\"\n",
+    );
+    let out = db.run(&["run", spec.to_str().unwrap(), "--batch-size", "15000", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["batches"].as_u64(), summary["rows_changed"].as_u64()),
+        (Some(1), Some(15_000)),
+        "{summary}"
+    );
+    let id = summary["run_id"].as_str().unwrap().to_string();
+    assert_eq!(db.undo_images(Some(&id)).await, 15_000);
+    let (code, out) = undo(&db, &[&id[..13]]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(db.int("SELECT COUNT(*) FROM big WHERE v IS NULL").await, 15_000);
+}
+on_all_backends!(a_large_batch_is_imaged_whole, a_large_batch_is_imaged_whole);

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::value::{Key, Value, key_from_json, key_to_json};
 
 /// The state tables' current version.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -250,21 +250,32 @@ pub async fn ensure_schema(db: &Db, c: &mut impl Exec) -> Result<()> {
         Some(Value::Int(v)) if *v > SCHEMA_VERSION => Err(Error::CannotProceed(format!(
             "the state tables have schema version {v}, newer than this infill knows ({SCHEMA_VERSION}); upgrade infill"
         ))),
-        Some(Value::Int(1)) => {
-            // Version 2 adds run groups and undo runs.
-            for stmt in [
-                "ALTER TABLE infill_runs ADD COLUMN group_id VARCHAR(36)",
-                "ALTER TABLE infill_runs ADD COLUMN undo_of VARCHAR(36)",
-                "UPDATE infill_schema SET version = 2",
-            ] {
+        Some(Value::Int(v)) if *v < SCHEMA_VERSION => {
+            // Version 2 adds run groups and undo runs; version 3 widens
+            // MySQL's undo keys for batches imaged by the engine.
+            let mut steps: Vec<&str> = Vec::new();
+            if *v < 2 {
+                steps.extend([
+                    "ALTER TABLE infill_runs ADD COLUMN group_id VARCHAR(36)",
+                    "ALTER TABLE infill_runs ADD COLUMN undo_of VARCHAR(36)",
+                ]);
+            }
+            steps.extend(db.dialect.schema_v3());
+            steps.push("UPDATE infill_schema SET version = 3");
+            for stmt in steps {
                 c.execute(&db.q(stmt, vec![]))
                     .await
-                    .map_err(Error::db("cannot migrate infill's state tables to version 2"))?;
+                    .map_err(Error::db("cannot migrate infill's state tables to version 3"))?;
             }
             Ok(())
         }
         Some(Value::Int(_)) => Ok(()),
         _ => {
+            for tuning in db.dialect.state_tuning() {
+                if let Err(e) = c.execute(&db.q(tuning, vec![])).await {
+                    tracing::debug!("state table setting skipped: {e}");
+                }
+            }
             c.execute(&db.q(
                 "INSERT INTO infill_schema (version) VALUES (?)",
                 vec![Value::Int(SCHEMA_VERSION)],

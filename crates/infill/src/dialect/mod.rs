@@ -132,6 +132,15 @@ pub trait Dialect: Send + Sync {
     fn update_returning(&self) -> bool;
     /// Statements creating the state tables, idempotent.
     fn state_schema(&self) -> Vec<&'static str>;
+    /// Schema version 3: what this engine's state tables of version 2 need.
+    fn schema_v3(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+    /// Settings for new state tables that help where the server supports
+    /// them and change nothing else; a statement that fails is skipped.
+    fn state_tuning(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
     /// Statements run on each new connection (timeouts, isolation).
     fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String>;
     /// A query listing the columns of a table: (name, type) rows.

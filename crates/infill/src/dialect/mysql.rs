@@ -268,7 +268,7 @@ impl Dialect for MySqlDialect {
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
             "CREATE TABLE IF NOT EXISTS infill_undo (
                 run_id VARCHAR(36) NOT NULL, batch_no BIGINT NOT NULL, seq BIGINT NOT NULL,
-                row_key TEXT NOT NULL, before_image LONGTEXT NOT NULL, after_image LONGTEXT NOT NULL,
+                row_key LONGTEXT NOT NULL, before_image LONGTEXT NOT NULL, after_image LONGTEXT NOT NULL,
                 PRIMARY KEY (run_id, batch_no, seq)
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
             "CREATE TABLE IF NOT EXISTS infill_approvals (
@@ -277,6 +277,10 @@ impl Dialect for MySqlDialect {
                 os_user VARCHAR(200) NOT NULL, host VARCHAR(255) NOT NULL, plan_created_at VARCHAR(40) NOT NULL
             ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
         ]
+    }
+    fn schema_v3(&self) -> Vec<&'static str> {
+        // A batch's keys in one image row outgrow TEXT's 64 kB.
+        vec!["ALTER TABLE infill_undo MODIFY row_key LONGTEXT NOT NULL"]
     }
     fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String> {
         vec![

@@ -89,6 +89,15 @@ impl Dialect for PostgresDialect {
                 os_user TEXT NOT NULL, host TEXT NOT NULL, plan_created_at TEXT NOT NULL)",
         ]
     }
+    /// Undo images are large JSON texts written once per batch: lz4 (a
+    /// server built with it) compresses them several times faster than
+    /// the default pglz, which otherwise costs about a tenth of a batch.
+    fn state_tuning(&self) -> Vec<&'static str> {
+        vec![
+            "ALTER TABLE infill_undo ALTER COLUMN row_key SET COMPRESSION lz4, \
+             ALTER COLUMN before_image SET COMPRESSION lz4, ALTER COLUMN after_image SET COMPRESSION lz4",
+        ]
+    }
     fn session_setup(&self, lock_timeout: Duration, statement_timeout: Duration) -> Vec<String> {
         vec![
             format!("SET lock_timeout = {}", lock_timeout.as_millis().max(1)),
