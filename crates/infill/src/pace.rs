@@ -41,6 +41,9 @@ pub fn jitter() -> u64 {
 #[derive(Debug, Default, Clone)]
 pub struct Adaptive {
     per_key: Option<f64>,
+    /// The upper bound when the spec sets none and the engine images its
+    /// batches itself (`ENGINE_MAX_BATCH`).
+    pub engine_max: Option<u64>,
 }
 
 impl Adaptive {
@@ -56,9 +59,11 @@ impl Adaptive {
         };
         self.per_key = Some(ema);
         let ideal = (s.batch_time.as_secs_f64() / ema.max(1e-9)) as u64;
-        ideal
-            .clamp(size / 4, size.saturating_mul(2))
-            .clamp(s.min_batch, s.max_batch)
+        let max = match self.engine_max {
+            Some(m) if s.max_batch_default => m.max(s.max_batch),
+            _ => s.max_batch,
+        };
+        ideal.clamp(size / 4, size.saturating_mul(2)).clamp(s.min_batch, max)
     }
 }
 
@@ -138,6 +143,30 @@ mod tests {
             back = a.next(back, Duration::from_secs_f64(back as f64 * 0.000_25), &s);
         }
         assert!(back >= 1950, "recovers: {back}");
+    }
+
+    #[test]
+    fn engine_imaged_batches_may_grow_past_the_default_cap() {
+        // 1 µs per key: 500 ms would be 500,000 keys.
+        let s = settings();
+        assert!(s.max_batch_default);
+        let grow = |a: &mut Adaptive, s: &Settings| {
+            let mut size = 20_000;
+            for _ in 0..5 {
+                size = a.next(size, Duration::from_micros(size), s);
+            }
+            size
+        };
+        assert_eq!(grow(&mut Adaptive::default(), &s), s.max_batch);
+        let mut engine = Adaptive {
+            engine_max: Some(crate::spec::ENGINE_MAX_BATCH),
+            ..Adaptive::default()
+        };
+        assert_eq!(grow(&mut engine, &s), crate::spec::ENGINE_MAX_BATCH);
+        // A max_batch the spec sets holds either way.
+        let mut capped = s.clone();
+        capped.max_batch_default = false;
+        assert_eq!(grow(&mut engine, &capped), s.max_batch);
     }
 
     #[test]

@@ -793,6 +793,21 @@ impl Target {
         self.dialect.fused_batch(self, shape)
     }
 
+    /// True when the engine writes and images this job's batches on its
+    /// own, no row coming back to infill.
+    pub fn engine_batches(&self, undo: bool) -> bool {
+        let hi = vec![Value::Null; self.keys.len()];
+        let shape = BatchShape {
+            run_id: "",
+            batch_no: 0,
+            lo: None,
+            hi: &hi,
+            limit: None,
+            undo,
+        };
+        self.call.is_none() && self.insert.is_none() && self.fused_batch(&shape).is_some()
+    }
+
     /// The guarded write of the given (locked) keys; the filter is checked
     /// again so a row changed since it was read is skipped.
     pub fn update_keys(&self, keys: &[Key]) -> Query {

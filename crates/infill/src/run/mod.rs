@@ -798,6 +798,7 @@ async fn batches(
     let session_start = Instant::now();
     let mut between = Between::new(db, req, run, obs, stop)?;
     let mut adaptive = crate::pace::Adaptive::default();
+    adaptive.engine_max = (!req.verbose && target.engine_batches(r.job.undo)).then_some(crate::spec::ENGINE_MAX_BATCH);
     loop {
         if let Some(end) = between.check(lock, audit).await? {
             return Ok(end);

@@ -14,7 +14,9 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-pub use settings::{ApprovalPolicy, BUILTIN_PROBES, Drift, MaxFailures, Probe, Rate, Settings, parse_duration};
+pub use settings::{
+    ApprovalPolicy, BUILTIN_PROBES, Drift, ENGINE_MAX_BATCH, MaxFailures, Probe, Rate, Settings, parse_duration,
+};
 
 use crate::error::{Error, Result};
 use crate::secret::{Redactor, redact_url};

@@ -62,6 +62,12 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The default `max_batch` where the engine writes and images a batch on
+/// its own (no row travels to infill, so memory does not grow with it).
+/// A batch of it takes about as long as one of 20,000 keys did when its
+/// rows came back to infill: locks are held no longer than before.
+pub const ENGINE_MAX_BATCH: u64 = 50_000;
+
 /// The resolved settings of one job run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -73,6 +79,10 @@ pub struct Settings {
     pub batch_time: Duration,
     pub min_batch: u64,
     pub max_batch: u64,
+    /// True when neither `max_batch` nor a `batch_size` above it was given:
+    /// the run may then allow [`ENGINE_MAX_BATCH`] where the engine writes
+    /// and images a batch on its own.
+    pub max_batch_default: bool,
     pub rate: Option<Rate>,
     pub pause_between: Duration,
     pub sleep_coef: f64,
@@ -239,6 +249,7 @@ impl Settings {
         let min_batch = last!(min_batch)
             .map(|n| n as u64)
             .unwrap_or_else(|| first.map_or(100, |f| f.min(100)));
+        let max_batch_default = last!(max_batch).is_none() && first.is_none_or(|f| f <= 20_000);
         let max_batch = last!(max_batch)
             .map(|n| n as u64)
             .unwrap_or_else(|| first.map_or(20_000, |f| f.max(20_000)));
@@ -258,6 +269,7 @@ impl Settings {
             batch_time: dur(last!(batch_time), Duration::from_millis(500)),
             min_batch,
             max_batch,
+            max_batch_default,
             rate,
             pause_between: dur(last!(pause_between), Duration::ZERO),
             sleep_coef: last!(sleep_coef).unwrap_or(0.0),
