@@ -1532,8 +1532,6 @@ async fn apply_batch(
     let t0 = Instant::now();
     let d = db.dialect;
     let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
-    let mut conn = db.conn().await?;
-    let mut tx = conn.begin_with(d.begin_write()).await.map_err(fail("cannot begin"))?;
     let shape = BatchShape {
         run_id,
         batch_no,
@@ -1546,6 +1544,8 @@ async fn apply_batch(
         .fused_batch(&shape)
         .filter(|_| !verbose && target.call.is_none() && target.insert.is_none())
     {
+        let mut conn = db.conn().await?;
+        let mut tx = conn.begin_with(d.begin_write()).await.map_err(fail("cannot begin"))?;
         let (mut read, mut changed, mut row) = (0, 0, Vec::new());
         let mut exact = true;
         for (q, step) in &fused.steps {
@@ -1600,8 +1600,6 @@ async fn apply_batch(
         let cp = Checkpoint::new(target.segment_no, batch_no, lo, upper, read, changed, 0, batch_size);
         return checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await;
     }
-    drop(tx);
-    drop(conn);
     apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await
 }
 
