@@ -331,13 +331,13 @@ max_failures = 5
     );
 }
 
-/// MariaDB takes a batch's images in the engine, checking that the rows it
-/// locked are the rows the UPDATE wrote. A guard that changes its mind
-/// (`RAND()`) makes them differ in most batches: each such batch is rolled
-/// back and written by key list, and the images still match what was
-/// written, so undo restores the table exactly.
+/// MariaDB takes a batch's images in the engine, and its UPDATE writes only
+/// the rows its locking read imaged. A guard that changes its mind
+/// (`RAND()`) refuses some locked rows and would admit others that were
+/// never locked: those are not written, so undo restores the table exactly
+/// (written without that restriction, the range fails this test in most runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mariadb_batches_fall_back_when_the_range_moves() {
+async fn mariadb_writes_only_the_rows_it_imaged() {
     let Some(db) = TestDb::new(common::Backend::MySql).await else {
         return;
     };
@@ -350,13 +350,13 @@ async fn mariadb_batches_fall_back_when_the_range_moves() {
     let id = run_id(&db, &spec);
     let written = db.int("SELECT COUNT(*) FROM items WHERE note = 'filled'").await;
     assert!(written > 300 && written < 667, "{written}");
-    // By key list, a locked row the guard then refuses keeps an image of
-    // the value it still holds.
+    // A locked row the guard then refuses keeps an image of the value it
+    // still holds.
     assert!(db.undo_images(Some(&id)).await >= written);
     let (code, out) = undo(&db, &[&id[..13]]);
     assert_eq!(code, Some(0), "{out}");
-    // Without the fallback, rows written but never locked would have no
-    // image, and would stay written.
+    // A row written but never locked would have no image, and would stay
+    // written.
     assert_eq!(db.checksum("items", COLS, "id").await, before);
 }
 

@@ -74,9 +74,9 @@ pub enum Step {
     /// (or NULL).
     Counts,
     /// One row: the rows locked and imaged, and whether the images are
-    /// whole (1). When the locked rows are not exactly the rows written
-    /// (another session made a row a candidate meanwhile), the batch is
-    /// rolled back and written again the slow, exact way.
+    /// whole (1). When they are not, or more rows were written than were
+    /// locked, the batch is rolled back and written again the slow, exact
+    /// way.
     Check,
 }
 

@@ -128,32 +128,35 @@ impl Dialect for MySqlDialect {
     /// With images, on MariaDB 10.6 or later and integer keys, the engine
     /// takes them itself, so no row comes back to infill: one locking read
     /// stores the candidates' keys and values in session variables, the
-    /// UPDATE writes the range, and an INSERT stores the images with the
-    /// written values of those keys (JSON_TABLE over the keys). At READ
-    /// COMMITTED another session may make a row of the range a candidate
-    /// between the read and the UPDATE; the check step sees the UPDATE
-    /// write more rows than were locked, and the batch is rolled back and
-    /// written by key list instead.
+    /// UPDATE writes the range's locked rows only (their keys through
+    /// JSON_TABLE), and an INSERT stores the images with the written values
+    /// of those keys. A check step sees images that are not whole (a
+    /// truncated JSON) and has the batch written by key list instead.
     fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Fused> {
         if s.limit.is_some() {
             return None;
         }
-        let mut update = SqlBuilder::new(self);
-        update.push("UPDATE ").push(&t.table).push(" SET ");
-        for (i, (col, f)) in t.sets.iter().enumerate() {
-            if i > 0 {
-                update.push(", ");
+        // `also`: a condition after the range and the guard.
+        let update = |also: &str| {
+            let mut b = SqlBuilder::new(self);
+            b.push("UPDATE ").push(&t.table).push(" SET ");
+            for (i, (col, f)) in t.sets.iter().enumerate() {
+                if i > 0 {
+                    b.push(", ");
+                }
+                b.push(&self.quote_ident(&col.name))
+                    .push(" = (")
+                    .fragment(f, &t.params)
+                    .push(")");
             }
-            update
-                .push(&self.quote_ident(&col.name))
-                .push(" = (")
-                .fragment(f, &t.params)
-                .push(")");
-        }
-        t.push_range(&mut update, s.lo, Some(s.hi), true);
-        let update = (update.finish(), Step::Written);
+            t.push_range(&mut b, s.lo, Some(s.hi), true);
+            b.push(also);
+            (b.finish(), Step::Written)
+        };
         if !s.undo {
-            return Some(Fused { steps: vec![update] });
+            return Some(Fused {
+                steps: vec![update("")],
+            });
         }
         if !mariadb_at_least(&t.server_version, 10, 6)
             || !t.keys.iter().all(|k| integer_type(&k.sql_type))
@@ -167,6 +170,27 @@ impl Dialect for MySqlDialect {
             [one] => one.clone(),
             many => format!("JSON_ARRAY({})", many.join(", ")),
         };
+        // The locked keys as a table: JSON_TABLE over @infill_keys.
+        let paths: Vec<String> = t
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let ty = if k.sql_type.to_ascii_lowercase().contains("unsigned") {
+                    "BIGINT UNSIGNED"
+                } else {
+                    "BIGINT"
+                };
+                let path = if qualified.len() == 1 {
+                    "$".to_string()
+                } else {
+                    format!("$[{i}]")
+                };
+                format!("infill_k{i} {ty} PATH '{path}'")
+            })
+            .collect();
+        let locked = format!("JSON_TABLE(@infill_keys, '$[*]' COLUMNS ({}))", paths.join(", "));
+        let cols: Vec<String> = (0..qualified.len()).map(|i| format!("infill_k{i}")).collect();
         let columns = |b: &mut SqlBuilder<'_>| {
             b.push("JSON_OBJECT(");
             for (i, (c, _)) in t.sets.iter().enumerate() {
@@ -187,6 +211,14 @@ impl Dialect for MySqlDialect {
             .push(&t.table);
         t.push_range(&mut before, s.lo, Some(s.hi), true);
         before.push(" FOR UPDATE");
+        // Only locked rows are written: a row another session made a
+        // candidate since the read, or a guard that changes its mind
+        // (RAND()), cannot add a row without an image. A locked row the
+        // guard now refuses keeps an image of the value it still holds.
+        let write = update(&format!(
+            " AND ({order}) IN (SELECT {} FROM {locked} infill_locked)",
+            cols.join(", ")
+        ));
         let mut images = SqlBuilder::new(self);
         images.push("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
         images
@@ -195,31 +227,13 @@ impl Dialect for MySqlDialect {
             .bind(Value::Int(s.batch_no as i64))
             .push(", 0, @infill_keys, @infill_before, ");
         columns(&mut images);
-        let (paths, join): (Vec<String>, Vec<String>) = t
-            .keys
+        let join: Vec<String> = qualified
             .iter()
-            .zip(&qualified)
             .enumerate()
-            .map(|(i, (k, q))| {
-                let ty = if k.sql_type.to_ascii_lowercase().contains("unsigned") {
-                    "BIGINT UNSIGNED"
-                } else {
-                    "BIGINT"
-                };
-                let path = if qualified.len() == 1 {
-                    "$".to_string()
-                } else {
-                    format!("$[{i}]")
-                };
-                (
-                    format!("infill_k{i} {ty} PATH '{path}'"),
-                    format!("{q} = infill_keys.infill_k{i}"),
-                )
-            })
-            .unzip();
+            .map(|(i, q)| format!("{q} = infill_keys.infill_k{i}"))
+            .collect();
         images.push(" FROM ").push(&t.table).push(&format!(
-            " JOIN JSON_TABLE(@infill_keys, '$[*]' COLUMNS ({})) infill_keys ON {} HAVING COUNT(*) > 0",
-            paths.join(", "),
+            " JOIN {locked} infill_keys ON {} HAVING COUNT(*) > 0",
             join.join(" AND ")
         ));
         let mut check = SqlBuilder::new(self);
@@ -232,7 +246,7 @@ impl Dialect for MySqlDialect {
         Some(Fused {
             steps: vec![
                 (before.finish(), Step::Run),
-                update,
+                write,
                 (images.finish(), Step::Run),
                 (check.finish(), Step::Check),
             ],

@@ -1575,15 +1575,16 @@ async fn apply_batch(
                         .into_iter()
                         .next()
                         .unwrap_or_default();
-                    exact = as_count(c.first()) == changed && as_count(c.get(1)) == 1;
+                    exact = changed <= as_count(c.first()) && as_count(c.get(1)) == 1;
                 }
             }
         }
         if !exact {
-            // Rows became candidates during the batch: write it again by key list.
+            // The images are not whole (or more rows were written than
+            // locked): write the batch again by key list.
             tracing::info!(
                 batch_no,
-                "rows of the range changed during the batch; writing it again by key list"
+                "the batch's images are not whole; writing it again by key list"
             );
             tx.rollback().await.map_err(fail("cannot roll back"))?;
             return apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await;
