@@ -136,21 +136,20 @@ impl Dialect for MySqlDialect {
         if s.limit.is_some() {
             return None;
         }
-        // `also`: a condition after the range and the guard.
-        let update = |also: &str| {
+        // `join`: a table the UPDATE joins (the locked keys), or nothing.
+        let update = |join: &str| {
             let mut b = SqlBuilder::new(self);
-            b.push("UPDATE ").push(&t.table).push(" SET ");
+            b.push("UPDATE ").push(&t.table).push(join).push(" SET ");
             for (i, (col, f)) in t.sets.iter().enumerate() {
                 if i > 0 {
                     b.push(", ");
                 }
-                b.push(&self.quote_ident(&col.name))
+                b.push(&format!("{}.{}", t.table, self.quote_ident(&col.name)))
                     .push(" = (")
                     .fragment(f, &t.params)
                     .push(")");
             }
             t.push_range(&mut b, s.lo, Some(s.hi), true);
-            b.push(also);
             (b.finish(), Step::Written)
         };
         if !s.undo {
@@ -190,7 +189,6 @@ impl Dialect for MySqlDialect {
             })
             .collect();
         let locked = format!("JSON_TABLE(@infill_keys, '$[*]' COLUMNS ({}))", paths.join(", "));
-        let cols: Vec<String> = (0..qualified.len()).map(|i| format!("infill_k{i}")).collect();
         let columns = |b: &mut SqlBuilder<'_>| {
             b.push("JSON_OBJECT(");
             for (i, (c, _)) in t.sets.iter().enumerate() {
@@ -215,10 +213,15 @@ impl Dialect for MySqlDialect {
         // candidate since the read, or a guard that changes its mind
         // (RAND()), cannot add a row without an image. A locked row the
         // guard now refuses keeps an image of the value it still holds.
-        let write = update(&format!(
-            " AND ({order}) IN (SELECT {} FROM {locked} infill_locked)",
-            cols.join(", ")
-        ));
+        // A multi-table UPDATE, so MariaDB joins the keys to the primary
+        // key; `IN (SELECT ...)` is not optimised in a single-table UPDATE
+        // and costs a scan of the keys per row.
+        let on: Vec<String> = qualified
+            .iter()
+            .enumerate()
+            .map(|(i, q)| format!("{q} = infill_locked.infill_k{i}"))
+            .collect();
+        let write = update(&format!(" JOIN {locked} infill_locked ON {}", on.join(" AND ")));
         let mut images = SqlBuilder::new(self);
         images.push("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
         images
