@@ -4,7 +4,9 @@
 # three times:
 #   (a) alone;
 #   (b) while one set-based UPDATE fills a new nullable column abalance2;
-#   (c) while `infill run` (default settings) does the same fill.
+#   (c) while `infill run` (default settings) does the same fill;
+#   (d) when TUNED is set: while `infill run` with those job settings
+#       (throttles such as sleep_coef or max_batch) does the same fill.
 # It reports pgbench's TPS and latency (median, p99, max, from the
 # per-transaction log -l) for each phase, the same for the transactions that
 # started while the writer ran, how long the writer took and whether it
@@ -26,6 +28,8 @@
 #                 number: pgbench -R RATE (transactions/s in all), whose
 #                 latencies count from the scheduled start, so a stall
 #                 delays every transaction queued behind it
+#   TUNED         job settings for phase (d), TOML lines     (default empty: no (d))
+#                 separated by ';', e.g. 'sleep_coef = 1'
 #   BIN           infill binary to use; set, nothing is built
 #   OUT           report file                                 (default bench/results/pgbench.txt)
 #   VALUES        key=value results for bench/summary.py      (default: OUT with .values.txt)
@@ -48,6 +52,7 @@ THREADS=${THREADS:-2}
 DURATION=${DURATION:-60}
 WRITER_DELAY=${WRITER_DELAY:-5}
 RATE=${RATE:-}
+TUNED=${TUNED:-}
 DB=infill_bench_pgbench
 FILL="aid * 2 + bid"
 OUT=${OUT:-$RESULTS/pgbench.txt}
@@ -89,6 +94,7 @@ source.key = ["aid"]
 source.where = "abalance2 IS NULL"
 action.update.abalance2 = "$FILL"
 TOML
+{ cat "$WORK/fill.toml"; tr ';' '\n' <<< "$TUNED"; echo; } > "$WORK/fill_tuned.toml"
 
 fresh_db() {
   local t0 t1
@@ -122,9 +128,10 @@ phase() {
         psql_db -c "UPDATE pgbench_accounts SET abalance2 = $FILL WHERE abalance2 IS NULL" > "$dir/writer.out" \
           || { kill "$pid" 2>/dev/null || true; die "the single UPDATE failed"; }
         ;;
-      infill)
-        local r
-        r=$(run_infill "$WORK/fill.toml" "$dir/infill.json" "$ACCOUNTS") \
+      infill|tuned)
+        local r spec=$WORK/fill.toml
+        [[ $writer == tuned ]] && spec=$WORK/fill_tuned.toml
+        r=$(run_infill "$spec" "$dir/infill.json" "$ACCOUNTS") \
           || { kill "$pid" 2>/dev/null || true; die "infill run failed"; }
         wrss=${r#* }
         ;;
@@ -160,15 +167,22 @@ phase() {
 phase a_alone none
 phase b_single single
 phase c_infill infill
+PHASES="a_alone b_single c_infill"
+if [[ -n $TUNED ]]; then
+  phase d_tuned tuned
+  PHASES="$PHASES d_tuned"
+fi
 
 mkdir -p "$(dirname "$OUT")"
-python3 - "$WORK" "$DURATION" "$VALUES" "$ACCOUNTS" <<'PY' > "$WORK/report.txt"
+python3 - "$WORK" "$DURATION" "$VALUES" "$ACCOUNTS" "$PHASES" "$TUNED" <<'PY' > "$WORK/report.txt"
 import sys
 work, duration, values, accounts = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+phases, tuned = sys.argv[5].split(), sys.argv[6]
 ph = {}
-for name in ("a_alone", "b_single", "c_infill"):
+for name in phases:
     ph[name] = dict(l.strip().split("=", 1) for l in open("%s/%s/values.txt" % (work, name)) if "=" in l)
-label = {"a_alone": "(a) pgbench alone", "b_single": "(b) + single UPDATE", "c_infill": "(c) + infill run"}
+label = {"a_alone": "(a) pgbench alone", "b_single": "(b) + single UPDATE", "c_infill": "(c) + infill run",
+         "d_tuned": "(d) + infill, tuned"}
 print("whole window (every transaction of the phase):")
 print("%-22s %9s %9s %9s %10s %11s %10s" % ("phase", "TPS", "p50 ms", "p99 ms", "max ms", "writer s", "in window"))
 out = {}
@@ -194,7 +208,7 @@ print("%-22s %9s %9s %9s %10s %12s" % ("phase", "TPS", "p50 ms", "p99 ms", "max 
 a = ph["a_alone"]
 print("%-22s %9.1f %9.2f %9.2f %10.1f %12s" % (label["a_alone"] + " (all)", float(a["tps"]), float(a["latency_ms_median"]),
       float(a["latency_ms_p99"]), float(a["latency_ms_max"]), a["transactions"]))
-for name in ("b_single", "c_infill"):
+for name in phases[1:]:
     v = ph[name]
     if int(v.get("during_transactions", 0)) == 0:
         print("%-22s   no transaction started while the writer ran" % label[name])
@@ -202,7 +216,8 @@ for name in ("b_single", "c_infill"):
     print("%-22s %9.1f %9.2f %9.2f %10.1f %12s" % (label[name], float(v["during_tps"]), float(v["during_latency_ms_median"]),
           float(v["during_latency_ms_p99"]), float(v["during_latency_ms_max"]), v["during_transactions"]))
 a99 = float(a["latency_ms_p99"])
-for short, name in (("b", "b_single"), ("c", "c_infill")):
+for name in phases[1:]:
+    short = name.split("_")[0]
     v = ph[name]
     out["%s_p99_vs_a" % short] = "%.2f" % (float(v["latency_ms_p99"]) / a99)
     if "during_latency_ms_p99" in v:
@@ -213,15 +228,21 @@ print("p99 while infill ran / p99 alone: %sx (goal <= 2x: %s); over the whole wi
     c_d, ("met" if float(c_d) <= 2 else "NOT met") if c_d else "no figure", out["c_p99_vs_a"]))
 print("p99 while the single UPDATE ran / p99 alone: %sx; over the whole window: %sx" % (
     out.get("b_during_p99_vs_a", "-"), out["b_p99_vs_a"]))
+d_d = out.get("d_during_p99_vs_a")
+if "d_tuned" in ph:
+    print("p99 while infill with %s ran / p99 alone: %sx (goal <= 2x: %s); over the whole window: %sx" % (
+        tuned, d_d, ("met" if float(d_d) <= 2 else "NOT met") if d_d else "no figure", out["d_p99_vs_a"]))
 print("the window is pgbench's first transaction + %g s; a writer still running then is waited for" % duration)
 with open(values, "w") as f:
     f.write("accounts=%d\nduration=%g\n" % (accounts, duration))
+    if tuned:
+        f.write("tuned=%s\n" % tuned)
     for k, v in out.items():
         f.write("%s=%s\n" % (k, v))
 PY
 {
   echo "# infill bench B3 (pgbench), $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(psql -X -At -d postgres -c 'SHOW server_version'), infill source $REV"
-  echo "# command: SCALE=$SCALE CLIENTS=$CLIENTS THREADS=$THREADS DURATION=$DURATION WRITER_DELAY=$WRITER_DELAY RATE=$RATE bench/pgbench.sh"
+  echo "# command: SCALE=$SCALE CLIENTS=$CLIENTS THREADS=$THREADS DURATION=$DURATION WRITER_DELAY=$WRITER_DELAY RATE=$RATE TUNED='$TUNED' bench/pgbench.sh"
   if [[ -n $RATE ]]; then
     echo "# load: open loop, pgbench -R $RATE (latency counted from the scheduled start)"
   else
@@ -231,7 +252,7 @@ PY
   cat "$WORK/report.txt"
   echo
   echo "raw figures per phase:"
-  for p in a_alone b_single c_infill; do sed "s/^/  $p: /" "$WORK/$p/values.txt"; done
+  for p in $PHASES; do sed "s/^/  $p: /" "$WORK/$p/values.txt"; done
 } > "$OUT"
 cat "$OUT"
 log "report written to $OUT, values to $VALUES; pgbench logs, spec and audit log kept in $WORK"

@@ -20,6 +20,7 @@
 #   B2_ROWS 10000000/300000   B2_REPEAT 1/1
 #   B3_SCALE 100/5  B3_DURATION 60/15  B3_CLIENTS 8/8  B3_WRITER_DELAY 5/3
 #   B3_RATE empty/empty (closed loop; a number: pgbench -R, open loop)
+#   B3_TUNED empty (a phase (d): infill with these job settings, e.g. "sleep_coef = 1")
 #   B5_SIZES "1000000 3000000"/"100000 300000" (plus B1_ROWS when b1 runs)
 #   B6_ROWS 1000000/1000000   B6_REPEAT 3/1
 # Results: bench/results/suite-bN.txt (each part's report), suite-bN.values.txt
@@ -136,7 +137,7 @@ has b1 && run_part b1 run.sh ROWS="$B1_ROWS" REPEAT="$B1_REPEAT" BATCH_SIZE=auto
 has b5 && run_part b5 growth.sh SIZES="$B5_SIZES" REPEAT=1
 has b2 && run_part b2 mariadb.sh ROWS="$B2_ROWS" REPEAT="$B2_REPEAT"
 has b6 && run_part b6 sqlite.sh ROWS="$B6_ROWS" REPEAT="$B6_REPEAT"
-has b3 && run_part b3 pgbench.sh SCALE="$B3_SCALE" DURATION="$B3_DURATION" CLIENTS="$B3_CLIENTS" WRITER_DELAY="$B3_WRITER_DELAY" RATE="${B3_RATE:-}"
+has b3 && run_part b3 pgbench.sh SCALE="$B3_SCALE" DURATION="$B3_DURATION" CLIENTS="$B3_CLIENTS" WRITER_DELAY="$B3_WRITER_DELAY" RATE="${B3_RATE:-}" TUNED="${B3_TUNED:-}"
 SUITE_T1=$(now)
 
 {

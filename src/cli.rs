@@ -513,8 +513,10 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
         let names: Vec<&str> = resolved.iter().map(|r| r.job.name.as_str()).collect();
         eprintln!("run group {g}: {}", names.join(" -> "));
     }
-    for (r, approved) in resolved.into_iter().zip(passes) {
-        let req = RunRequest {
+    let reqs = resolved
+        .into_iter()
+        .zip(passes)
+        .map(|(r, approved)| RunRequest {
             dry_run: a.dry_run,
             limit: a.limit,
             canary: a.canary,
@@ -525,27 +527,53 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
             group: group.clone(),
             retry_failed: a.retry_failed.clone(),
             ..RunRequest::new(r, &spec.sha256)
-        };
-        let code = execute(req, a.json, stop).await.inspect_err(|_| {
-            if let Some(g) = &group {
-                eprintln!("the run group stopped here; finish it with: infill resume {g}");
-            }
-        })?;
+        })
+        .collect();
+    run_in_order(reqs, group.as_deref(), a.json, stop).await
+}
+
+/// Runs jobs one after the other. A job that stops before its end (a
+/// canary, `--limit`, a signal) or fails stops the group there: the jobs
+/// after it depend on its whole result.
+async fn run_in_order(reqs: Vec<RunRequest>, group: Option<&str>, json: bool, stop: &Stop) -> Result<ExitCode, Error> {
+    let stopped_here = || {
+        if let Some(g) = group {
+            eprintln!("the run group stopped here; finish it with: infill resume {g}");
+        }
+    };
+    let n = reqs.len();
+    for (i, req) in reqs.into_iter().enumerate() {
+        let (code, status) = execute(req, json, stop).await.inspect_err(|_| stopped_here())?;
         if code != ExitCode::Success {
             return Ok(code);
+        }
+        if i + 1 < n && status.is_some_and(|s| s != RunStatus::Succeeded) {
+            stopped_here();
+            return Ok(ExitCode::Success);
         }
     }
     Ok(ExitCode::Success)
 }
 
-async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, Error> {
+/// Runs one job and prints its outcome: the exit code, and the run's
+/// status when it ran.
+async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<(ExitCode, Option<RunStatus>), Error> {
     let progress = Progress::new(req.verbose);
     let outcome = infill::run::run(req, &progress, stop).await;
     progress.finish();
-    match outcome {
-        Ok(Outcome::DryRun(report)) => output::dry_run(&report, json),
-        Ok(Outcome::Ran(summary)) => output::summary(&summary, json),
-        Ok(Outcome::Exported(done)) => exported(&done, json),
+    let status = match outcome {
+        Ok(Outcome::DryRun(report)) => {
+            output::dry_run(&report, json);
+            None
+        }
+        Ok(Outcome::Ran(summary)) => {
+            output::summary(&summary, json);
+            Some(summary.status)
+        }
+        Ok(Outcome::Exported(done)) => {
+            exported(&done, json);
+            None
+        }
         Err(e) => {
             // A run that ended in an error (rows failed, a check failed,
             // cancelled) still has its summary: JSON readers get it.
@@ -554,8 +582,8 @@ async fn execute(req: RunRequest, json: bool, stop: &Stop) -> Result<ExitCode, E
             }
             return Err(e);
         }
-    }
-    Ok(ExitCode::Success)
+    };
+    Ok((ExitCode::Success, status))
 }
 
 async fn plan(a: PlanArgs) -> Result<ExitCode, Error> {
@@ -690,7 +718,7 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
                 continue_run: Some(record.id.clone()),
                 ..RunRequest::new(spec.resolve(&record.job, &overrides)?, &spec.sha256)
             };
-            return execute(req, a.json, stop).await;
+            return Ok(execute(req, a.json, stop).await?.0);
         }
         Resumable::Group { id, runs } => (id, runs),
     };
@@ -714,23 +742,19 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
     // The group passed the gate when it started: drift is not checked again.
     let resolved: Vec<_> = left.iter().map(|(r, _)| r.clone()).collect();
     let passes = infill::approval::check_jobs(&resolved, None, true).await?;
-    for ((r, continue_run), approved) in left.into_iter().zip(passes) {
-        let req = RunRequest {
+    let reqs = left
+        .into_iter()
+        .zip(passes)
+        .map(|((r, continue_run), approved)| RunRequest {
             verbose: a.verbose,
             confirm,
             continue_run,
             approved,
             group: Some(group.clone()),
             ..RunRequest::new(r, &spec.sha256)
-        };
-        let code = execute(req, a.json, stop).await.inspect_err(|_| {
-            eprintln!("the run group stopped here; finish it with: infill resume {group}");
-        })?;
-        if code != ExitCode::Success {
-            return Ok(code);
-        }
-    }
-    Ok(ExitCode::Success)
+        })
+        .collect();
+    run_in_order(reqs, Some(&group), a.json, stop).await
 }
 
 async fn status(a: StatusArgs) -> Result<ExitCode, Error> {

@@ -46,11 +46,16 @@ pub fn summary(s: &RunSummary, json: bool) {
         s.status.as_str()
     };
     println!(
-        "{mark}: job {} wrote {} rows in {} batches ({} skipped by the guard), {:.1}s; run {}",
+        "{mark}: job {} wrote {} rows in {} batches ({} skipped by the guard{}), {:.1}s; run {}",
         s.job,
         thousands(s.rows_changed),
         thousands(s.batches),
         thousands(s.rows_skipped),
+        if s.rows_failed > 0 {
+            format!(", {} failed", thousands(s.rows_failed))
+        } else {
+            String::new()
+        },
         s.duration_ms as f64 / 1000.0,
         short(&s.run_id)
     );

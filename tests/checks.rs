@@ -174,6 +174,61 @@ async fn a_failed_check_stops_dependents(db: TestDb) {
 }
 on_all_backends!(a_failed_check_stops_dependents, a_failed_check_stops_dependents);
 
+/// A canary of a group stops after the first job: the jobs after it read
+/// its result, which the canary left unfinished. Resuming the group
+/// finishes the first job, then runs the next.
+async fn a_group_canary_stops_before_dependents(db: TestDb) {
+    schema(&db).await;
+    let without_status_check = spec_text().replace(
+        "[[jobs.parents.checks]]\nname = \"every user has a status\"\nsql = \"SELECT COUNT(*) FROM users WHERE status IS NULL\"\nexpect = 0\n",
+        "",
+    );
+    assert!(!without_status_check.contains("every user has a status"));
+    let spec = db.spec(&without_status_check);
+    let out = db.run(&["run", spec.to_str().unwrap(), "--canary", "10", "--batch-size", "5"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let runs = db.texts("SELECT job, status FROM infill_runs").await;
+    assert_eq!(runs.len(), 1, "children never started: {runs:?}");
+    assert_eq!(runs[0][1].as_deref(), Some("canary_passed"));
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM entries WHERE user_status IS NOT NULL")
+            .await,
+        0
+    );
+    let group = stderr
+        .split("run group ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .expect("the group id is printed")
+        .to_string();
+    assert!(
+        stderr.contains(&format!("finish it with: infill resume {group}")),
+        "{stderr}"
+    );
+
+    let out = db.run(&["resume", &group[..13]]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let runs = db.texts("SELECT job, status FROM infill_runs ORDER BY id").await;
+    let runs: Vec<(Option<String>, Option<String>)> = runs.into_iter().map(|r| (r[0].clone(), r[1].clone())).collect();
+    assert_eq!(
+        runs,
+        [
+            (Some("parents".to_string()), Some("succeeded".to_string())),
+            (Some("children".to_string()), Some("succeeded".to_string()))
+        ]
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM entries WHERE user_status = 'active'")
+            .await,
+        500
+    );
+}
+on_all_backends!(
+    a_group_canary_stops_before_dependents,
+    a_group_canary_stops_before_dependents
+);
+
 async fn canary_halts_then_resume_finishes(db: TestDb) {
     schema(&db).await;
     let body = |min: i64| {

@@ -37,6 +37,10 @@ async fn poison_rows_are_isolated(db: TestDb) {
     assert_eq!(out.status.code(), Some(1), "rows failed: exit 1\n{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("37 rows failed (within max_failures)"), "{stderr}");
+    // The JSON summary says the job finished, and how many rows failed.
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["status"], "succeeded", "{summary}");
+    assert_eq!(summary["rows_failed"], 37, "{summary}");
 
     assert_eq!(
         db.int("SELECT COUNT(*) FROM items WHERE poison = 0 AND (val IS NULL OR val <> id * 3)")

@@ -125,6 +125,12 @@ impl Fragment {
     /// `OR`, `XOR`, `BETWEEN`, `CASE`, `|`, `&` outside parentheses yields
     /// nothing, since a wrong answer would make undo put NULL over a value.
     pub fn null_conjuncts(&self) -> Vec<Ident> {
+        // A backslash may escape a quote (MySQL strings, in '...' and
+        // "..."), or not (PostgreSQL): where it is, the scan could end a
+        // literal in the wrong place and see a conjunct that is not there.
+        if self.source.contains('\\') {
+            return Vec::new();
+        }
         let Some(tokens) = tokens(&self.source) else {
             return Vec::new();
         };
@@ -349,6 +355,10 @@ mod tests {
             "(c IS NULL",
             "$$a$$ = 'a' AND c IS NULL",
             "c ISNULL",
+            // MySQL reads one string here; a scan without escapes, two
+            // strings around a `c IS NULL`.
+            r#"x = "a\" AND c IS NULL AND \"" "#,
+            r"x = 'a\' AND c IS NULL AND \'' ",
         ] {
             assert_eq!(pinned(unsure), Vec::<String>::new(), "{unsure}");
         }

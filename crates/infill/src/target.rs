@@ -22,6 +22,8 @@ pub struct BatchShape<'a> {
     pub hi: &'a Key,
     pub limit: Option<u64>,
     pub undo: bool,
+    /// How many keys the boundary put in the range (it may hold fewer).
+    pub keys: u64,
 }
 
 /// The table `action.insert` writes: its columns, keys and expressions.
@@ -804,6 +806,7 @@ impl Target {
             hi: &hi,
             limit: None,
             undo,
+            keys: 0,
         };
         self.call.is_none() && self.insert.is_none() && self.fused_batch(&shape).is_some()
     }

@@ -68,15 +68,16 @@ pub struct Fused {
 pub enum Step {
     /// Nothing: run it.
     Run,
-    /// Its affected rows are the rows read and written.
+    /// Its affected rows are rows written (summed over the batch's
+    /// `Written` statements; also the rows read, unless a `Check` says).
     Written,
     /// One row: rows read, rows written, the last key read as a JSON array
     /// (or NULL).
     Counts,
-    /// One row: the rows locked and imaged, and whether the images are
-    /// whole (1). When they are not, or more rows were written than were
-    /// locked, the batch is rolled back and written again the slow, exact
-    /// way.
+    /// One row: the rows locked and imaged (the rows read), and whether
+    /// the images are whole and hold every written row (1). When they do
+    /// not, or more rows were written than were locked, the batch is
+    /// rolled back and written again the slow, exact way.
     Check,
 }
 

@@ -126,18 +126,28 @@ impl Dialect for MySqlDialect {
     }
     /// Without images, one UPDATE over the range (the guard re-checked).
     /// With images, on MariaDB 10.6 or later and integer keys, the engine
-    /// takes them itself, so no row comes back to infill: one locking read
-    /// stores the candidates' keys and values in session variables, the
-    /// UPDATE writes the range's locked rows only (their keys through
-    /// JSON_TABLE), and an INSERT stores the images with the written values
-    /// of those keys. A check step sees images that are not whole (a
-    /// truncated JSON) and has the batch written by key list instead.
+    /// takes them itself, so no row comes back to infill:
+    ///
+    /// 1. a locking read stores the candidates' count, keys and values in
+    ///    session variables (in the order it reads them);
+    /// 2. the UPDATE: when every key of the range is a candidate (as many
+    ///    as the boundary put in it), over the range; otherwise restricted
+    ///    to the locked keys, through JSON_TABLE. The other statement of
+    ///    the pair has a WHERE that MariaDB sees is false before it reads;
+    /// 3. an INSERT stores the images: the keys and written values as the
+    ///    same pair reads them (the whole range, or the locked keys);
+    /// 4. a check: the images are whole JSON, and hold the locked keys, in
+    ///    the order of the before values. Over the whole range, that also
+    ///    proves the range held no row but the locked ones, so no row was
+    ///    written without an image. When the check fails, the batch is
+    ///    rolled back and written by key list.
     fn fused_batch(&self, t: &Target, s: &BatchShape<'_>) -> Option<Fused> {
         if s.limit.is_some() {
             return None;
         }
-        // `join`: a table the UPDATE joins (the locked keys), or nothing.
-        let update = |join: &str| {
+        // `join`: a table the UPDATE joins; `and`: a condition after the
+        // range and the guard.
+        let update = |join: &str, and: Option<(&str, u64)>| {
             let mut b = SqlBuilder::new(self);
             b.push("UPDATE ").push(&t.table).push(join).push(" SET ");
             for (i, (col, f)) in t.sets.iter().enumerate() {
@@ -150,11 +160,14 @@ impl Dialect for MySqlDialect {
                     .push(")");
             }
             t.push_range(&mut b, s.lo, Some(s.hi), true);
+            if let Some((cond, n)) = and {
+                b.push(cond).bind(Value::Int(n as i64));
+            }
             (b.finish(), Step::Written)
         };
         if !s.undo {
             return Some(Fused {
-                steps: vec![update("")],
+                steps: vec![update("", None)],
             });
         }
         if !mariadb_at_least(&t.server_version, 10, 6)
@@ -164,7 +177,6 @@ impl Dialect for MySqlDialect {
             return None;
         }
         let qualified: Vec<String> = t.key_q.iter().map(|k| format!("{}.{k}", t.table)).collect();
-        let order = qualified.join(", ");
         let key = match qualified.as_slice() {
             [one] => one.clone(),
             many => format!("JSON_ARRAY({})", many.join(", ")),
@@ -188,7 +200,20 @@ impl Dialect for MySqlDialect {
                 format!("infill_k{i} {ty} PATH '{path}'")
             })
             .collect();
-        let locked = format!("JSON_TABLE(@infill_keys, '$[*]' COLUMNS ({}))", paths.join(", "));
+        let locked = |alias: &str| {
+            let on: Vec<String> = qualified
+                .iter()
+                .enumerate()
+                .map(|(i, q)| format!("{q} = {alias}.infill_k{i}"))
+                .collect();
+            format!(
+                " JOIN JSON_TABLE(@infill_keys, '$[*]' COLUMNS ({})) {alias} ON {}",
+                paths.join(", "),
+                on.join(" AND ")
+            )
+        };
+        // No ORDER BY in the aggregates: within one statement they see the
+        // rows in the same order, and the check compares the two orders.
         let columns = |b: &mut SqlBuilder<'_>| {
             b.push("JSON_OBJECT(");
             for (i, (c, _)) in t.sets.iter().enumerate() {
@@ -197,51 +222,61 @@ impl Dialect for MySqlDialect {
                 }
                 let col = format!("{}.{}", t.table, self.quote_ident(&c.name));
                 b.bind(Value::Text(c.name.clone()))
-                    .push(&format!(", JSON_ARRAYAGG(CAST({col} AS CHAR) ORDER BY {order})"));
+                    .push(&format!(", JSON_ARRAYAGG(CAST({col} AS CHAR))"));
             }
             b.push(")");
         };
         let mut before = SqlBuilder::new(self);
-        before.push(&format!("SELECT COUNT(*), JSON_ARRAYAGG({key} ORDER BY {order}), "));
-        columns(&mut before);
+        before.push(&format!("SELECT COUNT(*), JSON_ARRAYAGG({key}), "));
+        if t.before_null {
+            // The guard pins every written column to NULL.
+            before.push("NULL");
+        } else {
+            columns(&mut before);
+        }
         before
             .push(" INTO @infill_n, @infill_keys, @infill_before FROM ")
             .push(&t.table);
         t.push_range(&mut before, s.lo, Some(s.hi), true);
         before.push(" FOR UPDATE");
-        // Only locked rows are written: a row another session made a
-        // candidate since the read, or a guard that changes its mind
-        // (RAND()), cannot add a row without an image. A locked row the
-        // guard now refuses keeps an image of the value it still holds.
-        // A multi-table UPDATE, so MariaDB joins the keys to the primary
-        // key; `IN (SELECT ...)` is not optimised in a single-table UPDATE
-        // and costs a scan of the keys per row.
-        let on: Vec<String> = qualified
-            .iter()
-            .enumerate()
-            .map(|(i, q)| format!("{q} = infill_locked.infill_k{i}"))
-            .collect();
-        let write = update(&format!(" JOIN {locked} infill_locked ON {}", on.join(" AND ")));
-        let mut images = SqlBuilder::new(self);
-        images.push("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
-        images
-            .bind(Value::Text(s.run_id.into()))
-            .push(", ")
-            .bind(Value::Int(s.batch_no as i64))
-            .push(", 0, @infill_keys, @infill_before, ");
-        columns(&mut images);
-        let join: Vec<String> = qualified
-            .iter()
-            .enumerate()
-            .map(|(i, q)| format!("{q} = infill_keys.infill_k{i}"))
-            .collect();
-        images.push(" FROM ").push(&t.table).push(&format!(
-            " JOIN {locked} infill_keys ON {} HAVING COUNT(*) > 0",
-            join.join(" AND ")
-        ));
+        let whole = (" AND @infill_n = ", s.keys);
+        let part = (" AND @infill_n <> ", s.keys);
+        let images = |from: &dyn Fn(&mut SqlBuilder<'_>), and: (&str, u64)| {
+            let mut b = SqlBuilder::new(self);
+            b.push("INSERT INTO infill_undo (run_id, batch_no, seq, row_key, before_image, after_image) SELECT ");
+            b.bind(Value::Text(s.run_id.into()))
+                .push(", ")
+                .bind(Value::Int(s.batch_no as i64))
+                .push(&format!(", 0, JSON_ARRAYAGG({key}), "));
+            if t.before_null {
+                let nulls: serde_json::Map<String, serde_json::Value> = t
+                    .sets
+                    .iter()
+                    .map(|(c, _)| (c.name.clone(), serde_json::Value::Null))
+                    .collect();
+                b.bind(Value::Text(serde_json::Value::Object(nulls).to_string()));
+            } else {
+                b.push("@infill_before");
+            }
+            b.push(", ");
+            columns(&mut b);
+            b.push(" FROM ").push(&t.table);
+            from(&mut b);
+            b.push(and.0).bind(Value::Int(and.1 as i64));
+            b.push(" HAVING COUNT(*) > 0");
+            (b.finish(), Step::Run)
+        };
+        let over_range = |b: &mut SqlBuilder<'_>| t.push_range(b, s.lo, Some(s.hi), false);
+        let over_locked = |b: &mut SqlBuilder<'_>| {
+            b.push(&locked("infill_locked")).push(" WHERE TRUE");
+        };
         let mut check = SqlBuilder::new(self);
         check
-            .push("SELECT @infill_n, COALESCE(JSON_VALID(@infill_keys) AND JSON_VALID(@infill_before) AND (SELECT JSON_VALID(after_image) FROM infill_undo WHERE run_id = ")
+            .push(
+                "SELECT @infill_n, COALESCE(JSON_VALID(@infill_keys) AND (@infill_before IS NULL OR JSON_VALID(@infill_before)) AND \
+                 (SELECT JSON_VALID(after_image) AND CAST(row_key AS BINARY) = CAST(@infill_keys AS BINARY) \
+                 FROM infill_undo WHERE run_id = ",
+            )
             .bind(Value::Text(s.run_id.into()))
             .push(" AND batch_no = ")
             .bind(Value::Int(s.batch_no as i64))
@@ -249,8 +284,10 @@ impl Dialect for MySqlDialect {
         Some(Fused {
             steps: vec![
                 (before.finish(), Step::Run),
-                write,
-                (images.finish(), Step::Run),
+                update("", Some(whole)),
+                update(&locked("infill_locked"), Some(part)),
+                images(&over_range, whole),
+                images(&over_locked, part),
                 (check.finish(), Step::Check),
             ],
         })

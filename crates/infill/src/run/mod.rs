@@ -134,6 +134,9 @@ pub struct RunSummary {
     pub rows_read: u64,
     pub rows_changed: u64,
     pub rows_skipped: u64,
+    /// Rows that failed and were recorded in `infill_failures` (the run
+    /// went on while `max_failures` allowed; it then exits with code 1).
+    pub rows_failed: u64,
     pub duration_ms: u64,
     pub audit_log: String,
     pub message: Option<String>,
@@ -695,6 +698,7 @@ async fn with_lock(
         rows_read: looped.rows_read,
         rows_changed: looped.rows_changed,
         rows_skipped: looped.rows_skipped,
+        rows_failed: looped.rows_failed,
         duration_ms: started.elapsed().as_millis() as u64,
         audit_log: audit.path().display().to_string(),
         message: message.clone(),
@@ -708,6 +712,7 @@ async fn with_lock(
             "rows_read": summary.rows_read,
             "rows_changed": summary.rows_changed,
             "rows_skipped": summary.rows_skipped,
+            "rows_failed": summary.rows_failed,
             "duration_ms": summary.duration_ms,
             "message": message,
         }),
@@ -1539,6 +1544,7 @@ async fn apply_batch(
         hi,
         limit,
         undo,
+        keys: batch_size,
     };
     if let Some(fused) = target
         .fused_batch(&shape)
@@ -1554,7 +1560,7 @@ async fn apply_batch(
                     tx.execute(q).await.map_err(fail("cannot write"))?;
                 }
                 Step::Written => {
-                    changed = tx.execute(q).await.map_err(fail("cannot write"))?;
+                    changed += tx.execute(q).await.map_err(fail("cannot write"))?;
                     read = changed;
                 }
                 Step::Counts => {
@@ -1575,16 +1581,17 @@ async fn apply_batch(
                         .into_iter()
                         .next()
                         .unwrap_or_default();
-                    exact = changed <= as_count(c.first()) && as_count(c.get(1)) == 1;
+                    read = as_count(c.first());
+                    exact = changed <= read && as_count(c.get(1)) == 1;
                 }
             }
         }
         if !exact {
-            // The images are not whole (or more rows were written than
-            // locked): write the batch again by key list.
+            // The images are not whole, or do not hold every written row:
+            // write the batch again by key list.
             tracing::info!(
                 batch_no,
-                "the batch's images are not whole; writing it again by key list"
+                "the batch's images failed their check; writing it again by key list"
             );
             tx.rollback().await.map_err(fail("cannot roll back"))?;
             return apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await;
