@@ -804,6 +804,10 @@ async fn batches(
     let mut between = Between::new(db, req, run, obs, stop)?;
     let mut adaptive = crate::pace::Adaptive::default();
     adaptive.engine_max = (!req.verbose && target.engine_batches(r.job.undo)).then_some(crate::spec::ENGINE_MAX_BATCH);
+    // The next batch's upper key, looked up on another connection while a
+    // batch writes: where it starts, its size, and the key found (None: the
+    // range ends before that many keys).
+    let mut ahead: Option<(Key, u64, Option<Key>)> = None;
     loop {
         if let Some(end) = between.check(lock, audit).await? {
             return Ok(end);
@@ -816,15 +820,30 @@ async fn batches(
         if remaining == Some(0) {
             return Ok(End::Limit);
         }
-        // The batch's upper key; a lost connection or a timeout here is
-        // retried like a batch's.
-        let boundary = seg_target.boundary(cursor.as_ref(), &upper, batch_size);
-        let hi = read_retrying(audit, r, looped.batches + 1, async || {
-            let mut c = db.conn().await?;
-            first_key(&mut c, &boundary).await
-        })
-        .await?
-        .unwrap_or_else(|| upper.clone());
+        // The batch's upper key, unless it was looked up ahead for this
+        // start and size; a lost connection or a timeout here is retried
+        // like a batch's.
+        let found = match ahead.take() {
+            Some((lo, n, found)) if cursor.as_ref() == Some(&lo) && n == batch_size => found,
+            _ => {
+                let boundary = seg_target.boundary(cursor.as_ref(), &upper, batch_size);
+                read_retrying(audit, r, looped.batches + 1, async || {
+                    let mut c = db.conn().await?;
+                    first_key(&mut c, &boundary).await
+                })
+                .await?
+            }
+        };
+        let hi = found.unwrap_or_else(|| upper.clone());
+        // The next batch starts at `hi` when this one ends there (no row
+        // limit) before the segment's end. Its boundary walks keys the
+        // batch does not lock; an error there only means looking again.
+        let look = (remaining.is_none() && hi != upper).then(|| seg_target.boundary(Some(&hi), &upper, batch_size));
+        let look_ahead = async {
+            let q = look.as_ref()?;
+            let mut c = db.conn().await.ok()?;
+            first_key(&mut c, q).await.ok()
+        };
         let settle = Settle {
             db,
             target: &seg_target,
@@ -835,16 +854,22 @@ async fn batches(
             redactor: &r.redactor,
         };
         let settled = {
-            let fut = settle.range(cursor.as_ref(), &hi, remaining, looped.batches + 1);
+            let fut = async {
+                tokio::join!(
+                    settle.range(cursor.as_ref(), &hi, remaining, looped.batches + 1),
+                    look_ahead
+                )
+            };
             tokio::pin!(fut);
             tokio::select! {
                 res = &mut fut => Some(res),
                 _ = stop.until(2) => None,
             }
         };
-        let Some(settled) = settled else {
+        let Some((settled, next)) = settled else {
             return Ok(End::Aborted);
         };
+        ahead = next.map(|found| (hi.clone(), batch_size, found));
         let settled = settled?;
         for (kind, detail) in &settled.events {
             audit.write(kind, detail.clone())?;
