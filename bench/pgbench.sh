@@ -30,6 +30,7 @@
 #                 delays every transaction queued behind it
 #   TUNED         job settings for phase (d), TOML lines     (default empty: no (d))
 #                 separated by ';', e.g. 'sleep_coef = 1'
+#   ONLY_TUNED    1: run (a) and (d) only, to compare settings  (default empty)
 #   BIN           infill binary to use; set, nothing is built
 #   OUT           report file                                 (default bench/results/pgbench.txt)
 #   VALUES        key=value results for bench/summary.py      (default: OUT with .values.txt)
@@ -53,6 +54,8 @@ DURATION=${DURATION:-60}
 WRITER_DELAY=${WRITER_DELAY:-5}
 RATE=${RATE:-}
 TUNED=${TUNED:-}
+ONLY_TUNED=${ONLY_TUNED:-}
+[[ -z $ONLY_TUNED || -n $TUNED ]] || die "ONLY_TUNED needs TUNED"
 DB=infill_bench_pgbench
 FILL="aid * 2 + bid"
 OUT=${OUT:-$RESULTS/pgbench.txt}
@@ -164,10 +167,13 @@ phase() {
   log "  $(tr '\n' ' ' < "$dir/values.txt" | cut -c1-400)"
 }
 
+PHASES="a_alone"
 phase a_alone none
-phase b_single single
-phase c_infill infill
-PHASES="a_alone b_single c_infill"
+if [[ -z $ONLY_TUNED ]]; then
+  phase b_single single
+  phase c_infill infill
+  PHASES="$PHASES b_single c_infill"
+fi
 if [[ -n $TUNED ]]; then
   phase d_tuned tuned
   PHASES="$PHASES d_tuned"
@@ -224,10 +230,12 @@ for name in phases[1:]:
         out["%s_during_p99_vs_a" % short] = "%.2f" % (float(v["during_latency_ms_p99"]) / a99)
 print()
 c_d = out.get("c_during_p99_vs_a")
-print("p99 while infill ran / p99 alone: %sx (goal <= 2x: %s); over the whole window: %sx" % (
-    c_d, ("met" if float(c_d) <= 2 else "NOT met") if c_d else "no figure", out["c_p99_vs_a"]))
-print("p99 while the single UPDATE ran / p99 alone: %sx; over the whole window: %sx" % (
-    out.get("b_during_p99_vs_a", "-"), out["b_p99_vs_a"]))
+if "c_infill" in ph:
+    print("p99 while infill ran / p99 alone: %sx (goal <= 2x: %s); over the whole window: %sx" % (
+        c_d, ("met" if float(c_d) <= 2 else "NOT met") if c_d else "no figure", out["c_p99_vs_a"]))
+if "b_single" in ph:
+    print("p99 while the single UPDATE ran / p99 alone: %sx; over the whole window: %sx" % (
+        out.get("b_during_p99_vs_a", "-"), out["b_p99_vs_a"]))
 d_d = out.get("d_during_p99_vs_a")
 if "d_tuned" in ph:
     print("p99 while infill with %s ran / p99 alone: %sx (goal <= 2x: %s); over the whole window: %sx" % (

@@ -8,7 +8,7 @@ use crate::dialect::{ConnectOptions, Db};
 use crate::error::{Error, Result};
 use crate::spec::{DatabaseUrl, Overrides, Spec};
 use crate::state::{self, RunRecord};
-use crate::value::Value;
+use crate::value::{Key, Value};
 
 /// The distinct target databases of a spec's jobs, resolved for an environment.
 fn targets(spec: &Spec, env: Option<&str>) -> Result<Vec<DatabaseUrl>> {
@@ -54,11 +54,12 @@ pub async fn status(spec: &Spec, env: Option<&str>, run: Option<&str>) -> Result
     Ok(out)
 }
 
-/// How far an unfinished run has to go, estimated from the keys its
-/// batches walked so far and the keys left in its range.
+/// How far an unfinished run has to go: the keys its batches walked so
+/// far and the keys left in its range, as the table holds them now.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Progress {
-    /// Keys the batches walked (candidates or not).
+    /// Keys up to the checkpoint (candidates or not), over the finished
+    /// priority segments too.
     pub keys_done: u64,
     /// Keys left to walk, over the remaining priority segments too.
     pub keys_left: u64,
@@ -86,35 +87,41 @@ pub async fn progress(spec: &Spec, env: Option<&str>, run: &RunRecord) -> Result
     let found = async {
         let mut c = db.conn().await?;
         let target = crate::target::Target::inspect(&db, &mut c, &r).await?;
-        let done = state::batches_after(&db, &mut c, &run.id, 0)
-            .await?
-            .iter()
-            .map(|b| b.batch_size)
-            .sum::<u64>();
         let name = r.job.table.last().map(String::as_str).unwrap_or_default();
         use crate::dialect::Exec;
-        // The rest of this segment, and each later segment's whole range.
-        let segments_after = target.segments().saturating_sub(run.segment + 1);
-        let ranges =
-            std::iter::once((run.cursor.clone(), 1)).chain((segments_after > 0).then_some((None, segments_after)));
-        let (mut left, mut estimated) = (0, false);
-        for (lo, times) in ranges {
-            // Counted when the count is quick (the session's statement
-            // timeout is short), else the planner's estimate.
-            let n = match crate::plan::count(&mut c, &target.count_keys(lo.as_ref(), &upper)).await {
-                Ok(n) => n,
+        // Keys in (lo, hi]: counted when the count is quick (the session's
+        // statement timeout is short), else the planner's estimate.
+        let mut estimated = false;
+        let mut keys = async |c: &mut crate::dialect::Conn, lo: Option<&Key>, hi: &Key| -> Result<u64> {
+            match crate::plan::count(c, &target.count_keys(lo, hi)).await {
+                Ok(n) => Ok(n),
                 Err(_) => {
                     estimated = true;
                     let q = db
                         .dialect
-                        .explain(&target.keys_between(lo.as_ref(), &upper))
-                        .ok_or_else(|| Error::CannotProceed("no estimate of the keys left".into()))?;
-                    let rows = c.fetch(&q).await.map_err(Error::db("cannot estimate the keys left"))?;
-                    db.dialect.explained_rows(&rows, name).unwrap_or(0)
+                        .explain(&target.keys_between(lo, hi))
+                        .ok_or_else(|| Error::CannotProceed("no estimate of the keys".into()))?;
+                    let rows = c.fetch(&q).await.map_err(Error::db("cannot estimate the keys"))?;
+                    Ok(db.dialect.explained_rows(&rows, name).unwrap_or(0))
                 }
-            };
-            left += n * times;
-        }
+            }
+        };
+        // Each segment walks the whole range. Done: the finished segments,
+        // and this one up to the cursor; left: the rest of this one, and
+        // each later segment.
+        let whole = if run.segment > 0 || target.segments() > run.segment + 1 {
+            keys(&mut c, None, &upper).await?
+        } else {
+            0
+        };
+        let this_done = match &run.cursor {
+            Some(cursor) => keys(&mut c, None, cursor).await?,
+            None => 0,
+        };
+        let this_left = keys(&mut c, run.cursor.as_ref(), &upper).await?;
+        let segments_after = target.segments().saturating_sub(run.segment + 1);
+        let done = run.segment * whole + this_done;
+        let left = this_left + segments_after * whole;
         let elapsed = chrono::DateTime::parse_from_rfc3339(&run.updated_at)
             .ok()
             .zip(chrono::DateTime::parse_from_rfc3339(&run.started_at).ok())
