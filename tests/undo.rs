@@ -435,6 +435,70 @@ async fn mariadb_dense_and_sparse_batches_pass_their_check() {
     }
 }
 
+/// On MariaDB an expression that reads another written column sees its new
+/// value (a single-table UPDATE assigns left to right), in every batch:
+/// dense ones written over their range and sparse ones, which would
+/// otherwise go through a multi-table UPDATE that reads old values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_cross_column_expressions_agree_in_every_batch() {
+    let Some(db) = TestDb::new(common::Backend::MySql).await else {
+        return;
+    };
+    db.exec("CREATE TABLE x (id BIGINT NOT NULL PRIMARY KEY, a BIGINT NOT NULL, b BIGINT)")
+        .await;
+    // 1..=500 all candidates; 501..=1000 every fourth one.
+    db.exec(&format!(
+        "INSERT INTO x SELECT i, i, CASE WHEN i > 500 AND i % 4 <> 0 THEN 0 END FROM ({}) s",
+        db.series(1000)
+    ))
+    .await;
+    let spec = db.spec(
+        "[jobs.fill]\nsource.table = \"x\"\nsource.key = \"id\"\nsource.where = \"b IS NULL\"\naction.update.a = \"a + 1\"\naction.update.b = \"a * 10\"\n",
+    );
+    let out = db.run(&["run", spec.to_str().unwrap(), "--batch-size", "100", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM x WHERE b IS NOT NULL AND b <> 0").await,
+        625
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM x WHERE b <> 0 AND b <> a * 10").await,
+        0,
+        "b read the new a in every batch"
+    );
+}
+
+/// MySQL's `IS NULL` matches a NOT NULL date column's zero date, so a
+/// guard `d IS NULL` does not prove the before values NULL there: the
+/// images hold the zero dates, and undo puts them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_zero_dates_are_imaged_as_they_are() {
+    let Some(db) = TestDb::new(common::Backend::MySql).await else {
+        return;
+    };
+    db.exec("SET SESSION sql_mode = ''").await;
+    db.exec("CREATE TABLE z (id BIGINT NOT NULL PRIMARY KEY, d DATETIME NOT NULL)")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO z SELECT i, CASE WHEN i % 3 = 0 THEN '2001-02-03 04:05:06' ELSE '0000-00-00 00:00:00' END FROM ({}) s",
+        db.series(300)
+    ))
+    .await;
+    let original = db.checksum("z", &["id", "d"], "id").await;
+    let spec = db.spec(
+        "[jobs.fill]\nsource.table = \"z\"\nsource.key = \"id\"\nsource.where = \"d IS NULL\"\naction.update.d = \"'2020-01-01 00:00:00'\"\n",
+    );
+    let out = db.run(&["run", spec.to_str().unwrap(), "--batch-size", "100", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["rows_changed"], 200, "the zero dates: {summary}");
+    let id = summary["run_id"].as_str().unwrap().to_string();
+    let (code, out) = undo(&db, &[&id[..13]]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out["restored"], 200, "{out}");
+    assert_eq!(db.checksum("z", &["id", "d"], "id").await, original);
+}
+
 /// A batch of 15,000 rows keeps its images in one row of `infill_undo` on
 /// every engine (its keys alone outgrow a 64 kB TEXT): it commits whole,
 /// not split, and undo puts it back.

@@ -109,16 +109,12 @@ pub async fn progress(spec: &Spec, env: Option<&str>, run: &RunRecord) -> Result
         // Each segment walks the whole range. Done: the finished segments,
         // and this one up to the cursor; left: the rest of this one, and
         // each later segment.
-        let whole = if run.segment > 0 || target.segments() > run.segment + 1 {
-            keys(&mut c, None, &upper).await?
-        } else {
-            0
-        };
         let this_done = match &run.cursor {
             Some(cursor) => keys(&mut c, None, cursor).await?,
             None => 0,
         };
         let this_left = keys(&mut c, run.cursor.as_ref(), &upper).await?;
+        let whole = this_done + this_left;
         let segments_after = target.segments().saturating_sub(run.segment + 1);
         let done = run.segment * whole + this_done;
         let left = this_left + segments_after * whole;

@@ -59,11 +59,17 @@ impl Adaptive {
         };
         self.per_key = Some(ema);
         let ideal = (s.batch_time.as_secs_f64() / ema.max(1e-9)) as u64;
-        let max = match self.engine_max {
+        ideal
+            .clamp(size / 4, size.saturating_mul(2))
+            .clamp(s.min_batch, self.max(s))
+    }
+
+    /// The largest batch these settings allow.
+    pub fn max(&self, s: &Settings) -> u64 {
+        match self.engine_max {
             Some(m) if s.max_batch_default => m.max(s.max_batch),
             _ => s.max_batch,
-        };
-        ideal.clamp(size / 4, size.saturating_mul(2)).clamp(s.min_batch, max)
+        }
     }
 }
 

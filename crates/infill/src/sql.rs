@@ -117,6 +117,18 @@ enum Token {
 }
 
 impl Fragment {
+    /// True when the text may name one of `names` (a word or a quoted
+    /// identifier, compared without case), or cannot be scanned.
+    pub fn may_mention(&self, names: &[&str]) -> bool {
+        let Some(tokens) = tokens(&self.source) else {
+            return true;
+        };
+        tokens.iter().any(|t| match t {
+            Token::Word(w) | Token::Quoted(w) => names.iter().any(|n| n.eq_ignore_ascii_case(w)),
+            _ => false,
+        })
+    }
+
     /// The columns this predicate requires to be NULL: its top-level
     /// conjuncts of the exact form `column IS NULL`. A row it admits holds
     /// NULL there, so a write guarded by it needs no read of the before value.
@@ -362,6 +374,16 @@ mod tests {
         ] {
             assert_eq!(pinned(unsure), Vec::<String>::new(), "{unsure}");
         }
+    }
+
+    #[test]
+    fn may_mention_finds_names_in_words_and_quotes() {
+        let f = |sql: &str| Fragment::parse(sql, false).unwrap();
+        assert!(f("a + 1").may_mention(&["a", "b"]));
+        assert!(f("concat(t.`Status`, 'x')").may_mention(&["status"]));
+        assert!(f("\"B\" * 2").may_mention(&["b"]));
+        assert!(!f("'a' || x").may_mention(&["a"]));
+        assert!(!f("id * 5").may_mention(&["a", "b"]));
     }
 
     #[test]

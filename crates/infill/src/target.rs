@@ -60,8 +60,9 @@ pub struct Target {
     pub base_filter: Option<Fragment>,
     /// Every written column is NULL in each row `source.where` admits
     /// (`c IS NULL` among its top-level conjuncts), so the before images
-    /// are known without reading them. Only PostgreSQL uses it: MySQL's
-    /// `IS NULL` also matches a NOT NULL date column's zero date.
+    /// are known without reading them. MySQL's `IS NULL` also matches a
+    /// NOT NULL date column's zero date, so MariaDB uses it only when no
+    /// written column holds dates or times.
     pub before_null: bool,
     /// `SELECT VERSION()` on MySQL/MariaDB (empty elsewhere): whether the
     /// engine can take the images itself.

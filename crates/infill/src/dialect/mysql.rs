@@ -43,6 +43,12 @@ fn integer_type(sql_type: &str) -> bool {
     )
 }
 
+/// A date or time column (MySQL's `IS NULL` matches a NOT NULL one's zero
+/// date).
+fn temporal(sql_type: &str) -> bool {
+    matches!(base_type(sql_type).as_str(), "date" | "datetime" | "timestamp")
+}
+
 /// A column whose value survives `CAST(.. AS CHAR)` into a JSON string
 /// and back (not binary data or bits).
 fn text_safe(sql_type: &str) -> bool {
@@ -170,12 +176,29 @@ impl Dialect for MySqlDialect {
                 steps: vec![update("", None)],
             });
         }
-        if !mariadb_at_least(&t.server_version, 10, 6)
+        // A multi-table UPDATE (the locked keys' path) computes every SET
+        // against the old row, where a single-table UPDATE assigns left to
+        // right: an expression that reads another written column would
+        // get different values by path, so such a job goes by key list.
+        let names: Vec<&str> = t.sets.iter().map(|(c, _)| c.name.as_str()).collect();
+        let cross = t.sets.iter().enumerate().any(|(i, (_, f))| {
+            let others: Vec<&str> = names
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, n)| *n)
+                .collect();
+            f.may_mention(&others)
+        });
+        if cross
+            || !mariadb_at_least(&t.server_version, 10, 6)
             || !t.keys.iter().all(|k| integer_type(&k.sql_type))
             || t.sets.iter().any(|(c, _)| !text_safe(&c.sql_type))
         {
             return None;
         }
+        // `IS NULL` also admits a NOT NULL date column's zero date.
+        let before_null = t.before_null && !t.sets.iter().any(|(c, _)| temporal(&c.sql_type));
         let qualified: Vec<String> = t.key_q.iter().map(|k| format!("{}.{k}", t.table)).collect();
         let key = match qualified.as_slice() {
             [one] => one.clone(),
@@ -228,7 +251,7 @@ impl Dialect for MySqlDialect {
         };
         let mut before = SqlBuilder::new(self);
         before.push(&format!("SELECT COUNT(*), JSON_ARRAYAGG({key}), "));
-        if t.before_null {
+        if before_null {
             // The guard pins every written column to NULL.
             before.push("NULL");
         } else {
@@ -248,7 +271,7 @@ impl Dialect for MySqlDialect {
                 .push(", ")
                 .bind(Value::Int(s.batch_no as i64))
                 .push(&format!(", 0, JSON_ARRAYAGG({key}), "));
-            if t.before_null {
+            if before_null {
                 let nulls: serde_json::Map<String, serde_json::Value> = t
                     .sets
                     .iter()

@@ -804,10 +804,7 @@ async fn batches(
     let mut between = Between::new(db, req, run, obs, stop)?;
     let mut adaptive = crate::pace::Adaptive::default();
     adaptive.engine_max = (!req.verbose && target.engine_batches(r.job.undo)).then_some(crate::spec::ENGINE_MAX_BATCH);
-    // The next batch's upper key, looked up on another connection while a
-    // batch writes: where it starts, its size, and the key found (None: the
-    // range ends before that many keys).
-    let mut ahead: Option<(Key, u64, Option<Key>)> = None;
+    let mut ahead: Option<LookAhead> = None;
     loop {
         if let Some(end) = between.check(lock, audit).await? {
             return Ok(end);
@@ -820,12 +817,16 @@ async fn batches(
         if remaining == Some(0) {
             return Ok(End::Limit);
         }
-        // The batch's upper key, unless it was looked up ahead for this
-        // start and size; a lost connection or a timeout here is retried
-        // like a batch's.
-        let found = match ahead.take() {
-            Some((lo, n, found)) if cursor.as_ref() == Some(&lo) && n == batch_size => found,
-            _ => {
+        // The batch's upper key: looked up ahead for this start and size,
+        // or now; a lost connection or a timeout here is retried like a
+        // batch's.
+        let looked = match ahead.take() {
+            Some(a) => a.found(cursor.as_ref(), batch_size, s.batch_time).await,
+            None => None,
+        };
+        let found = match looked {
+            Some(found) => found,
+            None => {
                 let boundary = seg_target.boundary(cursor.as_ref(), &upper, batch_size);
                 read_retrying(audit, r, looped.batches + 1, async || {
                     let mut c = db.conn().await?;
@@ -836,14 +837,19 @@ async fn batches(
         };
         let hi = found.unwrap_or_else(|| upper.clone());
         // The next batch starts at `hi` when this one ends there (no row
-        // limit) before the segment's end. Its boundary walks keys the
-        // batch does not lock; an error there only means looking again.
-        let look = (remaining.is_none() && hi != upper).then(|| seg_target.boundary(Some(&hi), &upper, batch_size));
-        let look_ahead = async {
-            let q = look.as_ref()?;
-            let mut c = db.conn().await.ok()?;
-            first_key(&mut c, q).await.ok()
-        };
+        // limit, not the segment's end). When its size will not change (at
+        // its bound, or fixed) and nothing throttles the run, its boundary
+        // is looked up on another connection while this batch writes.
+        let steady = s.fixed_batch || batch_size >= adaptive.max(s);
+        let unthrottled = s.rate.is_none() && s.pause_between.is_zero() && s.sleep_coef <= 0.0;
+        if remaining.is_none() && hi != upper && steady && unthrottled {
+            ahead = Some(LookAhead::start(
+                db,
+                seg_target.boundary(Some(&hi), &upper, batch_size),
+                &hi,
+                batch_size,
+            ));
+        }
         let settle = Settle {
             db,
             target: &seg_target,
@@ -854,22 +860,16 @@ async fn batches(
             redactor: &r.redactor,
         };
         let settled = {
-            let fut = async {
-                tokio::join!(
-                    settle.range(cursor.as_ref(), &hi, remaining, looped.batches + 1),
-                    look_ahead
-                )
-            };
+            let fut = settle.range(cursor.as_ref(), &hi, remaining, looped.batches + 1);
             tokio::pin!(fut);
             tokio::select! {
                 res = &mut fut => Some(res),
                 _ = stop.until(2) => None,
             }
         };
-        let Some((settled, next)) = settled else {
+        let Some(settled) = settled else {
             return Ok(End::Aborted);
         };
-        ahead = next.map(|found| (hi.clone(), batch_size, found));
         let settled = settled?;
         for (kind, detail) in &settled.events {
             audit.write(kind, detail.clone())?;
@@ -915,6 +915,47 @@ async fn batches(
         batch_size = adaptive.next(batch_size, outcome.duration, s);
 
         throttle(s, outcome.duration, looped.session_changed, session_start, stop).await;
+    }
+}
+
+/// The next batch's upper key, looked up by a task of its own while a batch
+/// writes (the walk reads keys the batch does not lock). Dropped unused,
+/// the task is cancelled.
+struct LookAhead {
+    lo: Key,
+    size: u64,
+    started: Instant,
+    task: tokio::task::JoinHandle<Option<Option<Key>>>,
+}
+
+impl LookAhead {
+    fn start(db: &Db, boundary: crate::sql::Query, lo: &Key, size: u64) -> LookAhead {
+        let db = db.clone();
+        LookAhead {
+            lo: lo.clone(),
+            size,
+            started: Instant::now(),
+            task: tokio::spawn(async move {
+                let mut c = db.conn().await.ok()?;
+                first_key(&mut c, &boundary).await.ok()
+            }),
+        }
+    }
+
+    /// The key found (None inside: the range ends before `size` keys), if
+    /// it was looked up for a batch starting at `lo` with `size` keys, not
+    /// long ago (a held run finds it again), and without an error.
+    async fn found(mut self, lo: Option<&Key>, size: u64, batch_time: Duration) -> Option<Option<Key>> {
+        if lo != Some(&self.lo) || size != self.size || self.started.elapsed() > 2 * batch_time {
+            return None;
+        }
+        (&mut self.task).await.ok().flatten()
+    }
+}
+
+impl Drop for LookAhead {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
