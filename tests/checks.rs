@@ -55,6 +55,22 @@ async fn schema(db: &TestDb) {
     .await;
 }
 
+/// The id of the run group whose output this is, which it says stopped
+/// (with the command that finishes it).
+fn stopped_group(stderr: &str) -> String {
+    let group = stderr
+        .split("run group ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .expect("the group id is printed")
+        .to_string();
+    assert!(
+        stderr.contains(&format!("finish it with: infill resume {group}")),
+        "{stderr}"
+    );
+    group
+}
+
 fn spec_text() -> String {
     // params belong to the job, not the check table: move the declaration up.
     SPEC.replace("params.min_id = { type = \"int\", default = 1 }\n", "")
@@ -145,16 +161,7 @@ async fn a_failed_check_stops_dependents(db: TestDb) {
 
     // The run was a group; with the check fixed, resuming the group
     // re-checks the failed job and runs its dependent, in the same group.
-    let group = stderr
-        .split("run group ")
-        .nth(1)
-        .and_then(|s| s.split(':').next())
-        .expect("the group id is printed")
-        .to_string();
-    assert!(
-        stderr.contains(&format!("finish it with: infill resume {group}")),
-        "{stderr}"
-    );
+    let group = stopped_group(&stderr);
     db.spec(&spec_text());
     let out = db.run(&["resume", &group[..13]]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -196,16 +203,7 @@ async fn a_group_canary_stops_before_dependents(db: TestDb) {
             .await,
         0
     );
-    let group = stderr
-        .split("run group ")
-        .nth(1)
-        .and_then(|s| s.split(':').next())
-        .expect("the group id is printed")
-        .to_string();
-    assert!(
-        stderr.contains(&format!("finish it with: infill resume {group}")),
-        "{stderr}"
-    );
+    let group = stopped_group(&stderr);
 
     let out = db.run(&["resume", &group[..13]]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

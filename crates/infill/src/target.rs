@@ -796,6 +796,17 @@ impl Target {
         self.dialect.fused_batch(self, shape)
     }
 
+    /// The before image of a batch whose guard pins every written column
+    /// to NULL: `{"col": null, ...}`, a column NULL in every row.
+    pub fn known_null_image(&self) -> String {
+        let nulls: serde_json::Map<String, serde_json::Value> = self
+            .sets
+            .iter()
+            .map(|(c, _)| (c.name.clone(), serde_json::Value::Null))
+            .collect();
+        serde_json::Value::Object(nulls).to_string()
+    }
+
     /// True when the engine writes and images this job's batches on its
     /// own, no row coming back to infill.
     pub fn engine_batches(&self, undo: bool) -> bool {

@@ -180,13 +180,12 @@ impl Dialect for MySqlDialect {
         // against the old row, where a single-table UPDATE assigns left to
         // right: an expression that reads another written column would
         // get different values by path, so such a job goes by key list.
-        let names: Vec<&str> = t.sets.iter().map(|(c, _)| c.name.as_str()).collect();
-        let cross = t.sets.iter().enumerate().any(|(i, (_, f))| {
-            let others: Vec<&str> = names
+        let cross = t.sets.iter().any(|(col, f)| {
+            let others: Vec<&str> = t
+                .sets
                 .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, n)| *n)
+                .map(|(c, _)| c.name.as_str())
+                .filter(|n| *n != col.name)
                 .collect();
             f.may_mention(&others)
         });
@@ -272,12 +271,7 @@ impl Dialect for MySqlDialect {
                 .bind(Value::Int(s.batch_no as i64))
                 .push(&format!(", 0, JSON_ARRAYAGG({key}), "));
             if before_null {
-                let nulls: serde_json::Map<String, serde_json::Value> = t
-                    .sets
-                    .iter()
-                    .map(|(c, _)| (c.name.clone(), serde_json::Value::Null))
-                    .collect();
-                b.bind(Value::Text(serde_json::Value::Object(nulls).to_string()));
+                b.bind(Value::Text(t.known_null_image()));
             } else {
                 b.push("@infill_before");
             }

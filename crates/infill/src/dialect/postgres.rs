@@ -318,12 +318,7 @@ fn push_images(b: &mut SqlBuilder<'_>, t: &Target, s: &BatchShape<'_>, before_nu
             .push("))::text, "),
     };
     if before_null {
-        let nulls: serde_json::Map<String, serde_json::Value> = t
-            .sets
-            .iter()
-            .map(|(c, _)| (c.name.clone(), serde_json::Value::Null))
-            .collect();
-        b.bind(Value::Text(serde_json::Value::Object(nulls).to_string()));
+        b.bind(Value::Text(t.known_null_image()));
     } else {
         push_columns(b, t, "b");
     }
