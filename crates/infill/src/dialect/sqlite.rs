@@ -110,15 +110,27 @@ impl Dialect for SqliteDialect {
                 many.iter().map(|k| json_value(k)).collect::<Vec<_>>().join(", ")
             ),
         };
+        let written: Vec<String> = t.sets.iter().map(|(c, _)| self.quote_ident(&c.name)).collect();
+        // The aggregates read a subquery ordered by the key. SQLite keeps a
+        // subquery's ORDER BY under an aggregate other than count, min and
+        // max, and feeds the aggregate in that order; over the key's range
+        // the order costs no sort. `ORDER BY` inside the aggregate would
+        // sort every batch (three times the cost of the images).
+        let ordered = |b: &mut SqlBuilder<'_>, cols: &[String], filter: bool, extra: &str| {
+            let mut list: Vec<String> = t.key_q.clone();
+            list.extend(cols.iter().filter(|c| !t.key_q.contains(c)).cloned());
+            b.push("(SELECT ").push(&list.join(", ")).push(" FROM ").push(&t.table);
+            t.push_range(b, s.lo, Some(s.hi), filter);
+            b.push(extra).push(" ORDER BY ").push(&order).push(")");
+        };
         let columns = |b: &mut SqlBuilder<'_>| {
             b.push("json_object(");
-            for (i, (c, _)) in t.sets.iter().enumerate() {
+            for (i, c) in written.iter().enumerate() {
                 if i > 0 {
                     b.push(", ");
                 }
-                let v = json_value(&self.quote_ident(&c.name));
-                b.bind(Value::Text(c.name.clone()))
-                    .push(&format!(", json_group_array({v} ORDER BY {order})"));
+                b.bind(Value::Text(t.sets[i].0.name.clone()))
+                    .push(&format!(", json_group_array({})", json_value(c)));
             }
             b.push(")");
         };
@@ -128,29 +140,48 @@ impl Dialect for SqliteDialect {
             .bind(Value::Text(s.run_id.into()))
             .push(", ")
             .bind(Value::Int(s.batch_no as i64))
-            .push(&format!(", 0, json_group_array({key} ORDER BY {order}), "));
-        columns(&mut before);
-        before.push(", '{}' FROM ").push(&t.table);
-        t.push_range(&mut before, s.lo, Some(s.hi), true);
+            .push(&format!(", 0, json_group_array({key}), "));
+        // A guard pinning every written column to NULL says what they held.
+        if t.before_null {
+            before.bind(Value::Text(t.known_null_image()));
+            before.push(", '{}' FROM ");
+            ordered(&mut before, &[], true, "");
+        } else {
+            columns(&mut before);
+            before.push(", '{}' FROM ");
+            ordered(&mut before, &written, true, "");
+        }
         before.push(" HAVING count(*) > 0");
-        // The written values of the same keys, in the same order.
-        let mut after = SqlBuilder::new(self);
-        after.push("UPDATE infill_undo SET after_image = (SELECT ");
-        columns(&mut after);
-        after.push(" FROM ").push(&t.table).push(" WHERE ");
-        match t.key_q.as_slice() {
-            [one] => after.push(&format!("{one} IN (SELECT value FROM json_each(infill_undo.row_key))")),
+        // The written values of the same keys, in the same order. When the
+        // range holds no row but the written ones (the write lock is held
+        // since the candidates were read), the range is the written rows;
+        // otherwise the keys are looked up in the image.
+        let in_image = match t.key_q.as_slice() {
+            [one] => format!(" AND {one} IN (SELECT value FROM json_each(infill_undo.row_key))"),
             many => {
                 let parts: Vec<String> = (0..many.len()).map(|i| format!("value ->> {i}")).collect();
-                after.push(&format!(
-                    "({}) IN (SELECT {} FROM json_each(infill_undo.row_key))",
+                format!(
+                    " AND ({}) IN (SELECT {} FROM json_each(infill_undo.row_key))",
                     many.join(", "),
                     parts.join(", ")
-                ))
+                )
             }
         };
+        let mut after = SqlBuilder::new(self);
         after
-            .push(") WHERE run_id = ")
+            .push("UPDATE infill_undo SET after_image = CASE WHEN (SELECT count(*) FROM ")
+            .push(&t.table);
+        t.push_range(&mut after, s.lo, Some(s.hi), false);
+        after.push(") = json_array_length(infill_undo.row_key) THEN (SELECT ");
+        columns(&mut after);
+        after.push(" FROM ");
+        ordered(&mut after, &written, false, "");
+        after.push(") ELSE (SELECT ");
+        columns(&mut after);
+        after.push(" FROM ");
+        ordered(&mut after, &written, false, &in_image);
+        after
+            .push(") END WHERE run_id = ")
             .bind(Value::Text(s.run_id.into()))
             .push(" AND batch_no = ")
             .bind(Value::Int(s.batch_no as i64))
