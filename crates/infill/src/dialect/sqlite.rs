@@ -114,8 +114,8 @@ impl Dialect for SqliteDialect {
         // The aggregates read a subquery ordered by the key. SQLite keeps a
         // subquery's ORDER BY under an aggregate other than count, min and
         // max, and feeds the aggregate in that order; over the key's range
-        // the order costs no sort. `ORDER BY` inside the aggregate would
-        // sort every batch (three times the cost of the images).
+        // the order costs no sort. `ORDER BY` inside the aggregate sorts
+        // every batch: the sorts took about half of a 50,000-key batch.
         let ordered = |b: &mut SqlBuilder<'_>, cols: &[String], filter: bool, extra: &str| {
             let mut list: Vec<String> = t.key_q.clone();
             list.extend(cols.iter().filter(|c| !t.key_q.contains(c)).cloned());
