@@ -751,7 +751,8 @@ impl Target {
         b.finish()
     }
 
-    fn push_set(&self, b: &mut SqlBuilder<'_>) {
+    /// `UPDATE table SET col = (expr), ...` of the written columns.
+    pub(crate) fn push_set(&self, b: &mut SqlBuilder<'_>) {
         b.push("UPDATE ").push(&self.table).push(" SET ");
         for (i, (col, f)) in self.sets.iter().enumerate() {
             if i > 0 {

@@ -204,8 +204,8 @@ impl Dialect for PostgresDialect {
         if let Some(l) = s.limit {
             b.push(&format!(" LIMIT {l}"));
         }
-        b.push(" FOR NO KEY UPDATE), infill_upd AS (UPDATE ").push(&t.table);
-        push_sets(self, &mut b, t);
+        b.push(" FOR NO KEY UPDATE), infill_upd AS (");
+        t.push_set(&mut b);
         b.push(" FROM infill_cand WHERE ");
         let join: Vec<String> = t
             .key_q
@@ -246,20 +246,6 @@ impl Dialect for PostgresDialect {
             sql: "SELECT pg_advisory_unlock($1)::int".into(),
             args: vec![Value::Int(lock_key(name))],
         })
-    }
-}
-
-/// ` SET col = (expr), ...` of the written columns.
-fn push_sets(d: &PostgresDialect, b: &mut SqlBuilder<'_>, t: &Target) {
-    b.push(" SET ");
-    for (i, (col, f)) in t.sets.iter().enumerate() {
-        if i > 0 {
-            b.push(", ");
-        }
-        b.push(&d.quote_ident(&col.name))
-            .push(" = (")
-            .fragment(f, &t.params)
-            .push(")");
     }
 }
 
@@ -347,8 +333,8 @@ fn push_columns(b: &mut SqlBuilder<'_>, t: &Target, prefix: &str) {
 /// rows written, no last key.
 fn plain_batch(d: &PostgresDialect, t: &Target, s: &BatchShape<'_>) -> Query {
     let mut b = SqlBuilder::new(d);
-    b.push("WITH infill_upd AS (UPDATE ").push(&t.table);
-    push_sets(d, &mut b, t);
+    b.push("WITH infill_upd AS (");
+    t.push_set(&mut b);
     t.push_range(&mut b, s.lo, Some(s.hi), true);
     if s.undo {
         b.push(" RETURNING ").push(&returning(d, t, false).join(", ")).push(")");

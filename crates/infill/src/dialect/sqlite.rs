@@ -77,17 +77,7 @@ impl Dialect for SqliteDialect {
             return None;
         }
         let mut update = SqlBuilder::new(self);
-        update.push("UPDATE ").push(&t.table).push(" SET ");
-        for (i, (col, f)) in t.sets.iter().enumerate() {
-            if i > 0 {
-                update.push(", ");
-            }
-            update
-                .push(&self.quote_ident(&col.name))
-                .push(" = (")
-                .fragment(f, &t.params)
-                .push(")");
-        }
+        t.push_set(&mut update);
         t.push_range(&mut update, s.lo, Some(s.hi), true);
         let update = (update.finish(), Step::Written);
         if !s.undo {
