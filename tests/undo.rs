@@ -59,12 +59,22 @@ fn run_id(db: &TestDb, spec: &str) -> String {
 }
 
 fn undo(db: &TestDb, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let (code, v, _) = undo_logged(db, args);
+    (code, v)
+}
+
+/// `undo`, also returning how many times it fell back from restoring a
+/// statement's worth of rows at once to one row at a time (its info log).
+fn undo_logged(db: &TestDb, args: &[&str]) -> (Option<i32>, serde_json::Value, usize) {
     let mut all = vec!["undo"];
     all.extend(args);
     all.push("--json");
-    let out = db.run(&all);
+    let out = db.infill().env("INFILL_LOG", "info").args(&all).output().unwrap();
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
-    (out.status.code(), v)
+    let one_by_one = String::from_utf8_lossy(&out.stderr)
+        .matches("restoring them one at a time")
+        .count();
+    (out.status.code(), v, one_by_one)
 }
 
 async fn undo_restores_exactly(db: TestDb) {
@@ -86,10 +96,13 @@ async fn undo_restores_exactly(db: TestDb) {
     );
     assert_eq!(db.checksum("items", COLS, "id").await, after_run);
 
-    let (code, out) = undo(&db, &[&id[..13]]);
+    // Every row still holds what the run wrote: each statement restores
+    // all of its rows, none goes one at a time.
+    let (code, out, one_by_one) = undo_logged(&db, &[&id[..13]]);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(out["restored"], 667);
     assert_eq!(out["conflicts"], 0);
+    assert_eq!(one_by_one, 0);
     assert_eq!(
         db.checksum("items", COLS, "id").await,
         before,
@@ -101,12 +114,20 @@ async fn undo_restores_exactly(db: TestDb) {
     assert_eq!(status[0][0].as_deref(), Some("undone"));
 
     // Twice: nothing left to do.
-    let (code, again) = undo(&db, &[&id[..13]]);
+    let (code, again, one_by_one) = undo_logged(&db, &[&id[..13]]);
     assert_eq!(code, Some(0), "{again}");
     assert_eq!(
         (again["restored"].as_u64(), again["already"].as_u64()),
         (Some(0), Some(667))
     );
+    // Each page of images found its rows already restored.
+    let pages = db
+        .audit(again["run_id"].as_str())
+        .iter()
+        .filter(|e| e["event"] == "batch")
+        .count();
+    assert!(pages > 1, "{pages}");
+    assert_eq!(one_by_one, pages);
     assert_eq!(db.checksum("items", COLS, "id").await, before);
     // Each undo is a run of its own, pointing at the run it undid.
     assert_eq!(
@@ -128,10 +149,13 @@ async fn changed_rows_are_conflicts(db: TestDb) {
     db.exec("UPDATE items SET note = 'FILLED' WHERE id = 1").await;
     db.exec("UPDATE items SET amount = 99 WHERE id = 2").await;
     db.exec("DELETE FROM items WHERE id = 4").await;
-    let (code, out) = undo(&db, &[&id[..13]]);
+    let (code, out, one_by_one) = undo_logged(&db, &[&id[..13]]);
     assert_eq!(code, Some(1), "conflicts exit 1: {out}");
     assert_eq!(out["conflicts"], 3);
     assert_eq!(out["restored"], 667 - 3);
+    // Only the first page (the first 100 rows written) goes one row at a
+    // time; the other six are restored a statement each.
+    assert_eq!(one_by_one, 1);
     let mut rows: Vec<String> = out["conflict_rows"]
         .as_array()
         .unwrap()

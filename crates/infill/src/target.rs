@@ -13,6 +13,12 @@ use crate::spec::{Location, ResolvedJob, SqlText};
 use crate::sql::{Fragment, Part, Query};
 use crate::value::{Key, Value};
 
+/// One written column of an undo image: the column, its value before the
+/// run, and the value the run wrote.
+pub type ColumnImage = (Column, Value, Value);
+/// A row's key and its written columns, as undo restores them.
+pub type RowImage<'a> = (&'a Key, &'a [ColumnImage]);
+
 /// One batch's bounds and bookkeeping, for dialects that write a batch in
 /// one statement.
 pub struct BatchShape<'a> {
@@ -1027,7 +1033,7 @@ impl Target {
 
     /// Undo's write: sets each column back to its before value where the
     /// row still holds exactly its after value (`Dialect::same_value`).
-    pub fn restore(&self, key: &Key, cols: &[(Column, Value, Value)]) -> Query {
+    pub fn restore(&self, key: &Key, cols: &[ColumnImage]) -> Query {
         let d = self.dialect;
         let mut b = SqlBuilder::new(d);
         b.push("UPDATE ").push(&self.table).push(" SET ");
@@ -1044,6 +1050,67 @@ impl Target {
             let ph = b.arg(after.clone());
             b.push(" AND ").push(&d.same_value(&d.quote_ident(&c.name), &ph));
         }
+        b.finish()
+    }
+
+    /// `restore` for many rows in one statement: an UPDATE joined to the
+    /// rows' keys, before and after values (`Dialect::update_join`), under
+    /// the same condition per row. Every row must carry the same columns, in
+    /// the same order. It changes as many rows as it was given only when
+    /// each row still held its after value.
+    pub fn restore_rows(&self, rows: &[RowImage<'_>]) -> Query {
+        let d = self.dialect;
+        let cols: Vec<&Column> = rows
+            .first()
+            .map(|r| r.1.iter().map(|c| &c.0).collect())
+            .unwrap_or_default();
+        let mut b = SqlBuilder::new(d);
+        let mut names: Vec<String> = (0..self.keys.len()).map(|i| format!("infill_k{i}")).collect();
+        for i in 0..cols.len() {
+            names.push(format!("infill_b{i}"));
+            names.push(format!("infill_a{i}"));
+        }
+        let values: Vec<Vec<String>> = rows
+            .iter()
+            .map(|(key, cs)| {
+                let mut row = self.bind_key(&mut b, key);
+                for (_, before, after) in cs.iter() {
+                    row.push(b.arg(before.clone()));
+                    row.push(b.arg(after.clone()));
+                }
+                row
+            })
+            .collect();
+        let from = d.rows_table(&values, &names, "infill_v");
+        let on: Vec<String> = self
+            .key_q
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{}.{k} = infill_v.infill_k{i}", self.table))
+            .collect();
+        let set: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let q = d.quote_ident(&c.name);
+                format!("{q} = {}", d.value_in(&format!("infill_v.infill_b{i}"), c))
+            })
+            .collect();
+        let same: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let col = format!("{}.{}", self.table, d.quote_ident(&c.name));
+                d.same_value(&col, &format!("infill_v.infill_a{i}"))
+            })
+            .collect();
+        b.push(&d.update_join(
+            &self.table,
+            &set.join(", "),
+            &from,
+            &on.join(" AND "),
+            &same.join(" AND "),
+        ));
         b.finish()
     }
 

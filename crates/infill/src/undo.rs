@@ -22,7 +22,7 @@ use crate::run::{BatchReport, Event, Observer, Stop, short};
 use crate::spec::{ParamKind, ResolvedJob, Spec};
 use crate::sql::Query;
 use crate::state::{self, Checkpoint, RunRecord, RunStatus};
-use crate::target::Target;
+use crate::target::{RowImage, Target};
 use crate::value::{Key, Value, key_from_json};
 
 /// Which images to restore, and whether to write.
@@ -476,8 +476,14 @@ impl PageWrite<'_> {
             .await
             .map_err(Error::db("cannot begin the undo batch"))?;
         let mut outcome = PageOutcome::default();
-        for img in self.page {
-            restore_one(&mut tx, self.target, img, &mut outcome, true).await?;
+        for chunk in chunks(self.page) {
+            if chunk.len() > 1 && restore_all(&mut tx, self.target, chunk).await? {
+                outcome.restored += chunk.len() as u64;
+                continue;
+            }
+            for img in chunk {
+                restore_one(&mut tx, self.target, img, &mut outcome, true).await?;
+            }
         }
         for (i, c) in outcome.conflicts.iter().enumerate() {
             let f = state::Failure {
@@ -548,6 +554,63 @@ struct PageOutcome {
     restored: u64,
     already: u64,
     conflicts: Vec<Conflict>,
+}
+
+/// Images restored by one statement at most (a few thousand bound values:
+/// under every engine's limit, and a plan that still reaches each row
+/// through the key).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// The page in runs of images one statement can restore together: rows
+/// the run updated (not inserted) writing the same columns, consecutive,
+/// [`ROWS_PER_STATEMENT`] at most. Any other image is a run of its own.
+fn chunks(page: &[Image]) -> Vec<&[Image]> {
+    let same = |a: &Image, b: &Image| {
+        !a.inserted
+            && !b.inserted
+            && a.cols.len() == b.cols.len()
+            && a.cols.iter().zip(&b.cols).all(|(x, y)| x.0.name == y.0.name)
+    };
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=page.len() {
+        if i == page.len() || i - start == ROWS_PER_STATEMENT || !same(&page[start], &page[i]) {
+            out.push(&page[start..i]);
+            start = i;
+        }
+    }
+    out
+}
+
+/// Restores every row of `chunk` in one statement, or none: true when
+/// each row still held its after value and was put back. Otherwise (a
+/// row changed since, already restored, gone, or named twice) the
+/// statement is rolled back to a savepoint, and the caller restores and
+/// classifies the rows one at a time.
+async fn restore_all(c: &mut impl Exec, target: &Target, chunk: &[Image]) -> Result<bool> {
+    let rows: Vec<RowImage<'_>> = chunk.iter().map(|i| (&i.key, i.cols.as_slice())).collect();
+    c.execute(&Query::new("SAVEPOINT infill_rows"))
+        .await
+        .map_err(Error::db("cannot set a savepoint"))?;
+    let n = c
+        .execute(&target.restore_rows(&rows))
+        .await
+        .map_err(Error::db("cannot restore rows"))?;
+    let all = n == chunk.len() as u64;
+    if !all {
+        tracing::info!(
+            rows = chunk.len(),
+            restorable = n,
+            "undo: not every row of these images still holds what the run wrote (changed since, already restored or gone); restoring them one at a time"
+        );
+        c.execute(&Query::new("ROLLBACK TO SAVEPOINT infill_rows"))
+            .await
+            .map_err(Error::db("cannot roll back to a savepoint"))?;
+    }
+    c.execute(&Query::new("RELEASE SAVEPOINT infill_rows"))
+        .await
+        .map_err(Error::db("cannot release a savepoint"))?;
+    Ok(all)
 }
 
 /// Restores one row (or, without `write`, only classifies it). An inserted
@@ -773,48 +836,74 @@ async fn fetch_images(
 /// Images stored in columns: `keys` the keys (scalars for a one-column
 /// key), `after` maps each written column to its values in the same
 /// order, `before` the same or `null` for a column that was NULL in every
-/// row.
-fn rows_of_columns(
+/// row. Read column by column, so a batch of 50,000 images costs no more
+/// than its values.
+fn images_of_columns(
+    db: &Db,
+    target: &Target,
+    run_id: &str,
+    (batch_no, seq): (i64, i64),
     keys: &[serde_json::Value],
     before: &serde_json::Value,
-    after: &serde_json::Value,
-) -> std::result::Result<Vec<(serde_json::Value, serde_json::Value, serde_json::Value)>, String> {
-    let column =
-        |image: &serde_json::Value, name: &str| -> std::result::Result<Option<Vec<serde_json::Value>>, String> {
-            match image.get(name) {
-                Some(serde_json::Value::Array(v)) if v.len() == keys.len() => Ok(Some(v.clone())),
-                Some(serde_json::Value::Null) if !std::ptr::eq(image, after) => Ok(None),
-                _ => Err(format!("column `{name}` does not hold one value per key")),
-            }
+    after: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Vec<Image>> {
+    let uneven = |name: &str| unreadable(run_id, format!("column `{name}` does not hold one value per key"));
+    let mut columns = Vec::with_capacity(after.len());
+    for (name, a) in after {
+        let a = a
+            .as_array()
+            .filter(|a| a.len() == keys.len())
+            .ok_or_else(|| uneven(name))?;
+        let b = match before.get(name) {
+            Some(serde_json::Value::Array(b)) if b.len() == keys.len() => Some(b),
+            Some(serde_json::Value::Null) => None,
+            _ => return Err(uneven(name)),
         };
-    let names: Vec<&String> = after.as_object().map(|o| o.keys().collect()).unwrap_or_default();
-    let mut rows: Vec<(serde_json::Map<_, _>, serde_json::Map<_, _>)> = vec![Default::default(); keys.len()];
-    for name in names {
-        let a = column(after, name)?.unwrap_or_default();
-        let b = column(before, name)?;
-        // Integer columns are stored as numbers; values compare as text.
-        let text = |v: &serde_json::Value| match v {
-            serde_json::Value::Number(n) => serde_json::Value::String(n.to_string()),
-            other => other.clone(),
-        };
-        for (i, row) in rows.iter_mut().enumerate() {
-            row.0.insert(
-                name.clone(),
-                b.as_ref().map_or(serde_json::Value::Null, |b| text(&b[i])),
-            );
-            row.1.insert(name.clone(), text(&a[i]));
-        }
+        columns.push((image_column(db, target, run_id, name)?, b, a));
     }
-    // A key column's keys are stored flat; keys of several columns as arrays.
-    Ok(keys
-        .iter()
-        .map(|k| match k {
-            serde_json::Value::Array(_) => k.clone(),
-            scalar => serde_json::Value::Array(vec![scalar.clone()]),
+    // Integer columns are stored as numbers; values compare as text.
+    let value = |v: &serde_json::Value| match v {
+        serde_json::Value::Number(n) => Value::Text(n.to_string()),
+        other => Value::from_json(other).unwrap_or(Value::Null),
+    };
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| {
+            // A key column's keys are stored flat; keys of several columns as arrays.
+            let key_json = match k {
+                serde_json::Value::Array(_) => k.clone(),
+                scalar => serde_json::Value::Array(vec![scalar.clone()]),
+            };
+            let key = key_from_json(&key_json).ok_or_else(|| unreadable(run_id, "a key".into()))?;
+            let cols = columns
+                .iter()
+                .map(|(c, b, a)| (c.clone(), b.map_or(Value::Null, |b| value(&b[i])), value(&a[i])))
+                .collect();
+            Ok(Image {
+                inserted: false,
+                batch_no,
+                seq,
+                key_json,
+                key,
+                cols,
+            })
         })
-        .zip(rows)
-        .map(|(k, (b, a))| (k, serde_json::Value::Object(b), serde_json::Value::Object(a)))
-        .collect())
+        .collect()
+}
+
+fn unreadable(run_id: &str, what: String) -> Error {
+    Error::CannotProceed(format!("an undo image of run {} is unreadable: {what}", short(run_id)))
+}
+
+/// The table's column an image names.
+fn image_column(db: &Db, target: &Target, run_id: &str, name: &str) -> Result<Column> {
+    target.column(db, name).ok_or_else(|| {
+        Error::CannotProceed(format!(
+            "column `{name}` of run {}'s undo images is no longer in table `{}`",
+            short(run_id),
+            target.table
+        ))
+    })
 }
 
 /// The images of one row of `infill_undo`.
@@ -823,23 +912,21 @@ fn read_images(db: &Db, target: &Target, run_id: &str, row: &[Value]) -> Result<
         Value::Int(i) => *i,
         other => other.display().parse().unwrap_or(0),
     };
-    let unreadable =
-        |what: String| Error::CannotProceed(format!("an undo image of run {} is unreadable: {what}", short(run_id)));
     let json = |v: &Value| -> Result<serde_json::Value> {
-        serde_json::from_str(&v.display()).map_err(|e| unreadable(e.to_string()))
+        serde_json::from_str(&v.display()).map_err(|e| unreadable(run_id, e.to_string()))
     };
     let (keys, befores, afters) = (json(&row[2])?, json(&row[3])?, json(&row[4])?);
+    let at = (int(&row[0]), int(&row[1]));
     // A row of images in columns (PostgreSQL), a row of images in arrays
     // (keys are arrays themselves), or a single image.
     let triples: Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> =
-        match (keys.as_array(), befores.as_array(), afters.as_array()) {
-            (Some(k), _, None) if afters.as_object().is_some_and(|o| o.values().all(|v| v.is_array())) => {
-                rows_of_columns(k, &befores, &afters).map_err(unreadable)?
+        match (keys.as_array(), befores.as_array(), afters.as_object()) {
+            (Some(k), None, Some(a)) if a.values().all(|v| v.is_array()) => {
+                return images_of_columns(db, target, run_id, at, k, &befores, a);
             }
-            (Some(k), Some(b), Some(a)) if k.first().is_some_and(|x| x.is_array()) => {
-                if k.len() != b.len() || k.len() != a.len() {
-                    return Err(unreadable("the arrays differ in length".into()));
-                }
+            (Some(k), Some(b), _) if k.first().is_some_and(|x| x.is_array()) => {
+                let a = afters.as_array().filter(|a| a.len() == k.len() && b.len() == k.len());
+                let a = a.ok_or_else(|| unreadable(run_id, "the arrays differ in length".into()))?;
                 k.iter()
                     .cloned()
                     .zip(b.iter().cloned())
@@ -849,27 +936,19 @@ fn read_images(db: &Db, target: &Target, run_id: &str, row: &[Value]) -> Result<
             }
             _ => vec![(keys, befores, afters)],
         };
-    let (batch_no, seq) = (int(&row[0]), int(&row[1]));
     triples
         .into_iter()
         .map(|(key_json, before, after)| {
-            let key = key_from_json(&key_json).ok_or_else(|| unreadable("a key".into()))?;
+            let key = key_from_json(&key_json).ok_or_else(|| unreadable(run_id, "a key".into()))?;
             let mut cols = Vec::new();
             for (name, a) in after.as_object().into_iter().flatten() {
-                let col = target.column(db, name).ok_or_else(|| {
-                    Error::CannotProceed(format!(
-                        "column `{name}` of run {}'s undo images is no longer in table `{}`",
-                        short(run_id),
-                        target.table
-                    ))
-                })?;
                 let v = |j: &serde_json::Value| Value::from_json(j).unwrap_or(Value::Null);
-                cols.push((col, v(&before[name.as_str()]), v(a)));
+                cols.push((image_column(db, target, run_id, name)?, v(&before[name.as_str()]), v(a)));
             }
             Ok(Image {
                 inserted: before.is_null(),
-                batch_no,
-                seq,
+                batch_no: at.0,
+                seq: at.1,
                 key_json,
                 key,
                 cols,

@@ -183,6 +183,18 @@ pub trait Dialect: Send + Sync {
     fn fused_batch(&self, _target: &crate::target::Target, _shape: &crate::target::BatchShape<'_>) -> Option<Fused> {
         None
     }
+    /// A derived table of literal rows named `alias`, its columns `names`:
+    /// each row a list of SQL expressions (placeholders, usually).
+    fn rows_table(&self, rows: &[Vec<String>], names: &[String], alias: &str) -> String {
+        let rows: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
+        format!("(VALUES {}) AS {alias}({})", rows.join(", "), names.join(", "))
+    }
+    /// An UPDATE of `table` joined to the derived table `from` on `on`:
+    /// `set` is the SET list (target columns unqualified), `filter` further
+    /// conditions on the joined rows.
+    fn update_join(&self, table: &str, set: &str, from: &str, on: &str, filter: &str) -> String {
+        format!("UPDATE {table} SET {set} FROM {from} WHERE {on} AND {filter}")
+    }
     /// Quotes a dotted table name.
     fn quote_table(&self, parts: &[String]) -> String {
         parts.iter().map(|p| self.quote_ident(p)).collect::<Vec<_>>().join(".")

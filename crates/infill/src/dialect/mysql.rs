@@ -312,6 +312,24 @@ impl Dialect for MySqlDialect {
     fn update_returning(&self) -> bool {
         false
     }
+    /// Rows as a UNION ALL of SELECTs: MariaDB's VALUES cannot name its
+    /// columns.
+    fn rows_table(&self, rows: &[Vec<String>], names: &[String], alias: &str) -> String {
+        let mut parts = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            let cols: Vec<String> = if i == 0 {
+                r.iter().zip(names).map(|(e, n)| format!("{e} AS {n}")).collect()
+            } else {
+                r.clone()
+            };
+            parts.push(format!("SELECT {}", cols.join(", ")));
+        }
+        format!("({}) AS {alias}", parts.join(" UNION ALL "))
+    }
+    /// The multi-table form: the join before SET.
+    fn update_join(&self, table: &str, set: &str, from: &str, on: &str, filter: &str) -> String {
+        format!("UPDATE {table} JOIN {from} ON {on} SET {set} WHERE {filter}")
+    }
     fn state_schema(&self) -> Vec<&'static str> {
         vec![
             "CREATE TABLE IF NOT EXISTS infill_schema (version INTEGER NOT NULL) ENGINE=InnoDB",

@@ -183,6 +183,20 @@ impl Dialect for SqliteDialect {
     fn update_returning(&self) -> bool {
         true
     }
+    /// VALUES names its columns column1, column2, ...: renamed in a SELECT.
+    fn rows_table(&self, rows: &[Vec<String>], names: &[String], alias: &str) -> String {
+        let rows: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
+        let cols: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("column{} AS {n}", i + 1))
+            .collect();
+        format!(
+            "(SELECT {} FROM (VALUES {})) AS {alias}",
+            cols.join(", "),
+            rows.join(", ")
+        )
+    }
     fn state_schema(&self) -> Vec<&'static str> {
         vec![
             "CREATE TABLE IF NOT EXISTS infill_schema (version INTEGER NOT NULL)",
