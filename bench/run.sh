@@ -15,6 +15,10 @@
 #   UNDO        keep undo images (true/false)           (default true)
 #   LOOP_ROWS   rows of the per-row loop contender, run (default 0: no loop)
 #               once on a table of its own, scaled to ROWS
+#   SEED_LOOP   1: with LOOP_ROWS, also the loop as seed  (default 0)
+#               001 writes it, in Python (bench/seedloop.py;
+#               PYTHON must import psycopg)
+#   PYTHON      the Python for SEED_LOOP                (default python3)
 #   BIN         infill binary to use; set, nothing is built
 #   OUT         report file                             (default bench/results/latest.txt)
 #   VALUES      key=value results for bench/summary.py  (default: OUT with .values.txt)
@@ -31,6 +35,8 @@ REPEAT=${REPEAT:-3}
 BATCH_SIZE=${BATCH_SIZE:-1000}
 UNDO=${UNDO:-true}
 LOOP_ROWS=${LOOP_ROWS:-0}
+SEED_LOOP=${SEED_LOOP:-0}
+PYTHON=${PYTHON:-python3}
 KEEP_DB=${KEEP_DB:-0}
 DB=infill_bench
 
@@ -47,6 +53,11 @@ SIZE_ARGS=(--batch-size "$BATCH_SIZE")
 [[ $UNDO == true || $UNDO == false ]] || die "UNDO must be true or false (got '$UNDO')"
 [[ $LOOP_ROWS =~ ^[0-9]+$ ]] && (( LOOP_ROWS <= ROWS )) || die "LOOP_ROWS must be an integer from 0 to ROWS (got '$LOOP_ROWS')"
 need psql python3
+if [[ $SEED_LOOP == 1 ]]; then
+  (( LOOP_ROWS > 0 )) || die "SEED_LOOP=1 needs LOOP_ROWS > 0"
+  "$PYTHON" -c "import psycopg" 2>/dev/null ||
+    die "SEED_LOOP=1: $PYTHON cannot import psycopg (python3 -m venv /tmp/pgvenv && /tmp/pgvenv/bin/pip install 'psycopg[binary]', then PYTHON=/tmp/pgvenv/bin/python)"
+fi
 
 psql_admin() { psql -X -q -v ON_ERROR_STOP=1 -d postgres "$@"; }
 psql_db() { psql -X -q -v ON_ERROR_STOP=1 -d "$DB" "$@"; }
@@ -145,7 +156,22 @@ for line in open(sys.argv[1]):
   elapsed "$t0" "$t1"
 }
 
-single_s=() infill_s=() infill_rss=() loop_s=""
+# The same loop as seed 001's Django command has it: the rows fetched into
+# Python, each value computed there, one autocommit UPDATE per row and a
+# progress line per row (bench/seedloop.py). Prints seconds.
+run_seed_loop() {
+  local t0 t1 bad
+  psql_db -c CHECKPOINT >/dev/null
+  t0=$(now)
+  "$PYTHON" "$ROOT/bench/seedloop.py" "host=$PGHOST port=$PGPORT user=$PGUSER dbname=$DB" t_loop "$LOOP_ROWS" \
+    > "$WORK/seedloop.out" 2> "$WORK/seedloop.err" || { cat "$WORK/seedloop.err" >&2; die "seed-shaped loop failed"; }
+  t1=$(now)
+  bad=$(scalar "SELECT count(*) FROM t_loop WHERE c IS DISTINCT FROM a * 31 + b")
+  [[ $bad == 0 ]] || die "seed-shaped loop left $bad wrong rows"
+  elapsed "$t0" "$t1"
+}
+
+single_s=() infill_s=() infill_rss=() loop_s="" seed_s=""
 raw=$WORK/raw.txt
 : > "$raw"
 for rep in $(seq 1 "$REPEAT"); do
@@ -154,8 +180,8 @@ for rep in $(seq 1 "$REPEAT"); do
   copy_table t_infill
   if (( rep % 2 )); then order="single infill"; else order="infill single"; fi
   if (( rep == 1 && LOOP_ROWS > 0 )); then
-    copy_table t_loop "WHERE id <= $LOOP_ROWS"
     order="loop $order"
+    [[ $SEED_LOOP == 1 ]] && order="seed $order"
   fi
   for who in $order; do
     case $who in
@@ -174,7 +200,16 @@ for rep in $(seq 1 "$REPEAT"); do
         log "  infill run: ${s}s, peak RSS ${k} KiB; $stats"
         echo "rep=$rep contender=infill seconds=$s peak_rss_kib=$k run_duration_ms=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["duration_ms"])' "$WORK/infill.$rep.json") $stats" >> "$raw"
         ;;
+      seed)
+        copy_table t_loop "WHERE id <= $LOOP_ROWS"
+        log "  seed-shaped loop (Python, psycopg) over $LOOP_ROWS rows..."
+        seed_s=$(run_seed_loop)
+        log "  seed-shaped loop: ${seed_s}s for $LOOP_ROWS rows"
+        echo "rep=$rep contender=seedloop rows=$LOOP_ROWS seconds=$seed_s" >> "$raw"
+        psql_db -c "DROP TABLE t_loop"
+        ;;
       loop)
+        copy_table t_loop "WHERE id <= $LOOP_ROWS"
         log "  per-row loop over $LOOP_ROWS rows (one autocommit UPDATE per row)..."
         loop_s=$(run_loop)
         log "  per-row loop: ${loop_s}s for $LOOP_ROWS rows"
@@ -193,7 +228,7 @@ python3 "$ROOT/bench/stats.py" batches "${jsons[@]}" > "$WORK/batches.txt"
 mkdir -p "$(dirname "$OUT")"
 : > "$VALUES"
 python3 - "$ROWS" "$REPEAT" "$BATCH_SIZE" "$RSS_TOOL" "$raw" "${single_s[*]}" "${infill_s[*]}" "${infill_rss[*]}" \
-    "$LOOP_ROWS" "$loop_s" "$WORK/batches.txt" "$VALUES" > "$WORK/report.txt" <<'PY'
+    "$LOOP_ROWS" "$loop_s" "$WORK/batches.txt" "$VALUES" "$seed_s" > "$WORK/report.txt" <<'PY'
 import statistics, sys
 rows, repeat, bs, tool, raw = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 single = [float(x) for x in sys.argv[6].split()]
@@ -202,6 +237,7 @@ rss = [int(x) for x in sys.argv[8].split()]
 loop_rows, loop_s = int(sys.argv[9]), (float(sys.argv[10]) if sys.argv[10] else None)
 bat = dict(l.strip().split("=", 1) for l in open(sys.argv[11]) if "=" in l)
 values = open(sys.argv[12], "w")
+seed_s = float(sys.argv[13]) if sys.argv[13] else None
 ms, mi = statistics.median(single), statistics.median(infill)
 ratio = ms / mi  # throughput ratio: (rows/s infill) / (rows/s single)
 peak = max(rss) / 1024
@@ -220,6 +256,10 @@ if loop_s is not None:
     print("per-row loop: measured on %d rows in %.2f s (%.0f rows/s), scaled to %d rows: %.0f s estimated." % (
         loop_rows, loop_s, lr, rows, est))
     print("infill vs per-row loop: %.1fx the loop's rows/s" % ((rows / mi) / lr))
+if seed_s is not None:
+    sr = loop_rows / seed_s
+    print("seed-shaped loop (Python, psycopg): %d rows in %.2f s (%.0f rows/s); infill: %.1fx its rows/s" % (
+        loop_rows, seed_s, sr, (rows / mi) / sr))
 print()
 print("infill batches (all runs pooled, from the audit logs): %s, median %s ms, p95 %s ms, max %s ms, largest %s keys" % (
     bat["batches"], bat["batch_ms_median"], bat["batch_ms_p95"], bat["batch_ms_max"], bat["batch_keys_max"]))
@@ -243,12 +283,15 @@ if loop_s is not None:
     lr = loop_rows / loop_s
     kv.update(loop_rows=loop_rows, loop_s="%.3f" % loop_s, loop_rps="%.0f" % lr, loop_est_s="%.0f" % (rows / lr),
               infill_vs_loop="%.1f" % ((rows / mi) / lr))
+if seed_s is not None:
+    kv.update(seed_loop_s="%.3f" % seed_s, seed_loop_rps="%.0f" % (loop_rows / seed_s),
+              infill_vs_seed_loop="%.1f" % ((rows / mi) / (loop_rows / seed_s)))
 for k, v in kv.items():
     values.write("%s=%s\n" % (k, v))
 PY
 {
   echo "# infill bench, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(psql_db -At -c 'SHOW server_version'), infill source $REV"
-  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE UNDO=$UNDO LOOP_ROWS=$LOOP_ROWS bench/run.sh"
+  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE UNDO=$UNDO LOOP_ROWS=$LOOP_ROWS SEED_LOOP=$SEED_LOOP bench/run.sh"
   cat "$WORK/report.txt"
 } > "$OUT"
 cat "$OUT"
