@@ -135,6 +135,63 @@ on_all_backends!(
     undo_deletes_exactly_the_inserted_rows
 );
 
+/// Undo of inserts nobody touched since: each page's rows are deleted by one
+/// statement (its info log names no fallback to one row at a time), and
+/// the table is as before.
+async fn untouched_inserts_are_deleted_a_statement_at_a_time(db: TestDb) {
+    schema(&db).await;
+    let before = db.checksum("parties", &["id", "name"], "id").await;
+    let out = db.run(&["run", &spec(&db, ORPHANS), "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inserted = run["rows_changed"].as_i64().unwrap();
+    assert!(inserted > 1, "{run}");
+    let id = &run["run_id"].as_str().unwrap()[..13];
+    let out = db
+        .infill()
+        .env("INFILL_LOG", "info")
+        .args(["undo", id, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let undo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(undo["restored"].as_i64(), Some(inserted), "{undo}");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("one at a time"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(db.checksum("parties", &["id", "name"], "id").await, before);
+}
+on_all_backends!(
+    untouched_inserts_are_deleted_a_statement_at_a_time,
+    untouched_inserts_are_deleted_a_statement_at_a_time
+);
+
+/// One inserted row changed since, nothing referring to any: the rows of
+/// its statement are deleted one at a time, so the changed one is kept as a
+/// conflict and every other one is deleted.
+async fn a_changed_insert_is_kept(db: TestDb) {
+    schema(&db).await;
+    let out = db.run(&["run", &spec(&db, ORPHANS), "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inserted = run["rows_changed"].as_i64().unwrap();
+    db.exec("UPDATE parties SET name = 'renamed' WHERE id = 120").await;
+    let out = db.run(&["undo", &run["run_id"].as_str().unwrap()[..13], "--json"]);
+    assert_eq!(out.status.code(), Some(1), "one conflict: {}", text(&out));
+    let undo: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (undo["restored"].as_i64(), undo["conflicts"].as_i64()),
+        (Some(inserted - 1), Some(1)),
+        "{undo}"
+    );
+    assert_eq!(undo["conflict_rows"][0]["column"], "name", "{undo}");
+    let left = db.texts("SELECT name FROM parties WHERE id > 100").await;
+    assert_eq!(left, vec![vec![Some("renamed".to_string())]]);
+}
+on_all_backends!(a_changed_insert_is_kept, a_changed_insert_is_kept);
+
 /// Another session inserts the same missing parents while the run goes:
 /// whoever comes first inserts a party, the other skips it; no error, no
 /// duplicate, none missed.

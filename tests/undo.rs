@@ -72,7 +72,7 @@ fn undo_logged(db: &TestDb, args: &[&str]) -> (Option<i32>, serde_json::Value, u
     let out = db.infill().env("INFILL_LOG", "info").args(&all).output().unwrap();
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     let one_by_one = String::from_utf8_lossy(&out.stderr)
-        .matches("restoring them one at a time")
+        .matches("undoing them one at a time")
         .count();
     (out.status.code(), v, one_by_one)
 }

@@ -19,6 +19,14 @@ pub type ColumnImage = (Column, Value, Value);
 /// A row's key and its written columns, as undo restores them.
 pub type RowImage<'a> = (&'a Key, &'a [ColumnImage]);
 
+/// The shared parts of a set-based undo statement (`Target::rows_join`).
+struct RowsJoin<'r> {
+    from: String,
+    on: String,
+    same: String,
+    cols: Vec<&'r Column>,
+}
+
 /// One batch's bounds and bookkeeping, for dialects that write a batch in
 /// one statement.
 pub struct BatchShape<'a> {
@@ -1060,41 +1068,68 @@ impl Target {
     /// each row still held its after value.
     pub fn restore_rows(&self, rows: &[RowImage<'_>]) -> Query {
         let d = self.dialect;
-        let cols: Vec<&Column> = rows
-            .first()
-            .map(|r| r.1.iter().map(|c| &c.0).collect())
-            .unwrap_or_default();
         let mut b = SqlBuilder::new(d);
-        let mut names: Vec<String> = (0..self.keys.len()).map(|i| format!("infill_k{i}")).collect();
-        for i in 0..cols.len() {
-            names.push(format!("infill_b{i}"));
-            names.push(format!("infill_a{i}"));
-        }
-        let values: Vec<Vec<String>> = rows
-            .iter()
-            .map(|(key, cs)| {
-                let mut row = self.bind_key(&mut b, key);
-                for (_, before, after) in cs.iter() {
-                    row.push(b.arg(before.clone()));
-                    row.push(b.arg(after.clone()));
-                }
-                row
-            })
-            .collect();
-        let from = d.rows_table(&values, &names, "infill_v");
-        let on: Vec<String> = self
-            .key_q
-            .iter()
-            .enumerate()
-            .map(|(i, k)| format!("{}.{k} = infill_v.infill_k{i}", self.table))
-            .collect();
-        let set: Vec<String> = cols
+        let j = self.rows_join(&mut b, rows, true);
+        let set: Vec<String> = j
+            .cols
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 let q = d.quote_ident(&c.name);
                 format!("{q} = {}", d.value_in(&format!("infill_v.infill_b{i}"), c))
             })
+            .collect();
+        b.push(&d.update_join(&self.table, &set.join(", "), &j.from, &j.on, &j.same));
+        b.finish()
+    }
+
+    /// `delete_inserted` for many rows in one statement (`Dialect::delete_join`):
+    /// it deletes as many rows as it was given only when each row still held
+    /// the values inserted.
+    pub fn delete_rows(&self, rows: &[RowImage<'_>]) -> Query {
+        let d = self.dialect;
+        let mut b = SqlBuilder::new(d);
+        let j = self.rows_join(&mut b, rows, false);
+        let keys: Vec<String> = self.key_q.iter().map(|k| format!("{}.{k}", self.table)).collect();
+        b.push(&d.delete_join(&self.table, &keys, &j.from, &j.on, &j.same));
+        b.finish()
+    }
+
+    /// What both set-based undo statements share: the rows as a derived
+    /// table `infill_v` (keys, then per column the before value when
+    /// `before`, and the after value), bound in order; the join on the key;
+    /// and the guard that each row still holds its after values.
+    fn rows_join<'r>(&self, b: &mut SqlBuilder<'_>, rows: &[RowImage<'r>], before: bool) -> RowsJoin<'r> {
+        let d = self.dialect;
+        let cols: Vec<&Column> = rows
+            .first()
+            .map(|r| r.1.iter().map(|c| &c.0).collect())
+            .unwrap_or_default();
+        let mut names: Vec<String> = (0..self.keys.len()).map(|i| format!("infill_k{i}")).collect();
+        for i in 0..cols.len() {
+            if before {
+                names.push(format!("infill_b{i}"));
+            }
+            names.push(format!("infill_a{i}"));
+        }
+        let values: Vec<Vec<String>> = rows
+            .iter()
+            .map(|(key, cs)| {
+                let mut row = self.bind_key(b, key);
+                for (_, b4, after) in cs.iter() {
+                    if before {
+                        row.push(b.arg(b4.clone()));
+                    }
+                    row.push(b.arg(after.clone()));
+                }
+                row
+            })
+            .collect();
+        let on: Vec<String> = self
+            .key_q
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{}.{k} = infill_v.infill_k{i}", self.table))
             .collect();
         let same: Vec<String> = cols
             .iter()
@@ -1104,14 +1139,16 @@ impl Target {
                 d.same_value(&col, &format!("infill_v.infill_a{i}"))
             })
             .collect();
-        b.push(&d.update_join(
-            &self.table,
-            &set.join(", "),
-            &from,
-            &on.join(" AND "),
-            &same.join(" AND "),
-        ));
-        b.finish()
+        RowsJoin {
+            from: d.rows_table(&values, &names, "infill_v"),
+            on: on.join(" AND "),
+            same: if same.is_empty() {
+                "1 = 1".into()
+            } else {
+                same.join(" AND ")
+            },
+            cols,
+        }
     }
 
     /// The current values of some columns of one row, as `value_out` renders them.

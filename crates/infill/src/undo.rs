@@ -477,7 +477,7 @@ impl PageWrite<'_> {
             .map_err(Error::db("cannot begin the undo batch"))?;
         let mut outcome = PageOutcome::default();
         for chunk in chunks(self.page) {
-            if chunk.len() > 1 && restore_all(&mut tx, self.target, chunk).await? {
+            if chunk.len() > 1 && write_all(&mut tx, self.target, chunk).await? {
                 outcome.restored += chunk.len() as u64;
                 continue;
             }
@@ -564,14 +564,13 @@ const ROWS_PER_STATEMENT: usize = 1000;
 /// (65,535 on PostgreSQL and MySQL, 32,766 in SQLite's default build).
 const VALUES_PER_STATEMENT: usize = 30_000;
 
-/// The page in runs of images one statement can restore together: rows
-/// the run updated (not inserted) writing the same columns, consecutive,
-/// [`ROWS_PER_STATEMENT`] at most and [`VALUES_PER_STATEMENT`] bound
-/// values at most. Any other image is a run of its own.
+/// The page in runs of images one statement can undo together: rows the
+/// run updated, or rows it inserted, writing the same columns,
+/// consecutive, [`ROWS_PER_STATEMENT`] at most and [`VALUES_PER_STATEMENT`]
+/// bound values at most.
 fn chunks(page: &[Image]) -> Vec<&[Image]> {
     let same = |a: &Image, b: &Image| {
-        !a.inserted
-            && !b.inserted
+        a.inserted == b.inserted
             && a.cols.len() == b.cols.len()
             && a.cols.iter().zip(&b.cols).all(|(x, y)| x.0.name == y.0.name)
     };
@@ -590,26 +589,35 @@ fn chunks(page: &[Image]) -> Vec<&[Image]> {
     out
 }
 
-/// Restores every row of `chunk` in one statement, or none: true when
-/// each row still held its after value and was put back. Otherwise (a
-/// row changed since, already restored, gone, or named twice) the
-/// statement is rolled back to a savepoint, and the caller restores and
-/// classifies the rows one at a time.
-async fn restore_all(c: &mut impl Exec, target: &Target, chunk: &[Image]) -> Result<bool> {
+/// Undoes every row of `chunk` in one statement (restores the rows the run
+/// updated, deletes the rows it inserted), or none: true when each row
+/// still held what the run wrote and was undone. Otherwise (a row changed
+/// since, already undone, gone or named twice, or the database refused:
+/// another row refers to an inserted one) the statement is rolled back to
+/// a savepoint, and the caller undoes and classifies the rows one at a
+/// time. A transient error (a lost connection, a deadlock) fails the page,
+/// which is retried whole.
+async fn write_all(c: &mut impl Exec, target: &Target, chunk: &[Image]) -> Result<bool> {
     let rows: Vec<RowImage<'_>> = chunk.iter().map(|i| (&i.key, i.cols.as_slice())).collect();
+    let q = match chunk[0].inserted {
+        true => target.delete_rows(&rows),
+        false => target.restore_rows(&rows),
+    };
     c.execute(&Query::new("SAVEPOINT infill_rows"))
         .await
         .map_err(Error::db("cannot set a savepoint"))?;
-    let n = c
-        .execute(&target.restore_rows(&rows))
-        .await
-        .map_err(Error::db("cannot restore rows"))?;
-    let all = n == chunk.len() as u64;
+    let all = match c.execute(&q).await.map_err(Error::db("cannot undo rows")) {
+        Ok(n) => n == chunk.len() as u64,
+        Err(e) if e.is_transient() => return Err(e),
+        Err(e) => {
+            tracing::info!(error = %e, "undo: the database refused a statement of rows");
+            false
+        }
+    };
     if !all {
         tracing::info!(
             rows = chunk.len(),
-            restorable = n,
-            "undo: not every row of these images still holds what the run wrote (changed since, already restored or gone); restoring them one at a time"
+            "undo: not every row of these images still holds what the run wrote (changed since, already undone, gone, or referred to); undoing them one at a time"
         );
         c.execute(&Query::new("ROLLBACK TO SAVEPOINT infill_rows"))
             .await
@@ -1009,7 +1017,7 @@ mod tests {
     }
 
     #[test]
-    fn inserted_rows_and_other_columns_go_on_their_own() {
+    fn inserted_rows_and_other_columns_go_in_chunks_of_their_own() {
         let page = vec![
             image(&["a"], false),
             image(&["a"], false),
@@ -1019,7 +1027,7 @@ mod tests {
             image(&["a", "b"], false),
             image(&["a", "b"], false),
         ];
-        assert_eq!(sizes(&page), vec![2, 1, 1, 1, 2]);
+        assert_eq!(sizes(&page), vec![2, 2, 1, 2]);
         assert!(chunks(&[]).is_empty());
     }
 }

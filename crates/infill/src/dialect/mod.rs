@@ -195,6 +195,12 @@ pub trait Dialect: Send + Sync {
     fn update_join(&self, table: &str, set: &str, from: &str, on: &str, filter: &str) -> String {
         format!("UPDATE {table} SET {set} FROM {from} WHERE {on} AND {filter}")
     }
+    /// A DELETE from `table` of the rows joined to the derived table `from`
+    /// on `on` and passing `filter`; `keys` are the table's key columns,
+    /// qualified.
+    fn delete_join(&self, table: &str, _keys: &[String], from: &str, on: &str, filter: &str) -> String {
+        format!("DELETE FROM {table} USING {from} WHERE {on} AND {filter}")
+    }
     /// Quotes a dotted table name.
     fn quote_table(&self, parts: &[String]) -> String {
         parts.iter().map(|p| self.quote_ident(p)).collect::<Vec<_>>().join(".")

@@ -326,6 +326,10 @@ impl Dialect for MySqlDialect {
         }
         format!("({}) AS {alias}", parts.join(" UNION ALL "))
     }
+    /// The multi-table form.
+    fn delete_join(&self, table: &str, _keys: &[String], from: &str, on: &str, filter: &str) -> String {
+        format!("DELETE {table} FROM {table} JOIN {from} ON {on} WHERE {filter}")
+    }
     /// The multi-table form: the join before SET.
     fn update_join(&self, table: &str, set: &str, from: &str, on: &str, filter: &str) -> String {
         format!("UPDATE {table} JOIN {from} ON {on} SET {set} WHERE {filter}")

@@ -187,6 +187,11 @@ impl Dialect for SqliteDialect {
     fn update_returning(&self) -> bool {
         true
     }
+    /// No DELETE ... USING: the keys of the joined rows, selected.
+    fn delete_join(&self, table: &str, keys: &[String], from: &str, on: &str, filter: &str) -> String {
+        let keys = keys.join(", ");
+        format!("DELETE FROM {table} WHERE ({keys}) IN (SELECT {keys} FROM {table} JOIN {from} ON {on} WHERE {filter})")
+    }
     /// VALUES names its columns column1, column2, ...: renamed in a SELECT.
     fn rows_table(&self, rows: &[Vec<String>], names: &[String], alias: &str) -> String {
         let rows: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
