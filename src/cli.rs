@@ -155,7 +155,7 @@ struct RunArgs {
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
     /// Run again only the rows that failed in this run (`infill failures
-    /// RUN` lists them), each alone, as a new run of the same job and params.
+    /// RUN` lists them), as a new run of the same job and params.
     #[arg(long, value_name = "RUN")]
     retry_failed: Option<String>,
     /// The approved plan to run under (where approval is required); without

@@ -4,7 +4,7 @@
 //! in one transaction. A malformed line stops the run naming the line,
 //! with nothing of its page written; a kill -9 mid-run resumes with no row
 //! written twice and none missed; a diff between two engines finds exactly
-//! the missing keys.
+//! the missing keys; `--retry-failed` applies only the rows that failed.
 
 mod common;
 
@@ -183,6 +183,72 @@ async fn csv_wrong_field_count_sqlite() {
     }
 }
 
+/// `--retry-failed` on a file source: rows whose write failed (a CHECK
+/// refused their score) are applied again, once fixed in the file, and
+/// only they: the file's other rows, changed meanwhile, are not written.
+async fn csv_retry_failed_applies_only_the_failed_rows(db: TestDb) {
+    db.exec("CREATE TABLE accounts (id BIGINT NOT NULL PRIMARY KEY, score BIGINT CHECK (score >= 0))")
+        .await;
+    db.exec(&format!(
+        "INSERT INTO accounts (id, score) SELECT i, NULL FROM ({}) s",
+        db.series(300)
+    ))
+    .await;
+    let write = |shift: i64, bad: bool| {
+        let mut csv = String::from("id,score\n");
+        for i in 1..=300i64 {
+            let score = if bad && i % 40 == 0 { -1 } else { i + shift };
+            csv.push_str(&format!("{i},{score}\n"));
+        }
+        std::fs::write(db.path().join("scores.csv"), csv).unwrap();
+    };
+    write(0, true);
+    let spec = db.spec(
+        r#"
+[jobs.fix]
+source.file = "scores.csv"
+source.key = "id"
+action.table = "accounts"
+action.update.score = ":score"
+batch_size = 50
+max_failures = 10
+"#,
+    );
+    let spec = spec.to_str().unwrap();
+    let out = db.run(&["run", spec, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "rows failed: {}", text(&out));
+    let first = json(&out);
+    assert_eq!(
+        (first["rows_changed"].as_u64(), first["rows_failed"].as_u64()),
+        (Some(293), Some(7)),
+        "{first}"
+    );
+    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score IS NULL").await, 7);
+
+    // The file fixed, and every other row changed too: only the 7 are written.
+    write(1000, false);
+    let out = db.run(&[
+        "run",
+        spec,
+        "--retry-failed",
+        first["run_id"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let retry = json(&out);
+    assert_eq!(
+        (retry["rows_changed"].as_u64(), retry["rows_failed"].as_u64()),
+        (Some(7), Some(0)),
+        "{retry}"
+    );
+    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id + 1000").await, 7);
+    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id").await, 293);
+}
+on_all_backends!(
+    csv_retry_failed_applies_only_the_failed_rows,
+    csv_retry_failed_applies_only_the_failed_rows
+);
+
 /// A query source with a call per row: a row whose call fails is rolled
 /// back alone (savepoint) and recorded; the others commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,6 +297,29 @@ max_failures = 10
             .unwrap()
             .contains("cannot score account 50")
     );
+
+    // Fixed: --retry-failed reads the query again and calls only the four.
+    // (Calling any other row again would fail: its score exists.)
+    db.exec(
+        "CREATE OR REPLACE FUNCTION score_account(p_id BIGINT, version TEXT) RETURNS void AS $$
+         BEGIN INSERT INTO scores (id, score) VALUES (p_id, p_id * 7); END $$ LANGUAGE plpgsql;",
+    )
+    .await;
+    let run_id = summary["run_id"].as_str().unwrap();
+    let out = db.run(&["run", spec.to_str().unwrap(), "--retry-failed", run_id, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let retry = json(&out);
+    assert_eq!(
+        (
+            retry["rows_read"].as_u64(),
+            retry["rows_changed"].as_u64(),
+            retry["rows_failed"].as_u64()
+        ),
+        (Some(4), Some(4), Some(0)),
+        "{retry}"
+    );
+    assert_eq!(db.int("SELECT COUNT(*) FROM scores").await, 200);
+    assert_eq!(db.int("SELECT COUNT(*) FROM scores WHERE score <> id * 7").await, 0);
 }
 
 /// Rows of a PostgreSQL query whose key is missing from a MariaDB table are

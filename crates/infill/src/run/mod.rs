@@ -537,7 +537,7 @@ async fn with_lock(
             )
             .await
         }
-        Some(reader) if retry.is_none() => {
+        Some(reader) => {
             stream::batches(
                 db,
                 req,
@@ -550,13 +550,10 @@ async fn with_lock(
                 &mut audit,
                 &mut looped,
                 reader,
+                retry.as_ref().map(|(_, keys)| keys.as_slice()),
             )
             .await
         }
-        Some(_) => Err(Error::Usage(
-            "--retry-failed applies to jobs with source.table, action.http or action.exec; with another source, fix the rows and run the job again"
-                .into(),
-        )),
         None => {
             batches(
                 db,

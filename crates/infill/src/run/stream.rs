@@ -42,8 +42,14 @@ pub(super) async fn batches(
     audit: &mut crate::audit::AuditLog,
     looped: &mut Looped,
     reader: &mut Reader,
+    only: Option<&[Key]>,
 ) -> Result<End> {
     let r = &req.job;
+    // `--retry-failed`: the source is read again and only the rows of
+    // these keys (as JSON) are applied; a row the source no longer yields
+    // (fixed since, or no longer a candidate) is not retried.
+    let only: Option<std::collections::HashSet<String>> =
+        only.map(|keys| keys.iter().map(|k| key_to_json(k).to_string()).collect());
     reader.set_upper(run.upper.clone());
     let mut cursor = run.cursor.clone();
     let session_start = Instant::now();
@@ -66,10 +72,21 @@ pub(super) async fn batches(
         let t0 = Instant::now();
         // Reading is retried like a write; a bad record fails the run
         // before anything of its page is written.
-        let page = read_retrying(audit, r, batch_no, async || reader.page(cursor.as_ref(), n).await).await?;
+        let mut page = read_retrying(audit, r, batch_no, async || reader.page(cursor.as_ref(), n).await).await?;
         let Some(next) = page.cursor.clone() else {
             return Ok(End::Done);
         };
+        if let Some(only) = &only {
+            keep_only(&mut page, r.job.key.len(), only);
+            if page.rows.is_empty() {
+                // Nothing of this page to retry: no batch, read on.
+                if page.end {
+                    return Ok(End::Done);
+                }
+                cursor = Some(next);
+                continue;
+            }
+        }
         let write = Write {
             db,
             target,
@@ -118,6 +135,26 @@ pub(super) async fn batches(
         batch_size = adaptive.next(batch_size, duration, s);
         throttle(s, duration, looped.session_changed, session_start, stop).await;
     }
+}
+
+/// Keeps the rows of a page whose key (its first `nk` values, as JSON) is
+/// in `only`, with their lines and cursors.
+fn keep_only(page: &mut Page, nk: usize, only: &std::collections::HashSet<String>) {
+    let keep: Vec<bool> = page
+        .rows
+        .iter()
+        .map(|row| only.contains(&key_to_json(&row[..nk]).to_string()))
+        .collect();
+    let mut flags = keep.iter();
+    page.rows.retain(|_| *flags.next().unwrap_or(&false));
+    let mut flags = keep.iter();
+    page.cursors.retain(|_| *flags.next().unwrap_or(&false));
+    if !page.lines.is_empty() {
+        let mut flags = keep.iter();
+        page.lines.retain(|_| *flags.next().unwrap_or(&false));
+    }
+    // A retry reads the rows it retries, not the whole source.
+    page.scanned = page.rows.len() as u64;
 }
 
 /// Writes pages.
