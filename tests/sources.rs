@@ -243,6 +243,18 @@ max_failures = 10
     );
     assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id + 1000").await, 7);
     assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id").await, 293);
+
+    // A retry left unfinished (as a kill would leave it) is not resumed as
+    // a run of the whole file: that would write the other 293 rows.
+    let retry_id = retry["run_id"].as_str().unwrap();
+    db.exec(&format!(
+        "UPDATE infill_runs SET status = 'interrupted' WHERE id = '{retry_id}'"
+    ))
+    .await;
+    let out = db.run(&["resume", &retry_id[..13], "--spec", spec, "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("--retry-failed"), "{}", text(&out));
+    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id").await, 293);
 }
 on_all_backends!(
     csv_retry_failed_applies_only_the_failed_rows,

@@ -394,6 +394,14 @@ async fn with_lock(
                     run.status.as_str()
                 )));
             }
+            // A retry's own hash names the run it retried: resumed as a run
+            // of the job it would write far more than the failed rows.
+            if retry.is_none() && run.params_sha256 != params_sha {
+                return Err(Error::CannotProceed(format!(
+                    "run {} retried the failed rows of an earlier run (--retry-failed) and is not resumed; give `infill run --retry-failed RUN` again (`infill status` lists the runs)",
+                    short(&run.id)
+                )));
+            }
             Some(run)
         }
         None if retry.is_some() => None,
