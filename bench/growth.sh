@@ -62,16 +62,7 @@ INSERT INTO bench_base (id, a, b, c)
 VACUUM ANALYZE bench_base;
 SQL
 
-cat > "$WORK/growth.toml" <<TOML
-[databases]
-target = "postgres://$PGUSER@$PGHOST:$PGPORT/$DB"
-
-[jobs.fill]
-source.table = "t_infill"
-source.key = ["id"]
-source.where = "c IS NULL"
-action.update.c = "a * 31 + b"
-TOML
+fill_spec "$WORK/growth.toml" "postgres://$PGUSER@$PGHOST:$PGPORT/$DB" t_infill
 
 raw=$WORK/raw.txt
 : > "$raw"

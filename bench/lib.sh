@@ -5,7 +5,7 @@
 #
 # It sets BENCH_ROOT (the repository root) and RESULTS (bench/results), and
 # defines log, die, need, infill_bin, bench_workdir, measure_rss, ms_to_s,
-# check_summary and put (key=value results for bench/summary.py).
+# check_summary, fill_spec and put (key=value results for bench/summary.py).
 set -euo pipefail
 shopt -s inherit_errexit
 
@@ -92,6 +92,19 @@ run_infill() {
   [[ $rc == 0 ]] || { tail -20 "$err" >&2; die "infill run exited with $rc (stderr above, output in $json)"; }
   check_summary "$json" "$rows"
   echo "$(elapsed "$t0" "$t1") $(tail -1 "$rss")"
+}
+
+# fill_spec FILE URL TABLE [LINE...]: the benchmarks' job `fill` (c = a * 31
+# + b where c is NULL, keyed by id) on TABLE of the database at URL, with
+# any further job lines, written to FILE.
+fill_spec() {
+  local file=$1 url=$2 table=$3; shift 3
+  {
+    printf '[databases]\ntarget = "%s"\n\n[jobs.fill]\n' "$url"
+    printf 'source.table = "%s"\nsource.key = ["id"]\nsource.where = "c IS NULL"\naction.update.c = "a * 31 + b"\n' "$table"
+    local line
+    for line in "$@"; do printf '%s\n' "$line"; done
+  } > "$file"
 }
 
 # put FILE KEY VALUE: one key=value line of a part's values file, read by

@@ -54,16 +54,7 @@ INSERT INTO bench_base (id, a, b, c) SELECT seq, seq % 1000, (seq * 7919) % 1000
 ANALYZE TABLE bench_base;" > /dev/null
 [[ $(scalar "SELECT COUNT(*) FROM bench_base WHERE c IS NULL") == "$ROWS" ]] || die "bench_base was not loaded"
 
-cat > "$WORK/bench.toml" <<TOML
-[databases]
-target = "mysql://$MYUSER@$MYHOST:$MYPORT/$DB"
-
-[jobs.fill]
-source.table = "t_infill"
-source.key = ["id"]
-source.where = "c IS NULL"
-action.update.c = "a * 31 + b"
-TOML
+fill_spec "$WORK/bench.toml" "mysql://$MYUSER@$MYHOST:$MYPORT/$DB" t_infill
 
 copy_table() {
   my_db -e "DROP TABLE IF EXISTS $1; CREATE TABLE $1 LIKE bench_base;

@@ -84,17 +84,7 @@ VACUUM ANALYZE bench_base;
 SQL
 [[ $(scalar "SELECT count(*) FROM bench_base WHERE c IS NULL") == "$ROWS" ]] || die "bench_base was not loaded"
 
-cat > "$WORK/bench.toml" <<TOML
-[databases]
-target = "postgres://$PGUSER@$PGHOST:$PGPORT/$DB"
-
-[jobs.fill]
-source.table = "t_infill"
-source.key = ["id"]
-source.where = "c IS NULL"
-action.update.c = "a * 31 + b"
-undo = $UNDO
-TOML
+fill_spec "$WORK/bench.toml" "postgres://$PGUSER@$PGHOST:$PGPORT/$DB" t_infill "undo = $UNDO"
 
 copy_table() { # name [where]
   psql_db -c "DROP TABLE IF EXISTS $1" \

@@ -71,16 +71,7 @@ run_infill_rep() { # prints "seconds rss_kib journal_mode"
   local db=$WORK/infill.$1.db r
   cp "$WORK/base.db" "$db"
   sync
-  cat > "$WORK/infill.$1.toml" <<TOML
-[databases]
-target = "sqlite://$db"
-
-[jobs.fill]
-source.table = "t_fill"
-source.key = ["id"]
-source.where = "c IS NULL"
-action.update.c = "a * 31 + b"
-TOML
+  fill_spec "$WORK/infill.$1.toml" "sqlite://$db" t_fill
   r=$(run_infill "$WORK/infill.$1.toml" "$WORK/infill.$1.json" "$ROWS")
   check_db "$db" infill
   echo "$r $(sqlite3 "$db" "PRAGMA journal_mode")"

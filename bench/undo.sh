@@ -105,16 +105,7 @@ INSERT INTO t_fill SELECT i, i % 1000, (i * 7919) % 100003, NULL FROM s;"
     ;;
 esac
 
-cat > "$WORK/bench.toml" <<TOML
-[databases]
-target = "$URL"
-
-[jobs.fill]
-source.table = "t_fill"
-source.key = ["id"]
-source.where = "c IS NULL"
-action.update.c = "a * 31 + b"
-TOML
+fill_spec "$WORK/bench.toml" "$URL" t_fill
 
 STATE="infill_undo, infill_batches, infill_failures, infill_approvals, infill_runs, infill_schema"
 fresh() { # a fresh t_fill, c filled (with an argument) or not, and empty state tables

@@ -317,12 +317,16 @@ impl Dialect for MySqlDialect {
     fn rows_table(&self, rows: &[Vec<String>], names: &[String], alias: &str) -> String {
         let mut parts = Vec::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
-            let cols: Vec<String> = if i == 0 {
-                r.iter().zip(names).map(|(e, n)| format!("{e} AS {n}")).collect()
-            } else {
-                r.clone()
+            let cols = match i {
+                0 => r
+                    .iter()
+                    .zip(names)
+                    .map(|(e, n)| format!("{e} AS {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                _ => r.join(", "),
             };
-            parts.push(format!("SELECT {}", cols.join(", ")));
+            parts.push(format!("SELECT {cols}"));
         }
         format!("({}) AS {alias}", parts.join(" UNION ALL "))
     }

@@ -145,14 +145,13 @@ fn keep_only(page: &mut Page, nk: usize, only: &std::collections::HashSet<String
         .iter()
         .map(|row| only.contains(&key_to_json(&row[..nk]).to_string()))
         .collect();
-    let mut flags = keep.iter();
-    page.rows.retain(|_| *flags.next().unwrap_or(&false));
-    let mut flags = keep.iter();
-    page.cursors.retain(|_| *flags.next().unwrap_or(&false));
-    if !page.lines.is_empty() {
+    fn retain<T>(v: &mut Vec<T>, keep: &[bool]) {
         let mut flags = keep.iter();
-        page.lines.retain(|_| *flags.next().unwrap_or(&false));
+        v.retain(|_| flags.next().copied().unwrap_or(false));
     }
+    retain(&mut page.rows, &keep);
+    retain(&mut page.cursors, &keep);
+    retain(&mut page.lines, &keep);
     // A retry reads the rows it retries, not the whole source.
     page.scanned = page.rows.len() as u64;
 }
