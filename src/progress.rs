@@ -93,16 +93,20 @@ impl Observer for Progress {
                 st.scanned += b.batch.batch_size;
                 st.written += b.batch.rows_changed;
                 let rate = st.written as f64 / st.started.elapsed().as_secs_f64().max(0.001);
+                let yielding = match b.busy_sessions {
+                    0 => String::new(),
+                    n => format!(", resting for {n} busy session{}", if n == 1 { "" } else { "s" }),
+                };
                 if let Some(bar) = &st.bar {
                     if bar.length().is_some_and(|l| st.scanned > l) {
                         bar.set_length(st.scanned);
                     }
                     bar.set_position(st.scanned);
-                    bar.set_message(format!("{} written, {:.0} rows/s", st.written, rate));
+                    bar.set_message(format!("{} written, {:.0} rows/s{yielding}", st.written, rate));
                 } else if st.last_line.elapsed() >= PLAIN_EVERY {
                     st.last_line = Instant::now();
                     eprintln!(
-                        "batch {}: {} keys scanned, {} rows written, {:.0} rows/s, cursor {}",
+                        "batch {}: {} keys scanned, {} rows written, {:.0} rows/s, cursor {}{yielding}",
                         b.batch.batch_no,
                         st.scanned,
                         st.written,

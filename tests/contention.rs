@@ -11,8 +11,8 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Backend, TestDb, text};
-use sqlx::{AssertSqlSafe, Connection, Executor};
+use common::{Backend, Holder, TestDb, text};
+use sqlx::AssertSqlSafe;
 
 async fn schema(db: &TestDb, rows: u64) {
     db.exec("CREATE TABLE items (id BIGINT NOT NULL PRIMARY KEY, val BIGINT, writes INTEGER NOT NULL DEFAULT 0)")
@@ -75,28 +75,6 @@ async fn assert_exactly_once(db: &TestDb) {
         0,
         "every row written once"
     );
-}
-
-/// A connection of the test's own, to hold locks in an open transaction.
-enum Holder {
-    Pg(sqlx::PgConnection),
-    My(sqlx::MySqlConnection),
-}
-
-impl Holder {
-    async fn open(db: &TestDb) -> Holder {
-        match db.backend {
-            Backend::Postgres => Holder::Pg(sqlx::PgConnection::connect(&db.url).await.unwrap()),
-            _ => Holder::My(sqlx::MySqlConnection::connect(&db.url).await.unwrap()),
-        }
-    }
-    async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
-        let sql = AssertSqlSafe(sql.to_string());
-        match self {
-            Holder::Pg(c) => c.execute(sql).await.map(|_| ()),
-            Holder::My(c) => c.execute(sql).await.map(|_| ()),
-        }
-    }
 }
 
 /// Waits until an infill session waits for a row lock.
@@ -339,26 +317,6 @@ async fn undo_waits_out_a_lock(db: TestDb) {
             .any(|l| l["event"] == "retry" && l["run_id"] != run["run_id"]),
         "the undo retried its page"
     );
-}
-
-macro_rules! on_servers {
-    ($name:ident) => {
-        mod $name {
-            use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                if let Some(db) = TestDb::new(Backend::Postgres).await {
-                    super::$name(db).await;
-                }
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn mysql() {
-                if let Some(db) = TestDb::new(Backend::MySql).await {
-                    super::$name(db).await;
-                }
-            }
-        }
-    };
 }
 
 on_servers!(deadlock);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::str::FromStr;
 
-use sqlx::{AssertSqlSafe, Executor, Row};
+use sqlx::{AssertSqlSafe, Connection, Executor, Row};
 
 /// Which engine a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,6 +468,28 @@ macro_rules! on_all_backends {
     };
 }
 
+/// Declares one async test per server: `name::postgres`, `name::mysql`
+/// (for what SQLite does not have: row locks, other sessions, a network).
+#[macro_export]
+macro_rules! on_servers {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(db) = $crate::common::TestDb::new($crate::common::Backend::Postgres).await {
+                    super::$name(db).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mysql() {
+                if let Some(db) = $crate::common::TestDb::new($crate::common::Backend::MySql).await {
+                    super::$name(db).await;
+                }
+            }
+        }
+    };
+}
+
 /// stdout and stderr of a finished command, for assertion messages.
 pub fn text(o: &Output) -> String {
     format!(
@@ -476,4 +498,27 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// A connection of the test's own (PostgreSQL or MariaDB): to hold locks in
+/// an open transaction, or to keep a session busy.
+pub enum Holder {
+    Pg(sqlx::PgConnection),
+    My(sqlx::MySqlConnection),
+}
+
+impl Holder {
+    pub async fn open(db: &TestDb) -> Holder {
+        match db.backend {
+            Backend::Postgres => Holder::Pg(sqlx::PgConnection::connect(&db.url).await.unwrap()),
+            _ => Holder::My(sqlx::MySqlConnection::connect(&db.url).await.unwrap()),
+        }
+    }
+    pub async fn exec(&mut self, sql: &str) -> Result<(), sqlx::Error> {
+        let sql = AssertSqlSafe(sql.to_string());
+        match self {
+            Holder::Pg(c) => c.execute(sql).await.map(|_| ()),
+            Holder::My(c) => c.execute(sql).await.map(|_| ()),
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! The timing decisions of a run, as pure functions of the time that has
-//! passed: the pause between batches (rate, `pause_between`, `sleep_coef`),
+//! passed: the pause between batches (rate, `pause_between`, `sleep_coef`,
+//! `busy_sleep_coef`),
 //! the backoff before a retry, and the next adaptive batch size. The run
 //! loop measures time and sleeps; these decide how long, so they are tested
 //! with made-up durations instead of a clock.
@@ -9,10 +10,20 @@ use std::time::Duration;
 use crate::spec::Settings;
 
 /// How long to wait after a batch: `pause_between`, plus `sleep_coef` times
-/// the batch's duration, and at least what keeps the rows `written` since
-/// the session started (`elapsed` ago) under the rate.
-pub fn pause_after_batch(s: &Settings, batch: Duration, written: u64, elapsed: Duration) -> Duration {
-    let mut pause = s.pause_between + batch.mul_f64(s.sleep_coef);
+/// the batch's duration (`busy_sleep_coef` when larger and `busy` other
+/// sessions were at work during the batch), and at least what keeps the
+/// rows `written` since the session started (`elapsed` ago) under the rate.
+///
+/// `busy` is a sample, one per batch: over many batches the rest grows
+/// with the share of time the application is at work, so a lightly used
+/// database slows a run a little and a saturated one by the full factor.
+pub fn pause_after_batch(s: &Settings, batch: Duration, busy: u64, written: u64, elapsed: Duration) -> Duration {
+    let coef = if busy > 0 {
+        s.sleep_coef.max(s.busy_sleep_coef)
+    } else {
+        s.sleep_coef
+    };
+    let mut pause = s.pause_between + batch.mul_f64(coef);
     if let Some(rate) = s.rate {
         let due = Duration::from_secs_f64(written as f64 / rate.per_second);
         pause = pause.max(due.saturating_sub(elapsed));
@@ -88,12 +99,12 @@ mod tests {
         s.rate = Some(Rate::parse("100/s").unwrap());
         // 500 rows written after 2 s: 5 s are due, so wait 3 s.
         assert_eq!(
-            pause_after_batch(&s, Duration::from_millis(50), 500, Duration::from_secs(2)),
+            pause_after_batch(&s, Duration::from_millis(50), 0, 500, Duration::from_secs(2)),
             Duration::from_secs(3)
         );
         // Behind schedule: no wait beyond pause_between.
         assert_eq!(
-            pause_after_batch(&s, Duration::from_millis(50), 100, Duration::from_secs(2)),
+            pause_after_batch(&s, Duration::from_millis(50), 0, 100, Duration::from_secs(2)),
             Duration::ZERO
         );
     }
@@ -104,14 +115,43 @@ mod tests {
         s.pause_between = Duration::from_millis(100);
         s.sleep_coef = 0.5;
         assert_eq!(
-            pause_after_batch(&s, Duration::from_millis(400), 0, Duration::ZERO),
+            pause_after_batch(&s, Duration::from_millis(400), 0, 0, Duration::ZERO),
             Duration::from_millis(300)
         );
         s.rate = Some(Rate::parse("10/s").unwrap());
         assert_eq!(
-            pause_after_batch(&s, Duration::from_millis(400), 10, Duration::from_millis(200)),
+            pause_after_batch(&s, Duration::from_millis(400), 0, 10, Duration::from_millis(200)),
             Duration::from_millis(800),
             "the rate asks for more than the pauses"
+        );
+    }
+
+    #[test]
+    fn a_busy_application_gets_the_larger_rest() {
+        let mut s = settings();
+        let batch = Duration::from_millis(100);
+        assert_eq!(s.busy_sleep_coef, 2.0, "the default");
+        assert_eq!(
+            pause_after_batch(&s, batch, 0, 0, Duration::ZERO),
+            Duration::ZERO,
+            "quiet: none"
+        );
+        assert_eq!(
+            pause_after_batch(&s, batch, 3, 0, Duration::ZERO),
+            Duration::from_millis(200)
+        );
+        s.sleep_coef = 3.0;
+        assert_eq!(
+            pause_after_batch(&s, batch, 1, 0, Duration::ZERO),
+            Duration::from_millis(300),
+            "sleep_coef when it is the larger"
+        );
+        s.sleep_coef = 0.5;
+        s.busy_sleep_coef = 0.0;
+        assert_eq!(
+            pause_after_batch(&s, batch, 5, 0, Duration::ZERO),
+            Duration::from_millis(50),
+            "busy_sleep_coef = 0 turns the yield off"
         );
     }
 

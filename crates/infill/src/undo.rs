@@ -349,6 +349,7 @@ async fn with_lock(
                 conflicts_before: summary.conflicts,
                 batch_size: r.settings.batch_size,
             };
+            let busy = crate::run::BusySample::start(db, &r.settings);
             let mut retries = 0;
             let (outcome, cp) = loop {
                 match write.apply(batch_start).await {
@@ -380,10 +381,16 @@ async fn with_lock(
             }
             let room = CONFLICTS_SHOWN.saturating_sub(summary.conflict_rows.len());
             summary.conflict_rows.extend(outcome.conflicts.into_iter().take(room));
-            let report = BatchReport { batch: cp, retries };
+            let busy = busy.count().await;
+            let report = BatchReport {
+                batch: cp,
+                retries,
+                busy_sessions: busy,
+            };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             obs.on_event(&Event::Batch(&report));
-            crate::run::throttle(&r.settings, batch_start.elapsed(), session_changed, session_start, stop).await;
+            let took = batch_start.elapsed();
+            crate::run::throttle(&r.settings, took, busy, session_changed, session_start, stop).await;
         }
         Ok(())
     }

@@ -167,6 +167,13 @@ pub trait Dialect: Send + Sync {
     fn builtin_probe(&self, _name: &str) -> Option<&'static str> {
         None
     }
+    /// A query counting the sessions at work on this database right now,
+    /// other than infill's (`busy_sleep_coef`): on PostgreSQL by their
+    /// `application_name`, on MySQL by the connection ids in `own`. None
+    /// where other sessions cannot be seen (SQLite).
+    fn busy_sessions_query(&self, _own: &[i64]) -> Option<Query> {
+        None
+    }
     /// The row estimate in the output of `explain`, for `table` (the last
     /// part of its name) where the plan names tables.
     fn explained_rows(&self, _rows: &[Vec<Value>], _table: &str) -> Option<u64> {
@@ -515,7 +522,13 @@ pub struct Db {
     pub dialect: &'static dyn Dialect,
     redacted_url: String,
     pool: Pool,
+    /// The server's ids of the connections this pool opened (MySQL, where
+    /// no session shows an application name): not counted as busy.
+    own: OwnIds,
 }
+
+/// Connection ids, shared with the pool's connect hook.
+pub(crate) type OwnIds = std::sync::Arc<std::sync::Mutex<Vec<i64>>>;
 
 #[derive(Clone)]
 enum Pool {
@@ -563,6 +576,7 @@ impl Db {
             message: connect_message(&e, url),
         };
         let acquire_timeout = Duration::from_secs(10);
+        let own = OwnIds::default();
         // One direct connection first: a pool retries until its timeout and
         // then loses the cause ("connection refused", "access denied").
         async fn probe<O: sqlx::ConnectOptions>(o: &O) -> Result<(), sqlx::Error>
@@ -586,7 +600,11 @@ impl Db {
             Backend::MySql => {
                 let o = sqlx::mysql::MySqlConnectOptions::from_str(url.expose()).map_err(fail)?;
                 probe(&o).await.map_err(fail)?;
-                Pool::My(mysql::pool(o, setup, acquire_timeout).await.map_err(fail)?)
+                Pool::My(
+                    mysql::pool(o, setup, acquire_timeout, own.clone())
+                        .await
+                        .map_err(fail)?,
+                )
             }
             Backend::Sqlite => {
                 let o = sqlx::sqlite::SqliteConnectOptions::from_str(url.expose())
@@ -602,6 +620,7 @@ impl Db {
             dialect,
             redacted_url: url.redacted(),
             pool,
+            own,
         };
         // Check it answers now, so an unreachable server fails before anything else.
         db.conn().await.map_err(|e| match e {
@@ -661,6 +680,20 @@ impl Db {
             server: text(0).unwrap_or_else(|| self.redacted_url.clone()),
             database: text(1).unwrap_or_else(|| self.name.clone()),
         }
+    }
+
+    /// The query counting other sessions at work on this database (see
+    /// [`Dialect::busy_sessions_query`]).
+    pub fn busy_sessions_query(&self) -> Option<Query> {
+        let own = self.own.lock().map(|ids| ids.clone()).unwrap_or_default();
+        self.dialect.busy_sessions_query(&own)
+    }
+
+    /// How many connections this pool has opened where it keeps their ids
+    /// (MySQL): a count made while one was opening may have seen it at work
+    /// before its id was known.
+    pub fn opened(&self) -> usize {
+        self.own.lock().map(|ids| ids.len()).unwrap_or(0)
     }
 
     /// Builds a state statement (see [`portable`]).

@@ -440,6 +440,25 @@ impl Dialect for MySqlDialect {
             _ => None,
         }
     }
+    /// Threads running a statement in this database, other than infill's
+    /// connections (and the ones still connecting, or asking their id).
+    /// Without the PROCESS privilege the server lists only the threads of
+    /// infill's own user.
+    fn busy_sessions_query(&self, own: &[i64]) -> Option<Query> {
+        let mut sql = String::from(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = DATABASE() AND COMMAND NOT IN ('Sleep', 'Daemon', 'Killed', 'Connect') \
+             AND ID <> CONNECTION_ID() AND COALESCE(INFO, '') <> ?",
+        );
+        if !own.is_empty() {
+            sql.push_str(" AND ID NOT IN (");
+            sql.push_str(&vec!["?"; own.len()].join(", "));
+            sql.push(')');
+        }
+        let mut args = vec![Value::Text(WHO_AM_I.into())];
+        args.extend(own.iter().map(|id| Value::Int(*id)));
+        Some(Query { sql, args })
+    }
     fn explain(&self, select: &Query) -> Option<Query> {
         Some(Query {
             sql: format!("EXPLAIN FORMAT=JSON {}", select.sql),
@@ -493,6 +512,10 @@ impl Dialect for MySqlDialect {
     }
 }
 
+/// Asked by each new connection, to leave its id in `Db`'s list of
+/// connections not to count as busy (which it is not in yet while asking).
+const WHO_AM_I: &str = "SELECT CAST(CONNECTION_ID() AS SIGNED)";
+
 /// GET_LOCK names are limited to 64 characters.
 fn lock_name(name: &str) -> String {
     use sha2::{Digest, Sha256};
@@ -503,6 +526,7 @@ pub(super) async fn pool(
     o: MySqlConnectOptions,
     setup: Vec<String>,
     acquire: Duration,
+    own: super::OwnIds,
 ) -> Result<sqlx::MySqlPool, sqlx::Error> {
     MySqlPoolOptions::new()
         .max_connections(4)
@@ -510,7 +534,12 @@ pub(super) async fn pool(
         .acquire_timeout(acquire)
         .after_connect(move |conn, _| {
             let setup = setup.clone();
+            let own = own.clone();
             Box::pin(async move {
+                let id: i64 = sqlx::query_scalar(WHO_AM_I).fetch_one(&mut *conn).await?;
+                if let Ok(mut ids) = own.lock() {
+                    ids.push(id);
+                }
                 for s in setup {
                     // max_statement_time is MariaDB's; MySQL has no such variable. Ignore its absence.
                     if let Err(e) = conn.execute(AssertSqlSafe(s.clone())).await

@@ -149,6 +149,16 @@ impl Dialect for PostgresDialect {
             _ => None,
         }
     }
+    /// Client sessions running a statement in this database, other than
+    /// infill's. Other roles' sessions show their state only to superusers
+    /// and members of `pg_read_all_stats` (or `pg_monitor`).
+    fn busy_sessions_query(&self, _own: &[i64]) -> Option<Query> {
+        Some(Query::new(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND backend_type = 'client backend' AND state = 'active' \
+             AND pid <> pg_backend_pid() AND application_name <> 'infill' AND application_name NOT LIKE 'infill:%'",
+        ))
+    }
     fn explain(&self, select: &Query) -> Option<Query> {
         Some(Query {
             sql: format!("EXPLAIN {}", select.sql),

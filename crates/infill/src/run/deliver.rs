@@ -321,7 +321,11 @@ async fn settle(
         audit.write("row_failed", line)?;
     }
     for cp in checkpoints {
-        let report = BatchReport { batch: cp, retries: 0 };
+        let report = BatchReport {
+            batch: cp,
+            retries: 0,
+            busy_sessions: 0,
+        };
         audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
         looped.add(&report.batch);
         obs.on_event(&Event::Batch(&report));

@@ -116,12 +116,20 @@ impl Observer for Quiet {
 }
 
 /// One committed batch: its checkpoint (with the duration up to and
-/// including the commit) and the retries it took.
+/// including the commit), the retries it took, and the other sessions seen
+/// at work while it wrote (the run then rests `busy_sleep_coef` times the
+/// batch's duration; left out when none).
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchReport {
     #[serde(flatten)]
     pub batch: Checkpoint,
     pub retries: u32,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub busy_sessions: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How a run ended.
@@ -864,6 +872,7 @@ async fn batches(
             verbose: req.verbose,
             redactor: &r.redactor,
         };
+        let busy = BusySample::start(db, s);
         let settled = {
             let fut = settle.range(cursor.as_ref(), &hi, remaining, looped.batches + 1);
             tokio::pin!(fut);
@@ -876,6 +885,7 @@ async fn batches(
             return Ok(End::Aborted);
         };
         let settled = settled?;
+        let busy = busy.count().await;
         for (kind, detail) in &settled.events {
             audit.write(kind, detail.clone())?;
         }
@@ -887,6 +897,7 @@ async fn batches(
                     ..o.checkpoint.clone()
                 },
                 retries: o.retries,
+                busy_sessions: busy,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             looped.add(&report.batch);
@@ -919,7 +930,7 @@ async fn batches(
 
         batch_size = adaptive.next(batch_size, outcome.duration, s);
 
-        throttle(s, outcome.duration, looped.session_changed, session_start, stop).await;
+        throttle(s, outcome.duration, busy, looped.session_changed, session_start, stop).await;
     }
 }
 
@@ -1005,12 +1016,21 @@ async fn retry_rows(
             let report = BatchReport {
                 batch: o.checkpoint.clone(),
                 retries: o.retries,
+                busy_sessions: 0,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             looped.add(&report.batch);
             obs.on_event(&Event::Batch(&report));
         }
-        throttle(&r.settings, Duration::ZERO, looped.session_changed, session_start, stop).await;
+        throttle(
+            &r.settings,
+            Duration::ZERO,
+            0,
+            looped.session_changed,
+            session_start,
+            stop,
+        )
+        .await;
     }
     Ok(End::Done)
 }
@@ -1268,15 +1288,85 @@ impl Live<'_> {
     }
 }
 
-/// Sleeps between batches: `pause_between`, `sleep_coef` times the batch's
-/// duration, and whatever keeps the rows written since `since` under the
-/// rate. A stop request cuts the sleep short.
-pub(crate) async fn throttle(s: &Settings, batch: Duration, written: u64, since: Instant, stop: &Stop) {
-    let pause = crate::pace::pause_after_batch(s, batch, written, since.elapsed());
+/// Sleeps between batches: `pause_between`, `sleep_coef` (or, with `busy`
+/// other sessions at work, `busy_sleep_coef`) times the batch's duration,
+/// and whatever keeps the rows written since `since` under the rate. A stop
+/// request cuts the sleep short.
+pub(crate) async fn throttle(s: &Settings, batch: Duration, busy: u64, written: u64, since: Instant, stop: &Stop) {
+    let pause = crate::pace::pause_after_batch(s, batch, busy, written, since.elapsed());
     if !pause.is_zero() {
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.until(1) => {}
+        }
+    }
+}
+
+/// The other sessions at work on the target database, counted by a task of
+/// its own while a batch writes (so the count costs the batch nothing, and
+/// sees the application's sessions that wait on the batch's locks).
+/// Dropped unused, the task is cancelled.
+pub(crate) struct BusySample {
+    db: Db,
+    task: Option<tokio::task::JoinHandle<u64>>,
+    opened: usize,
+}
+
+impl BusySample {
+    /// Starts counting, unless `busy_sleep_coef` would change nothing or
+    /// the engine cannot see other sessions.
+    pub(crate) fn start(db: &Db, s: &Settings) -> BusySample {
+        let on = s.busy_sleep_coef > s.sleep_coef && db.dialect.busy_sessions_query(&[]).is_some();
+        // Before the count starts: a connection opened from here on is seen.
+        let opened = db.opened();
+        BusySample {
+            db: db.clone(),
+            task: on.then(|| tokio::spawn(busy_sessions(db.clone()))),
+            opened,
+        }
+    }
+
+    /// The count (0 when none was started or it failed). When infill opened
+    /// a connection meanwhile, the count may have taken it for the
+    /// application's (MySQL knows a connection's id only once it is open):
+    /// it is made again, now that the batch is over.
+    pub(crate) async fn count(mut self) -> u64 {
+        let Some(task) = self.task.take() else {
+            return 0;
+        };
+        let n = task.await.unwrap_or(0);
+        if n > 0 && self.db.opened() != self.opened {
+            return busy_sessions(self.db.clone()).await;
+        }
+        n
+    }
+}
+
+impl Drop for BusySample {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Counts the other sessions at work (see
+/// [`crate::dialect::Dialect::busy_sessions_query`]);
+/// 0 when it cannot: not a reason to stop a run, which then goes on
+/// without resting for the application.
+async fn busy_sessions(db: Db) -> u64 {
+    let Some(q) = db.busy_sessions_query() else {
+        return 0;
+    };
+    let counted = async {
+        let mut c = db.conn().await?;
+        c.fetch(&q).await.map_err(Error::db("cannot count the busy sessions"))
+    };
+    match counted.await {
+        Ok(rows) => probe_value(&rows).max(0.0) as u64,
+        Err(e) => {
+            tracing::debug!("busy sessions not counted: {e}");
+            0
         }
     }
 }

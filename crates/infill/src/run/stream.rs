@@ -95,6 +95,7 @@ pub(super) async fn batches(
             batch_size,
             redactor: &r.redactor,
         };
+        let busy = super::BusySample::start(db, s);
         let settled = {
             let fut = write.settle(batch_no, cursor.as_ref(), next.clone(), &page, t0);
             tokio::pin!(fut);
@@ -107,6 +108,7 @@ pub(super) async fn batches(
             return Ok(End::Aborted);
         };
         let (outcomes, events) = settled?;
+        let busy = busy.count().await;
         for (kind, detail) in events {
             audit.write(kind, detail)?;
         }
@@ -115,6 +117,7 @@ pub(super) async fn batches(
             let report = BatchReport {
                 batch: o.checkpoint.clone(),
                 retries: o.retries,
+                busy_sessions: busy,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             looped.add(&report.batch);
@@ -133,7 +136,7 @@ pub(super) async fn batches(
             return Ok(End::Done);
         }
         batch_size = adaptive.next(batch_size, duration, s);
-        throttle(s, duration, looped.session_changed, session_start, stop).await;
+        throttle(s, duration, busy, looped.session_changed, session_start, stop).await;
     }
 }
 

@@ -70,6 +70,13 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 /// that takes longer.
 pub const ENGINE_MAX_BATCH: u64 = 50_000;
 
+/// The default `busy_sleep_coef`: while the application is busy, a run
+/// rests twice as long as each batch took, so the application has two
+/// thirds of the time to itself. On the benchmark's two cores, pgbench's
+/// p99 latency was 1.7x its p99 alone at this coefficient and 2.4x to 2.9x
+/// without a rest (docs/BENCHMARKS.md, B3).
+pub const DEFAULT_BUSY_SLEEP_COEF: f64 = 2.0;
+
 /// The resolved settings of one job run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -88,6 +95,10 @@ pub struct Settings {
     pub rate: Option<Rate>,
     pub pause_between: Duration,
     pub sleep_coef: f64,
+    /// The `sleep_coef` used instead (when larger) after a batch during
+    /// which other sessions of the application were busy: a run yields to
+    /// an application at work and goes at full speed on a quiet database.
+    pub busy_sleep_coef: f64,
     pub max_failures: MaxFailures,
     pub concurrency: u64,
     pub lock_timeout: Duration,
@@ -213,10 +224,15 @@ impl Settings {
                 ));
             }
         }
-        if let Some(c) = &raw.sleep_coef
-            && *c.get_ref() < 0.0
-        {
-            return Err(err(c.span(), f("sleep_coef"), "must not be negative".into()));
+        for (name, c) in [
+            ("sleep_coef", &raw.sleep_coef),
+            ("busy_sleep_coef", &raw.busy_sleep_coef),
+        ] {
+            if let Some(c) = c
+                && !(*c.get_ref() >= 0.0 && c.get_ref().is_finite())
+            {
+                return Err(err(c.span(), f(name), "must be a number, 0 or more".into()));
+            }
         }
         if let Some(m) = &raw.max_failures {
             parse_max_failures(m.get_ref()).map_err(|msg| err(m.span(), f("max_failures"), msg))?;
@@ -275,6 +291,7 @@ impl Settings {
             rate,
             pause_between: dur(last!(pause_between), Duration::ZERO),
             sleep_coef: last!(sleep_coef).unwrap_or(0.0),
+            busy_sleep_coef: last!(busy_sleep_coef).unwrap_or(DEFAULT_BUSY_SLEEP_COEF),
             max_failures: last!(max_failures)
                 .map(|m| parse_max_failures(&m).expect("checked at load"))
                 .unwrap_or(MaxFailures::Count(0)),
@@ -304,6 +321,7 @@ impl Settings {
         "batch_size",
         "pause_between",
         "sleep_coef",
+        "busy_sleep_coef",
         "max_failures",
     ];
 
@@ -320,12 +338,17 @@ impl Settings {
             "rate" => self.rate = Some(Rate::parse(v)?),
             "batch_time" => self.batch_time = parse_duration(v)?,
             "pause_between" => self.pause_between = parse_duration(v)?,
-            "sleep_coef" => {
-                self.sleep_coef = v
+            "sleep_coef" | "busy_sleep_coef" => {
+                let c = v
                     .parse::<f64>()
                     .ok()
                     .filter(|c| *c >= 0.0 && c.is_finite())
-                    .ok_or_else(|| format!("`{v}` is not a non-negative number"))?
+                    .ok_or_else(|| format!("`{v}` is not a non-negative number"))?;
+                if key == "sleep_coef" {
+                    self.sleep_coef = c;
+                } else {
+                    self.busy_sleep_coef = c;
+                }
             }
             "batch_size" => {
                 let n: u64 = v

@@ -111,3 +111,33 @@ fn field_at_finds_header_and_key() {
     let text = "[jobs.a]\nsource.table = 5\n";
     assert_eq!(field_at(text, text.find('5').unwrap()), "jobs.a.source.table");
 }
+
+#[test]
+fn busy_sleep_coef_is_checked_layered_and_live() {
+    let spec = parse(GOOD).unwrap();
+    let params = Overrides {
+        params: vec![("block".into(), "7".into())],
+        ..Default::default()
+    };
+    assert_eq!(spec.resolve("fill", &params).unwrap().settings.busy_sleep_coef, 2.0);
+
+    let layered = parse(&GOOD.replace("batch_size = 500", "busy_sleep_coef = 4.0").replace(
+        "params.block = { type = \"int\" }",
+        "params.block = { type = \"int\" }\nbusy_sleep_coef = 0.5",
+    ))
+    .unwrap();
+    let mut s = layered.resolve("fill", &params).unwrap().settings;
+    assert_eq!(s.busy_sleep_coef, 0.5, "the job's value wins over [defaults]");
+
+    let e = parse(&GOOD.replace("batch_size = 500", "busy_sleep_coef = -1.0"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/specs/infill.toml:6:"), "{e}");
+    assert!(e.contains("defaults.busy_sleep_coef: must be a number, 0 or more"), "{e}");
+
+    assert!(Settings::LIVE_KEYS.contains(&"busy_sleep_coef"));
+    s.apply("busy_sleep_coef", "0").unwrap();
+    assert_eq!(s.busy_sleep_coef, 0.0);
+    assert!(s.apply("busy_sleep_coef", "-2").is_err());
+    assert_eq!(s.sleep_coef, 0.0, "sleep_coef untouched");
+}
