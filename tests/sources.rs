@@ -186,6 +186,8 @@ async fn csv_wrong_field_count_sqlite() {
 /// `--retry-failed` on a file source: rows whose write failed (a CHECK
 /// refused their score) are applied again, once fixed in the file, and
 /// only they: the file's other rows, changed meanwhile, are not written.
+/// An interrupted retry continues (by the same command or `infill resume`)
+/// without writing a row twice.
 async fn csv_retry_failed_applies_only_the_failed_rows(db: TestDb) {
     db.exec("CREATE TABLE accounts (id BIGINT NOT NULL PRIMARY KEY, score BIGINT CHECK (score >= 0))")
         .await;
@@ -225,36 +227,53 @@ max_failures = 10
     );
     assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score IS NULL").await, 7);
 
-    // The file fixed, and every other row changed too: only the 7 are written.
+    // The file fixed, and every other row changed too: only the 7 are
+    // written. The retry is cut short after 3 of them (`--limit`), as a
+    // kill would leave it, and continued twice, the file changing each
+    // time: a row is written by the first attempt that reaches it, and
+    // never again.
+    let first_id = first["run_id"].as_str().unwrap();
     write(1000, false);
-    let out = db.run(&[
-        "run",
-        spec,
-        "--retry-failed",
-        first["run_id"].as_str().unwrap(),
-        "--json",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = db.run(&["run", spec, "--retry-failed", first_id, "--limit", "3", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
     let retry = json(&out);
-    assert_eq!(
-        (retry["rows_changed"].as_u64(), retry["rows_failed"].as_u64()),
-        (Some(7), Some(0)),
-        "{retry}"
-    );
-    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id + 1000").await, 7);
-    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id").await, 293);
+    assert_eq!(retry["status"], "interrupted", "{retry}");
+    assert_eq!(retry["rows_changed"].as_u64(), Some(3), "{retry}");
+    let retry_id = retry["run_id"].as_str().unwrap().to_string();
 
-    // A retry left unfinished (as a kill would leave it) is not resumed as
-    // a run of the whole file: that would write the other 293 rows.
-    let retry_id = retry["run_id"].as_str().unwrap();
-    db.exec(&format!(
-        "UPDATE infill_runs SET status = 'interrupted' WHERE id = '{retry_id}'"
-    ))
-    .await;
+    // The same command continues it (and does not start another retry).
+    write(2000, false);
+    let out = db.run(&["run", spec, "--retry-failed", first_id, "--limit", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let again = json(&out);
+    assert_eq!(again["run_id"].as_str(), Some(retry_id.as_str()), "{again}");
+    assert_eq!(again["rows_changed"].as_u64(), Some(5), "counted across both: {again}");
+
+    // `infill resume` finishes it, still only the failed rows.
+    write(3000, false);
     let out = db.run(&["resume", &retry_id[..13], "--spec", spec, "--json"]);
-    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
-    assert!(text(&out).contains("--retry-failed"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let done = json(&out);
+    assert_eq!(
+        (
+            done["status"].as_str(),
+            done["rows_changed"].as_u64(),
+            done["rows_failed"].as_u64()
+        ),
+        (Some("succeeded"), Some(7), Some(0)),
+        "{done}"
+    );
+    // 3 rows from the first attempt, 2 from the second, 2 from the resume.
+    for (shift, rows) in [(1000, 3), (2000, 2), (3000, 2)] {
+        let sql = format!("SELECT COUNT(*) FROM accounts WHERE score = id + {shift}");
+        assert_eq!(db.int(&sql).await, rows, "{sql}");
+    }
     assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id").await, 293);
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs").await,
+        2,
+        "the run and one retry"
+    );
 }
 on_all_backends!(
     csv_retry_failed_applies_only_the_failed_rows,

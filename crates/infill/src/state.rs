@@ -416,6 +416,24 @@ pub async fn list_undo_runs(db: &Db, c: &mut impl Exec, of: &str) -> Result<Vec<
     rows.iter().map(|r| RunRecord::from_row(r)).collect()
 }
 
+/// The ids of a job's runs, oldest first.
+pub async fn run_ids_of_job(db: &Db, c: &mut impl Exec, job: &str) -> Result<Vec<String>> {
+    let rows = c
+        .fetch(&db.q(
+            "SELECT id FROM infill_runs WHERE job = ? ORDER BY id",
+            vec![Value::Text(job.into())],
+        ))
+        .await
+        .map_err(Error::db("cannot read infill_runs"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| match r.first() {
+            Some(Value::Text(id)) => Some(id.clone()),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The most recent runs, newest first.
 pub async fn list_runs(db: &Db, c: &mut impl Exec, limit: u32) -> Result<Vec<RunRecord>> {
     if !exists(db, c).await {

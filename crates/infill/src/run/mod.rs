@@ -339,6 +339,30 @@ pub(crate) fn params_sha256(r: &ResolvedJob) -> String {
     hex::encode(Sha256::digest(r.params_json().to_string().as_bytes()))
 }
 
+/// What stands for a retry's params: it names the run whose failed rows
+/// it retries, so an interrupted retry is found again (and only by a retry
+/// of the same run).
+fn retry_sha256(of: &str) -> String {
+    hex::encode(Sha256::digest(format!("retry of {of}").as_bytes()))
+}
+
+/// The run `of` and the keys of its failed rows (an error when none).
+async fn retry_of(db: &Db, conn: &mut crate::dialect::Conn, of: String) -> Result<(String, Vec<Key>)> {
+    let mut keys: Vec<Key> = state::list_failures(db, conn, &of)
+        .await?
+        .iter()
+        .filter_map(|f| crate::value::key_from_json(&f.key))
+        .collect();
+    keys.dedup();
+    if keys.is_empty() {
+        return Err(Error::CannotProceed(format!(
+            "run {} has no failed rows to retry",
+            short(&of)
+        )));
+    }
+    Ok((of, keys))
+}
+
 /// Short form of a run id for messages: its first 13 characters, the
 /// UUIDv7's millisecond timestamp (8 characters only change every ~65 s, so
 /// runs started close together would share them).
@@ -360,28 +384,18 @@ async fn with_lock(
     mut reader: Option<&mut Reader>,
 ) -> Result<RunSummary> {
     let r = &req.job;
-    // A retry is a run of its own: never continued as the job's main run.
-    let retry = match &req.retry_failed {
+    // A retry is a run of its own: never continued as the job's main run,
+    // but continued, like one, when interrupted: by the same command, or by
+    // `infill resume` (which finds the run it retries from its hash).
+    let mut retry = match &req.retry_failed {
         Some(of) => {
             let failed = state::find_run(db, conn, of).await?;
-            let mut keys: Vec<Key> = state::list_failures(db, conn, &failed.id)
-                .await?
-                .iter()
-                .filter_map(|f| crate::value::key_from_json(&f.key))
-                .collect();
-            keys.dedup();
-            if keys.is_empty() {
-                return Err(Error::CannotProceed(format!(
-                    "run {} has no failed rows to retry",
-                    short(&failed.id)
-                )));
-            }
-            Some((failed.id, keys))
+            Some(retry_of(db, conn, failed.id).await?)
         }
         None => None,
     };
-    let params_sha = match &retry {
-        Some((of, _)) => hex::encode(Sha256::digest(format!("retry of {of}").as_bytes())),
+    let mut params_sha = match &retry {
+        Some((of, _)) => retry_sha256(of),
         None => params_sha256(r),
     };
     let existing = match &req.continue_run {
@@ -402,17 +416,27 @@ async fn with_lock(
                     run.status.as_str()
                 )));
             }
-            // A retry's own hash names the run it retried: resumed as a run
-            // of the job it would write far more than the failed rows.
             if retry.is_none() && run.params_sha256 != params_sha {
-                return Err(Error::CannotProceed(format!(
-                    "run {} retried the failed rows of an earlier run (--retry-failed) and is not resumed; give `infill run --retry-failed RUN` again (`infill status` lists the runs)",
-                    short(&run.id)
-                )));
+                // A retry's hash names the run it retried: resumed as a run
+                // of the job it would write far more than the failed rows.
+                let mut of = None;
+                for id in state::run_ids_of_job(db, conn, &r.job.name).await? {
+                    if retry_sha256(&id) == run.params_sha256 {
+                        of = Some(id);
+                        break;
+                    }
+                }
+                let Some(of) = of else {
+                    return Err(Error::CannotProceed(format!(
+                        "run {} was started with other params; give the same --param values to `infill run`",
+                        short(&run.id)
+                    )));
+                };
+                retry = Some(retry_of(db, conn, of).await?);
+                params_sha = run.params_sha256.clone();
             }
             Some(run)
         }
-        None if retry.is_some() => None,
         None => state::find_unfinished(db, conn, &r.job.name, &params_sha).await?,
     };
     let (run, resumed) = match existing {
