@@ -13,6 +13,8 @@
 #   BATCH_SIZE  infill --batch-size, or `auto` for the   (default 1000)
 #               default adaptive batches (batch_time 500ms)
 #   UNDO        keep undo images (true/false)           (default true)
+#   SETTINGS    more job settings for infill, TOML lines (default empty)
+#               separated by ';', e.g. 'busy_sleep_coef = 0'
 #   LOOP_ROWS   rows of the per-row loop contender, run (default 0: no loop)
 #               once on a table of its own, scaled to ROWS
 #   SEED_LOOP   1: with LOOP_ROWS, also the loop as seed  (default 0)
@@ -84,7 +86,8 @@ VACUUM ANALYZE bench_base;
 SQL
 [[ $(scalar "SELECT count(*) FROM bench_base WHERE c IS NULL") == "$ROWS" ]] || die "bench_base was not loaded"
 
-fill_spec "$WORK/bench.toml" "postgres://$PGUSER@$PGHOST:$PGPORT/$DB" t_infill "undo = $UNDO"
+IFS=';' read -ra EXTRA <<< "${SETTINGS:-}"
+fill_spec "$WORK/bench.toml" "postgres://$PGUSER@$PGHOST:$PGPORT/$DB" t_infill "undo = $UNDO" "${EXTRA[@]}"
 
 copy_table() { # name [where]
   psql_db -c "DROP TABLE IF EXISTS $1" \
@@ -281,7 +284,7 @@ for k, v in kv.items():
 PY
 {
   echo "# infill bench, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, $(psql_db -At -c 'SHOW server_version'), infill source $REV"
-  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE UNDO=$UNDO LOOP_ROWS=$LOOP_ROWS SEED_LOOP=$SEED_LOOP bench/run.sh"
+  echo "# command: ROWS=$ROWS REPEAT=$REPEAT BATCH_SIZE=$BATCH_SIZE UNDO=$UNDO SETTINGS='${SETTINGS:-}' LOOP_ROWS=$LOOP_ROWS SEED_LOOP=$SEED_LOOP bench/run.sh"
   cat "$WORK/report.txt"
 } > "$OUT"
 cat "$OUT"

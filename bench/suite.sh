@@ -20,7 +20,8 @@
 #   B2_ROWS 10000000/300000   B2_REPEAT 1/1
 #   B3_SCALE 100/5  B3_DURATION 60/15  B3_CLIENTS 8/8  B3_WRITER_DELAY 5/3
 #   B3_RATE empty/empty (closed loop; a number: pgbench -R, open loop)
-#   B3_TUNED "sleep_coef = 2" (a phase (d): infill with these job settings; empty: no (d))
+#   B3_TUNED "busy_sleep_coef = 0" (a phase (d): infill with these job settings, by default
+#            without its rest for a busy application; empty: no (d))
 #   B5_SIZES "1000000 3000000"/"100000 300000" (plus B1_ROWS when b1 runs)
 #   B6_ROWS 1000000/1000000   B6_REPEAT 3/1
 # Results: bench/results/suite-bN.txt (each part's report), suite-bN.values.txt
@@ -36,14 +37,14 @@ case $SIZE in
   full)
     : "${B1_ROWS:=10000000}" "${B1_REPEAT:=3}" "${LOOP_ROWS:=100000}"
     : "${B2_ROWS:=10000000}" "${B2_REPEAT:=1}"
-    : "${B3_SCALE:=100}" "${B3_DURATION:=60}" "${B3_CLIENTS:=8}" "${B3_WRITER_DELAY:=5}" "${B3_TUNED=sleep_coef = 2}"
+    : "${B3_SCALE:=100}" "${B3_DURATION:=60}" "${B3_CLIENTS:=8}" "${B3_WRITER_DELAY:=5}" "${B3_TUNED=busy_sleep_coef = 0}"
     : "${B5_SIZES:=1000000 3000000}"
     : "${B6_ROWS:=1000000}" "${B6_REPEAT:=3}"
     ;;
   small)
     : "${B1_ROWS:=1000000}" "${B1_REPEAT:=1}" "${LOOP_ROWS:=5000}"
     : "${B2_ROWS:=300000}" "${B2_REPEAT:=1}"
-    : "${B3_SCALE:=5}" "${B3_DURATION:=15}" "${B3_CLIENTS:=8}" "${B3_WRITER_DELAY:=3}" "${B3_TUNED=sleep_coef = 2}"
+    : "${B3_SCALE:=5}" "${B3_DURATION:=15}" "${B3_CLIENTS:=8}" "${B3_WRITER_DELAY:=3}" "${B3_TUNED=busy_sleep_coef = 0}"
     : "${B5_SIZES:=100000 300000}"
     : "${B6_ROWS:=1000000}" "${B6_REPEAT:=1}"
     ;;
