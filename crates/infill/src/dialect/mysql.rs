@@ -536,8 +536,10 @@ pub(super) async fn pool(
             let setup = setup.clone();
             let own = own.clone();
             Box::pin(async move {
-                let id: i64 = sqlx::query_scalar(WHO_AM_I).fetch_one(&mut *conn).await?;
-                if let Ok(mut ids) = own.lock() {
+                // Without its id (a proxy that refuses the query) the
+                // connection still works; only the busy count may see it.
+                let id: Result<i64, _> = sqlx::query_scalar(WHO_AM_I).fetch_one(&mut *conn).await;
+                if let (Ok(id), Ok(mut ids)) = (id, own.lock()) {
                     ids.push(id);
                 }
                 for s in setup {

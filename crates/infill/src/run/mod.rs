@@ -1355,12 +1355,23 @@ impl BusySample {
     /// application's (MySQL knows a connection's id only once it is open):
     /// it is made again, now that the batch is over.
     pub(crate) async fn count(mut self) -> u64 {
-        let Some(task) = self.task.take() else {
+        let Some(mut task) = self.task.take() else {
             return 0;
         };
-        let n = task.await.unwrap_or(0);
+        // A count still waiting (for a connection, say) once the batch is
+        // over must not hold the run up: it is cancelled, and counts 0.
+        let n = match tokio::time::timeout(BUSY_COUNT_GRACE, &mut task).await {
+            Ok(done) => done.unwrap_or(0),
+            Err(_) => {
+                task.abort();
+                tracing::debug!("busy sessions not counted in time");
+                0
+            }
+        };
         if n > 0 && self.db.opened() != self.opened {
-            return busy_sessions(self.db.clone()).await;
+            return tokio::time::timeout(BUSY_COUNT_GRACE, busy_sessions(self.db.clone()))
+                .await
+                .unwrap_or(0);
         }
         n
     }
@@ -1373,6 +1384,9 @@ impl Drop for BusySample {
         }
     }
 }
+
+/// How long a batch's end waits for its busy count to come in.
+const BUSY_COUNT_GRACE: Duration = Duration::from_millis(250);
 
 /// Counts the other sessions at work (see
 /// [`crate::dialect::Dialect::busy_sessions_query`]);
