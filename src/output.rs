@@ -249,14 +249,18 @@ fn job_plan(p: &JobPlan) {
             thousands(p.batch_size)
         ),
     );
-    row(
-        "duration",
-        match (p.estimated_seconds, p.rate_per_second) {
-            (Some(s), Some(r)) => format!("at least {} under the rate limit of {r}/s and pauses", seconds(s)),
-            (Some(s), None) => format!("at least {} of pauses between batches", seconds(s)),
-            _ => "unthrottled: the server sets the pace (set rate = \"N/s\" to bound it)".into(),
-        },
-    );
+    let pace = match (p.estimated_seconds, p.rate_per_second) {
+        (Some(s), Some(r)) => format!("at least {} under the rate limit of {r}/s and pauses", seconds(s)),
+        (Some(s), None) => format!("at least {} of pauses between batches", seconds(s)),
+        _ => "unthrottled: the server sets the pace (set rate = \"N/s\" to bound it)".into(),
+    };
+    let rest = match p.busy_rest {
+        Some(c) => format!(
+            "; after a batch during which the application was at work, a rest of {c}x its duration (busy_sleep_coef)"
+        ),
+        None => String::new(),
+    };
+    row("duration", format!("{pace}{rest}"));
     for c in &p.checks {
         row("check", format!("{} must be {}", c.name, expect_text(&c.expect)));
     }

@@ -70,6 +70,13 @@ async fn plan_reads_and_writes_nothing(db: TestDb) {
     assert_eq!(job["candidates"], candidates);
     assert_eq!(job["counted"], "exact");
     assert_eq!(job["keys_in_range"], 1000);
+    // The rest while the application is at work, where the engine can see
+    // other sessions (not SQLite's).
+    let rest = match db.backend {
+        common::Backend::Sqlite => serde_json::Value::Null,
+        _ => serde_json::json!(2.0),
+    };
+    assert_eq!(job["busy_rest"], rest, "{job}");
     let cats: Vec<(String, u64)> = job["categories"]
         .as_array()
         .unwrap()

@@ -151,6 +151,12 @@ pub struct JobPlan {
     /// The least time the throttle allows (rate and pauses); None when
     /// unthrottled: then the server sets the pace.
     pub estimated_seconds: Option<f64>,
+    /// The rest after a batch during which the application was at work, in
+    /// multiples of the batch's duration (`busy_sleep_coef`); None where it
+    /// does not apply (turned off, an engine that cannot see other
+    /// sessions, an action per record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy_rest: Option<f64>,
     pub checks: Vec<PlannedCheck>,
     pub fingerprint: Fingerprint,
     /// `action.http`: the first records' requests as they would be sent
@@ -323,6 +329,7 @@ async fn analyse_stream(db: &Db, target: &Target, r: &ResolvedJob, identity: &Id
         batches,
         rate_per_second: r.settings.rate.map(|rate| rate.per_second),
         estimated_seconds: least_duration(candidates, batches, r),
+        busy_rest: busy_rest(db, r),
         checks: planned_checks(r),
         fingerprint: Fingerprint::of(r, identity),
         requests,
@@ -467,6 +474,7 @@ pub(crate) async fn analyse(
         batches: 0,
         rate_per_second: r.settings.rate.map(|rate| rate.per_second),
         estimated_seconds: None,
+        busy_rest: busy_rest(db, r),
         checks: planned_checks(r),
         fingerprint: Fingerprint::of(r, identity),
         requests: Vec::new(),
@@ -560,6 +568,14 @@ fn least_duration(candidates: u64, batches: u64, r: &ResolvedJob) -> Option<f64>
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
     }
+}
+
+/// See [`JobPlan::busy_rest`].
+fn busy_rest(db: &Db, r: &ResolvedJob) -> Option<f64> {
+    let s = &r.settings;
+    let per_record = r.job.http.is_some() || r.job.exec.is_some() || r.job.export.is_some();
+    (s.busy_sleep_coef > s.sleep_coef && !per_record && db.dialect.busy_sessions_query(&[]).is_some())
+        .then_some(s.busy_sleep_coef)
 }
 
 async fn sample(tx: &mut impl Exec, db: &Db, target: &Target, r: &ResolvedJob, upper: &Key) -> Result<Vec<SampleRow>> {
