@@ -151,6 +151,34 @@ async fn a_busy_application_is_counted(db: TestDb) {
     );
 }
 
+/// A file source's batches (written from the rows read, not over a key
+/// range) count and rest the same way.
+async fn a_file_source_is_counted(db: TestDb) {
+    fixture(&db, "").await;
+    let csv: String = std::iter::once("id,val\n".to_string())
+        .chain((1..=ROWS).map(|i| format!("{i},{}\n", i * 2)))
+        .collect();
+    std::fs::write(db.path().join("vals.csv"), csv).unwrap();
+    let spec = db
+        .spec(
+            r#"
+[jobs.fill]
+source.file = "vals.csv"
+source.key = "id"
+action.table = "items"
+action.update.val = ":val"
+"#,
+        )
+        .to_str()
+        .unwrap()
+        .to_string();
+    let task = sleeper(&db).await;
+    let id = run(&db, &spec);
+    wake(&db, task).await;
+    assert_filled(&db).await;
+    assert_eq!(busy_counts(&db, &id), vec![1; 5]);
+}
+
 /// `busy_sleep_coef = 0` turns the count (and the rest) off.
 async fn busy_sleep_coef_zero_turns_it_off(db: TestDb) {
     let spec = fixture(&db, "busy_sleep_coef = 0").await;
@@ -164,3 +192,4 @@ async fn busy_sleep_coef_zero_turns_it_off(db: TestDb) {
 on_servers!(own_sessions_are_not_busy);
 on_servers!(a_busy_application_is_counted);
 on_servers!(busy_sleep_coef_zero_turns_it_off);
+on_servers!(a_file_source_is_counted);

@@ -133,7 +133,10 @@ fn busy_sleep_coef_is_checked_layered_and_live() {
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("/specs/infill.toml:6:"), "{e}");
-    assert!(e.contains("defaults.busy_sleep_coef: must be a number, 0 or more"), "{e}");
+    assert!(
+        e.contains("defaults.busy_sleep_coef: must be a number, 0 or more"),
+        "{e}"
+    );
 
     assert!(Settings::LIVE_KEYS.contains(&"busy_sleep_coef"));
     s.apply("busy_sleep_coef", "0").unwrap();
