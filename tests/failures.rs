@@ -102,6 +102,29 @@ async fn poison_rows_are_isolated(db: TestDb) {
         .await,
         35
     );
+
+    // The retry as a kill after its last checkpoint would leave it: resumed,
+    // it tries no key again (no failure recorded twice), and a retry of
+    // the retry tries each of its 35 once.
+    db.exec(&format!(
+        "UPDATE infill_runs SET status = 'interrupted' WHERE id = '{retry_id}'"
+    ))
+    .await;
+    let out = db.run(&["resume", &retry_id[..13], "--spec", &spec, "--json"]);
+    assert_eq!(out.status.code(), Some(1), "its rows failed: {}", text(&out));
+    let resumed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(resumed["run_id"], retry["run_id"]);
+    assert_eq!(resumed["rows_failed"], 35, "{resumed}");
+    assert_eq!(
+        db.int(&format!(
+            "SELECT COUNT(*) FROM infill_failures WHERE run_id = '{retry_id}'"
+        ))
+        .await,
+        35
+    );
+    let out = db.run(&["run", "--spec", &spec, "--retry-failed", &retry_id[..13], "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(again["rows_read"], 35, "{again}");
 }
 on_all_backends!(poison_rows_are_isolated, poison_rows_are_isolated);
 

@@ -249,6 +249,21 @@ max_failures = 10
     assert_eq!(again["run_id"].as_str(), Some(retry_id.as_str()), "{again}");
     assert_eq!(again["rows_changed"].as_u64(), Some(5), "counted across both: {again}");
 
+    // A file whose lines before the cursor changed length cannot be
+    // continued from a byte offset: refused, nothing written.
+    write(30000, false);
+    let out = db.run(&["resume", &retry_id[..13], "--spec", spec, "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(
+        text(&out).contains("the file changed before the point where the run stopped"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM accounts WHERE score > id + 10000").await,
+        0
+    );
+
     // `infill resume` finishes it, still only the failed rows.
     write(3000, false);
     let out = db.run(&["resume", &retry_id[..13], "--spec", spec, "--json"]);

@@ -87,6 +87,9 @@ struct FileSource {
     start: (u64, u64),
     /// Fields in the CSV header.
     columns: usize,
+    /// Whether a cursor from an earlier process was checked against the
+    /// file as it is now.
+    checked: bool,
 }
 
 /// Keys per IN list when a diff looks keys up.
@@ -606,6 +609,7 @@ impl FileSource {
             nk: key.len(),
             start,
             columns,
+            checked: false,
         })
     }
 
@@ -615,6 +619,33 @@ impl FileSource {
             line,
             message,
         }
+    }
+
+    /// A run continues from a byte offset, which is only right while the
+    /// file before it is unchanged. A file fixed before that point (as
+    /// one is between a run and its `--retry-failed`) would put the offset
+    /// inside another line: rows skipped, or a line read from its middle.
+    /// So the offset must still start line `line`.
+    fn check_cursor(&self, offset: u64, line: u64) -> Result<()> {
+        use std::io::Read;
+        let file = std::fs::File::open(&self.path).map_err(|e| Error::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let mut before = Vec::new();
+        file.take(offset).read_to_end(&mut before).map_err(|e| Error::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        let newlines = before.iter().filter(|b| **b == b'\n').count() as u64;
+        let aligned = before.len() as u64 == offset && (offset == 0 || before.last() == Some(&b'\n'));
+        if aligned && newlines + 1 == line {
+            return Ok(());
+        }
+        Err(Error::CannotProceed(format!(
+            "{}: the file changed before the point where the run stopped (line {line} no longer starts at byte {offset}), so the run cannot go on from there; put the lines before line {line} back as they were, or `infill cancel` the run and start again",
+            self.path.display()
+        )))
     }
 
     fn page(&mut self, cursor: Option<&Key>, n: u64) -> Result<Page> {
@@ -633,6 +664,10 @@ impl FileSource {
             path: self.path.clone(),
             source: e,
         };
+        if cursor.is_some() && !self.checked {
+            self.check_cursor(offset, line)?;
+        }
+        self.checked = true;
         let mut file = std::fs::File::open(&self.path).map_err(io)?;
         file.seek(SeekFrom::Start(offset)).map_err(io)?;
         let mut page = Page::default();

@@ -381,6 +381,7 @@ async fn with_lock(
             }
             let room = CONFLICTS_SHOWN.saturating_sub(summary.conflict_rows.len());
             summary.conflict_rows.extend(outcome.conflicts.into_iter().take(room));
+            let took = batch_start.elapsed();
             let busy = busy.count().await;
             let report = BatchReport {
                 batch: cp,
@@ -389,7 +390,6 @@ async fn with_lock(
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             obs.on_event(&Event::Batch(&report));
-            let took = batch_start.elapsed();
             crate::run::throttle(&r.settings, took, busy, session_changed, session_start, stop).await;
         }
         Ok(())

@@ -340,10 +340,12 @@ pub(crate) fn params_sha256(r: &ResolvedJob) -> String {
 }
 
 /// What stands for a retry's params: it names the run whose failed rows
-/// it retries, so an interrupted retry is found again (and only by a retry
-/// of the same run).
-fn retry_sha256(of: &str) -> String {
-    hex::encode(Sha256::digest(format!("retry of {of}").as_bytes()))
+/// it retries, and the params, so an interrupted retry is found again (and
+/// only by a retry of the same run with the same params).
+fn retry_sha256(of: &str, r: &ResolvedJob) -> String {
+    hex::encode(Sha256::digest(
+        format!("retry of {of} with {}", r.params_json()).as_bytes(),
+    ))
 }
 
 /// The run `of` and the keys of its failed rows (an error when none).
@@ -353,7 +355,9 @@ async fn retry_of(db: &Db, conn: &mut crate::dialect::Conn, of: String) -> Resul
         .iter()
         .filter_map(|f| crate::value::key_from_json(&f.key))
         .collect();
-    keys.dedup();
+    // A key recorded twice (failed again in an earlier retry) is tried once.
+    let mut seen = std::collections::HashSet::new();
+    keys.retain(|k| seen.insert(key_to_json(k).to_string()));
     if keys.is_empty() {
         return Err(Error::CannotProceed(format!(
             "run {} has no failed rows to retry",
@@ -395,7 +399,7 @@ async fn with_lock(
         None => None,
     };
     let mut params_sha = match &retry {
-        Some((of, _)) => retry_sha256(of),
+        Some((of, _)) => retry_sha256(of, r),
         None => params_sha256(r),
     };
     let existing = match &req.continue_run {
@@ -421,7 +425,7 @@ async fn with_lock(
                 // of the job it would write far more than the failed rows.
                 let mut of = None;
                 for id in state::run_ids_of_job(db, conn, &r.job.name).await? {
-                    if retry_sha256(&id) == run.params_sha256 {
+                    if retry_sha256(&id, r) == run.params_sha256 {
                         of = Some(id);
                         break;
                     }
@@ -1016,11 +1020,23 @@ async fn retry_rows(
 ) -> Result<End> {
     let r = &req.job;
     let session_start = Instant::now();
-    // Run again after an interruption, a retry starts over: rows it wrote
-    // are no longer candidates, so they are skipped, not written twice.
+    // Continued after an interruption, a retry skips the keys it already
+    // checkpointed (written, skipped or failed again): each key is a batch
+    // whose upper key is that key.
+    let done: std::collections::HashSet<String> = {
+        let mut c = db.conn().await?;
+        state::batches_after(db, &mut c, &run.id, 0)
+            .await?
+            .iter()
+            .map(|cp| key_to_json(&cp.upper).to_string())
+            .collect()
+    };
     for key in keys {
         if stop.requested() {
             return Ok(End::Stopped);
+        }
+        if done.contains(&key_to_json(key).to_string()) {
+            continue;
         }
         let one = target.only_key(key);
         let settle = Settle {
@@ -1327,12 +1343,15 @@ pub(crate) async fn throttle(s: &Settings, batch: Duration, busy: u64, written: 
 }
 
 /// The other sessions at work on the target database, counted by a task of
-/// its own while a batch writes (so the count costs the batch nothing, and
-/// sees the application's sessions that wait on the batch's locks).
-/// Dropped unused, the task is cancelled.
+/// its own while a batch writes: a little after the batch starts (so it
+/// sees the application's sessions waiting on the batch's row locks), or
+/// when the batch ends, if that comes first. The count costs the batch
+/// nothing. Dropped unused, the task is cancelled.
 pub(crate) struct BusySample {
     db: Db,
     task: Option<tokio::task::JoinHandle<u64>>,
+    /// Dropped when the batch ends: the count is then made at once.
+    ended: Option<tokio::sync::oneshot::Sender<()>>,
     opened: usize,
 }
 
@@ -1343,9 +1362,22 @@ impl BusySample {
         let on = s.busy_sleep_coef > s.sleep_coef && db.dialect.busy_sessions_query(&[]).is_some();
         // Before the count starts: a connection opened from here on is seen.
         let opened = db.opened();
+        let (ended, batch_over) = tokio::sync::oneshot::channel::<()>();
+        let delay = (s.batch_time / 4).min(BUSY_COUNT_DELAY);
+        let count = {
+            let db = db.clone();
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = batch_over => {}
+                }
+                busy_sessions(db).await
+            }
+        };
         BusySample {
             db: db.clone(),
-            task: on.then(|| tokio::spawn(busy_sessions(db.clone()))),
+            task: on.then(|| tokio::spawn(count)),
+            ended: Some(ended),
             opened,
         }
     }
@@ -1355,6 +1387,7 @@ impl BusySample {
     /// application's (MySQL knows a connection's id only once it is open):
     /// it is made again, now that the batch is over.
     pub(crate) async fn count(mut self) -> u64 {
+        drop(self.ended.take());
         let Some(mut task) = self.task.take() else {
             return 0;
         };
@@ -1385,8 +1418,12 @@ impl Drop for BusySample {
     }
 }
 
+/// How long into a batch its busy count is made (at most a quarter of
+/// `batch_time`).
+const BUSY_COUNT_DELAY: Duration = Duration::from_millis(100);
+
 /// How long a batch's end waits for its busy count to come in.
-const BUSY_COUNT_GRACE: Duration = Duration::from_millis(250);
+const BUSY_COUNT_GRACE: Duration = Duration::from_secs(1);
 
 /// Counts the other sessions at work (see
 /// [`crate::dialect::Dialect::busy_sessions_query`]);
@@ -1403,7 +1440,13 @@ async fn busy_sessions(db: Db) -> u64 {
     match counted.await {
         Ok(rows) => probe_value(&rows).max(0.0) as u64,
         Err(e) => {
-            tracing::debug!("busy sessions not counted: {e}");
+            // Said once per process: a run goes on without resting.
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "the application's busy sessions cannot be counted, so the run does not rest for them (busy_sleep_coef): {e}"
+                );
+            }
             0
         }
     }
