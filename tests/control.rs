@@ -260,12 +260,31 @@ async fn builtin_probes(db: TestDb) {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("probes.mine"), "{}", text(&out));
 
+    // A probe may run on another database of the spec, named; an unknown
+    // name is a spec error.
+    let bad = spec(
+        &db,
+        "probes.elsewhere = { sql = \"SELECT 0\", database = \"nope\", pause_above = 1 }",
+    );
+    let out = db.run(&["run", &bad]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("probes.elsewhere.database: no database `nope`"),
+        "{}",
+        text(&out)
+    );
+
     let builtin = match db.backend {
         common::Backend::Postgres => "oldest_transaction",
         common::Backend::MySql => "threads_running",
         common::Backend::Sqlite => "replica_lag",
     };
-    let spec = spec(&db, &format!("probes.{builtin} = {{ pause_above = 100000 }}"));
+    let spec = spec(
+        &db,
+        &format!(
+            "probes.{builtin} = {{ pause_above = 100000 }}\nprobes.elsewhere = {{ sql = \"SELECT 0\", database = \"target\", pause_above = 1 }}"
+        ),
+    );
     let out = db.run(&["run", &spec]);
     if db.backend == common::Backend::Sqlite {
         assert_eq!(out.status.code(), Some(2), "{}", text(&out));

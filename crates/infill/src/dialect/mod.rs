@@ -167,6 +167,13 @@ pub trait Dialect: Send + Sync {
     fn builtin_probe(&self, _name: &str) -> Option<&'static str> {
         None
     }
+    /// For a built-in probe whose statement returns many columns (MySQL's
+    /// `SHOW REPLICA STATUS`): the names of the column holding the value,
+    /// one per server flavour. Its rows are then one per replication
+    /// channel; the probe's value is the largest.
+    fn probe_columns(&self, _name: &str) -> Option<&'static [&'static str]> {
+        None
+    }
     /// A query counting the sessions at work on this database right now,
     /// other than infill's (`busy_sleep_coef`): on PostgreSQL by their
     /// `application_name`, on MySQL by the connection ids in `own`. None
@@ -347,6 +354,9 @@ pub trait Exec: Send {
     async fn execute(&mut self, q: &Query) -> Result<u64, sqlx::Error>;
     /// Runs a query; returns its rows as values.
     async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error>;
+    /// Runs a query; returns its column names (empty without rows) and its
+    /// rows, for statements whose columns are known by name only (`SHOW`).
+    async fn fetch_named(&mut self, q: &Query) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error>;
     /// Prepares a statement without running it: unknown tables, columns
     /// and type errors surface here, and nothing is executed.
     async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error>;
@@ -420,6 +430,9 @@ macro_rules! impl_exec {
             }
             async fn fetch(&mut self, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
                 dispatch!(self, c => backend::fetch(c, q).await)
+            }
+            async fn fetch_named(&mut self, q: &Query) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error> {
+                dispatch!(self, c => backend::fetch_named(c, q).await)
             }
             async fn prepare(&mut self, q: &Query) -> Result<(), sqlx::Error> {
                 dispatch!(self, c => backend::prepare(c, q).await)

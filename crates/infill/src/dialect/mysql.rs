@@ -437,6 +437,17 @@ impl Dialect for MySqlDialect {
         match name {
             // Threads executing right now; the value is the last column.
             "threads_running" => Some("SHOW GLOBAL STATUS LIKE 'Threads_running'"),
+            // Run on a replica (`database = "..."`): the primary cannot see
+            // how far behind its replicas are. MariaDB 10.5.1 and MySQL
+            // 8.0.22 on.
+            "replica_lag" => Some("SHOW REPLICA STATUS"),
+            _ => None,
+        }
+    }
+    fn probe_columns(&self, name: &str) -> Option<&'static [&'static str]> {
+        match name {
+            // MariaDB's name, then MySQL's.
+            "replica_lag" => Some(&["Seconds_Behind_Master", "Seconds_Behind_Source"]),
             _ => None,
         }
     }
@@ -581,6 +592,18 @@ pub(super) async fn execute(conn: &mut MySqlConnection, q: &Query) -> Result<u64
 
 pub(super) async fn fetch(conn: &mut MySqlConnection, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
     query(q).fetch_all(conn).await?.iter().map(decode).collect()
+}
+
+pub(super) async fn fetch_named(
+    conn: &mut MySqlConnection,
+    q: &Query,
+) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error> {
+    let rows = query(q).fetch_all(conn).await?;
+    let names = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+        .unwrap_or_default();
+    Ok((names, rows.iter().map(decode).collect::<Result<_, _>>()?))
 }
 
 fn decode(row: &MySqlRow) -> Result<Vec<Value>, sqlx::Error> {

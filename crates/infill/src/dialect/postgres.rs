@@ -136,10 +136,15 @@ impl Dialect for PostgresDialect {
     }
     fn builtin_probe(&self, name: &str) -> Option<&'static str> {
         match name {
-            // Seconds the slowest replica is behind in replaying.
-            "replica_lag" => {
-                Some("SELECT COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag)), 0)::float8 FROM pg_stat_replication")
-            }
+            // On the primary: seconds the slowest replica is behind in
+            // replaying. On a replica (`database = "..."`): how old the
+            // last replayed transaction is (which also grows while the
+            // primary is idle).
+            "replica_lag" => Some(
+                "SELECT CASE WHEN pg_is_in_recovery() \
+                 THEN COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) \
+                 ELSE (SELECT COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag)), 0) FROM pg_stat_replication) END::float8",
+            ),
             // Seconds the oldest open transaction (not ours) has run: it holds back vacuum.
             "oldest_transaction" => Some(
                 "SELECT COALESCE(EXTRACT(EPOCH FROM now() - MIN(xact_start)), 0)::float8 FROM pg_stat_activity \
@@ -408,6 +413,18 @@ pub(super) async fn execute(conn: &mut PgConnection, q: &Query) -> Result<u64, s
 
 pub(super) async fn fetch(conn: &mut PgConnection, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
     query(q).fetch_all(conn).await?.iter().map(decode).collect()
+}
+
+pub(super) async fn fetch_named(
+    conn: &mut PgConnection,
+    q: &Query,
+) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error> {
+    let rows = query(q).fetch_all(conn).await?;
+    let names = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+        .unwrap_or_default();
+    Ok((names, rows.iter().map(decode).collect::<Result<_, _>>()?))
 }
 
 fn decode(row: &PgRow) -> Result<Vec<Value>, sqlx::Error> {

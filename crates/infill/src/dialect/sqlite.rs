@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
-use sqlx::{AssertSqlSafe, Executor, Row, SqlSafeStr, SqliteConnection, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Column as _, Executor, Row, SqlSafeStr, SqliteConnection, TypeInfo, ValueRef};
 
 use super::{Backend, Column, Dialect, Fused, SqlBuilder, Step};
 use crate::sql::Query;
@@ -323,6 +323,18 @@ pub(super) async fn execute(conn: &mut SqliteConnection, q: &Query) -> Result<u6
 
 pub(super) async fn fetch(conn: &mut SqliteConnection, q: &Query) -> Result<Vec<Vec<Value>>, sqlx::Error> {
     query(q).fetch_all(conn).await?.iter().map(decode).collect()
+}
+
+pub(super) async fn fetch_named(
+    conn: &mut SqliteConnection,
+    q: &Query,
+) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error> {
+    let rows = query(q).fetch_all(conn).await?;
+    let names = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+        .unwrap_or_default();
+    Ok((names, rows.iter().map(decode).collect::<Result<_, _>>()?))
 }
 
 fn decode(row: &SqliteRow) -> Result<Vec<Value>, sqlx::Error> {

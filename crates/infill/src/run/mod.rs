@@ -1097,7 +1097,9 @@ impl<'a> Between<'a> {
                 base: &r.settings,
                 obs,
                 stop,
-                probes: prepare_probes(db, &r.settings)?,
+                probes: prepare_probes(db, r)?,
+                probe_dbs: std::collections::HashMap::new(),
+                connect: connect_options(r),
                 last_control: Instant::now() - CONTROL_EVERY,
                 last_probe: Instant::now() - PROBE_EVERY,
             },
@@ -1171,7 +1173,11 @@ struct Live<'a> {
     base: &'a Settings,
     obs: &'a dyn Observer,
     stop: &'a Stop,
-    probes: Vec<(crate::spec::Probe, crate::sql::Query)>,
+    probes: Vec<ReadyProbe>,
+    /// The databases probes run on other than the target (a replica), by
+    /// name, connected at their first check.
+    probe_dbs: std::collections::HashMap<String, Db>,
+    connect: ConnectOptions,
     /// The control column is read at most every CONTROL_EVERY and probes
     /// run at most every PROBE_EVERY (each a small query); the pause file
     /// is looked at every batch.
@@ -1181,27 +1187,125 @@ struct Live<'a> {
 
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// The query of each probe: its own `sql`, or the engine's built-in one.
-fn prepare_probes(db: &Db, s: &Settings) -> Result<Vec<(crate::spec::Probe, crate::sql::Query)>> {
-    s.probes
+/// A health probe ready to run.
+struct ReadyProbe {
+    probe: crate::spec::Probe,
+    /// Its own `sql`, or the engine's built-in one.
+    query: crate::sql::Query,
+    /// The database it runs on where not the target (`database = ...`).
+    on: Option<crate::spec::DatabaseUrl>,
+    /// For a built-in whose statement has many columns: the value's column
+    /// (see `Dialect::probe_columns`).
+    columns: Option<&'static [&'static str]>,
+}
+
+/// Each probe's query and database; a built-in comes from the engine of the
+/// database it runs on.
+fn prepare_probes(db: &Db, r: &ResolvedJob) -> Result<Vec<ReadyProbe>> {
+    r.settings
+        .probes
         .iter()
         .map(|p| {
-            let sql = match &p.sql {
-                Some(sql) => sql.clone(),
-                None => db
-                    .dialect
-                    .builtin_probe(&p.name)
-                    .ok_or_else(|| {
-                        Error::Usage(format!(
-                            "the built-in probe `{}` is not available on database `{}`; give probes.{}.sql = \"SELECT ...\"",
-                            p.name, db.name, p.name
-                        ))
-                    })?
-                    .to_string(),
+            let on = match &p.database {
+                Some(name) => Some(r.probe_dbs.get(name).cloned().ok_or_else(|| {
+                    Error::Usage(format!("probes.{}.database: no database `{name}` in [databases]", p.name))
+                })?),
+                None => None,
             };
-            Ok((p.clone(), crate::sql::Query::new(sql)))
+            let (dialect, where_) = match &on {
+                Some(url) => {
+                    let backend = crate::dialect::Backend::of_url(url.expose()).ok_or_else(|| {
+                        Error::Usage(format!(
+                            "probes.{}.database: `{}` is not a postgres://, mysql:// or sqlite: URL",
+                            p.name, url.name
+                        ))
+                    })?;
+                    (backend.dialect(), url.name.clone())
+                }
+                None => (db.dialect, db.name.clone()),
+            };
+            let (sql, columns) = match &p.sql {
+                Some(sql) => (sql.clone(), None),
+                None => {
+                    let sql = dialect.builtin_probe(&p.name).ok_or_else(|| {
+                        Error::Usage(format!(
+                            "the built-in probe `{}` is not available on database `{where_}`; give probes.{}.sql = \"SELECT ...\"",
+                            p.name, p.name
+                        ))
+                    })?;
+                    (sql.to_string(), dialect.probe_columns(&p.name))
+                }
+            };
+            Ok(ReadyProbe {
+                probe: p.clone(),
+                query: crate::sql::Query::new(sql),
+                on,
+                columns,
+            })
         })
         .collect()
+}
+
+/// A probe's value. Infinite when a built-in cannot say (replication
+/// stopped: MySQL's lag is NULL), which holds or stops the run like any
+/// value above its levels.
+async fn read_probe(
+    target: &Db,
+    dbs: &mut std::collections::HashMap<String, Db>,
+    connect: &ConnectOptions,
+    p: &ReadyProbe,
+) -> Result<f64> {
+    let name = &p.probe.name;
+    let db = match &p.on {
+        None => target.clone(),
+        Some(url) => match dbs.get(&url.name) {
+            Some(db) => db.clone(),
+            None => {
+                let db = Db::connect(url, connect)
+                    .await
+                    .map_err(|e| Error::CannotProceed(format!("health probe `{name}`: {e}")))?;
+                dbs.insert(url.name.clone(), db.clone());
+                db
+            }
+        },
+    };
+    let failed = |e: sqlx::Error| {
+        Error::CannotProceed(format!(
+            "health probe `{name}` failed on database `{}`: {e}; fix probes.{name}.sql (it must return one number)",
+            db.name
+        ))
+    };
+    let mut c = db.conn().await?;
+    let Some(names) = p.columns else {
+        return Ok(probe_value(&c.fetch(&p.query).await.map_err(failed)?));
+    };
+    let (columns, rows) = c.fetch_named(&p.query).await.map_err(failed)?;
+    if rows.is_empty() {
+        return Err(Error::CannotProceed(format!(
+            "health probe `{name}`: database `{}` is not a replica (`{}` returned no row); name a replica with probes.{name}.database",
+            db.name, p.query.sql
+        )));
+    }
+    let i = columns
+        .iter()
+        .position(|c| names.contains(&c.as_str()))
+        .ok_or_else(|| {
+            Error::CannotProceed(format!(
+                "health probe `{name}`: `{}` on database `{}` has no column {}",
+                p.query.sql,
+                db.name,
+                names.join(" or ")
+            ))
+        })?;
+    // One row per replication channel: the one furthest behind counts.
+    let mut worst = 0.0f64;
+    for row in &rows {
+        match row.get(i) {
+            Some(Value::Null) | None => return Ok(f64::INFINITY),
+            Some(v) => worst = worst.max(probe_value(std::slice::from_ref(&vec![v.clone()]))),
+        }
+    }
+    Ok(worst)
 }
 
 /// The number a probe returned: the last column of its first row.
@@ -1277,18 +1381,16 @@ impl Live<'_> {
             };
             if reason.is_none() && !self.probes.is_empty() && (held || self.last_probe.elapsed() >= PROBE_EVERY) {
                 self.last_probe = Instant::now();
-                let mut c = self.db.conn().await?;
-                for (p, q) in &self.probes {
-                    let rows = c.fetch(q).await.map_err(|e| {
-                        Error::CannotProceed(format!(
-                            "health probe `{}` failed: {e}; fix probes.{}.sql (it must return one number)",
-                            p.name, p.name
-                        ))
-                    })?;
-                    let v = probe_value(&rows);
+                for ready in &self.probes {
+                    let p = &ready.probe;
+                    let v = read_probe(self.db, &mut self.probe_dbs, &self.connect, ready).await?;
+                    let shown = match v.is_finite() {
+                        true => v.to_string(),
+                        false => "unknown (replication is stopped or broken)".to_string(),
+                    };
                     if let Some(level) = p.abort_above.filter(|l| v > *l) {
                         let msg = format!(
-                            "aborted by the health probe `{}`: {v} is above its abort level {level}; the run stays resumable",
+                            "aborted by the health probe `{}`: {shown} is above its abort level {level}; the run stays resumable",
                             p.name
                         );
                         audit.write("probe", json!({ "probe": p.name, "value": v, "abort_above": level }))?;
@@ -1296,7 +1398,7 @@ impl Live<'_> {
                     }
                     if let Some(level) = p.pause_above.filter(|l| v > *l) {
                         reason = Some(format!(
-                            "held by the health probe `{}`: {v} is above its pause level {level}",
+                            "held by the health probe `{}`: {shown} is above its pause level {level}",
                             p.name
                         ));
                         break;

@@ -464,6 +464,9 @@ pub struct ResolvedJob {
     /// Where a diff's `missing_in` is looked up when that is not the target
     /// (an http job keeps its state apart from the job's database).
     pub lookup_db: Option<DatabaseUrl>,
+    /// The databases health probes run on (a replica), by `[databases]`
+    /// name, where not the target.
+    pub probe_dbs: BTreeMap<String, DatabaseUrl>,
     pub env: Option<String>,
     pub params: BTreeMap<String, Value>,
     pub settings: Settings,
@@ -582,12 +585,38 @@ impl Spec {
         self.job_order(self.jobs.keys().cloned().collect())?;
         // Settings must parse wherever they stand.
         Settings::check(&self.raw.defaults.settings(), "defaults", &|s, f, m| self.err(s, f, m))?;
+        self.check_probe_databases(&self.raw.defaults.settings(), "defaults")?;
         let d = &self.raw.defaults;
         self.check_approval_keys("defaults", &d.approval_ttl, &d.drift)?;
         for (name, env) in &self.raw.env {
             let e = env.get_ref();
             Settings::check(&e.settings(), &format!("env.{name}"), &|s, f, m| self.err(s, f, m))?;
+            self.check_probe_databases(&e.settings(), &format!("env.{name}"))?;
             self.check_approval_keys(&format!("env.{name}"), &e.approval_ttl, &e.drift)?;
+        }
+        Ok(())
+    }
+
+    /// A probe's `database` must be one of `[databases]` (or of an
+    /// environment's).
+    fn check_probe_databases(&self, raw: &raw::RawSettings, prefix: &str) -> Result<()> {
+        for (name, p) in &raw.probes {
+            let Some(db) = &p.get_ref().database else { continue };
+            let known = self.raw.databases.contains_key(db)
+                || self.raw.env.values().any(|e| e.get_ref().databases.contains_key(db));
+            if !known {
+                let mut names: Vec<&str> = self.raw.databases.keys().map(String::as_str).collect();
+                for e in self.raw.env.values() {
+                    names.extend(e.get_ref().databases.keys().map(String::as_str));
+                }
+                names.sort_unstable();
+                names.dedup();
+                return Err(self.err(
+                    p.span(),
+                    format!("{prefix}.probes.{name}.database"),
+                    format!("no database `{db}` in [databases] (there: {})", names.join(", ")),
+                ));
+            }
         }
         Ok(())
     }
@@ -1161,6 +1190,7 @@ impl Spec {
             });
         }
         Settings::check(&raw.settings(), &format!("jobs.{name}"), &|s, f, m| self.err(s, f, m))?;
+        self.check_probe_databases(&raw.settings(), &format!("jobs.{name}"))?;
 
         type InsertDef<'a> = (&'a [String], Vec<(&'a str, &'a str)>);
         #[derive(Serialize)]
@@ -1443,6 +1473,15 @@ impl Spec {
         layers.push(job.settings.clone());
         let mut settings = Settings::resolve(&layers, o)?;
         settings.pause_file = settings.pause_file.map(|p| self.dir.join(p));
+        let mut probe_dbs = BTreeMap::new();
+        for name in settings.probes.iter().filter_map(|p| p.database.as_ref()) {
+            if !probe_dbs.contains_key(name) {
+                probe_dbs.insert(
+                    name.clone(),
+                    self.named_url(&job, name, o.env.as_deref(), &mut redactor)?,
+                );
+            }
+        }
         let approval = self.approval_policy(env);
         let log_dir = env
             .and_then(|e| e.log_dir.as_ref())
@@ -1455,6 +1494,7 @@ impl Spec {
             source_db,
             http,
             lookup_db,
+            probe_dbs,
             env: o.env.clone(),
             params,
             settings,

@@ -244,6 +244,9 @@ pub struct RawParam {
 #[serde(deny_unknown_fields)]
 pub struct RawProbe {
     pub sql: Option<String>,
+    /// A name of `[databases]` where the probe runs (a replica), instead
+    /// of the job's target.
+    pub database: Option<String>,
     pub pause_above: Option<toml::Value>,
     pub abort_above: Option<toml::Value>,
 }

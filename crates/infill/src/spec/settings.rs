@@ -117,6 +117,8 @@ pub struct Probe {
     pub name: String,
     /// None for a built-in probe (see `Dialect::builtin_probe`).
     pub sql: Option<String>,
+    /// The `[databases]` name it runs on; None: the job's target.
+    pub database: Option<String>,
     pub pause_above: Option<f64>,
     pub abort_above: Option<f64>,
 }
@@ -389,6 +391,7 @@ fn probe(name: &str, raw: &super::raw::RawProbe) -> std::result::Result<Probe, S
     let p = Probe {
         name: name.to_string(),
         sql: raw.sql.clone(),
+        database: raw.database.clone(),
         pause_above: level(&raw.pause_above, "pause_above")?,
         abort_above: level(&raw.abort_above, "abort_above")?,
     };
