@@ -1,6 +1,6 @@
 //! The `replica_lag` health probe on MySQL/MariaDB, against a real
 //! replica: the test starts a primary with a binary log and a replica of it
-//! that applies each event three seconds late (`MASTER_DELAY`), each a
+//! that applies each event six seconds late (`MASTER_DELAY`), each a
 //! `mariadbd` of its own on a free port with a fresh data directory. A run
 //! on the primary holds while the replica is behind and goes on when it
 //! has caught up; a probe pointed at a server that is no replica stops the
@@ -130,7 +130,7 @@ impl Server {
 
 const ROWS: i64 = 1500;
 
-/// A primary holding `app.items` (ROWS rows to fill), and a replica three
+/// A primary holding `app.items` (ROWS rows to fill), and a replica six
 /// seconds behind it that has the table.
 async fn pair() -> Option<(Server, Server)> {
     let primary = Server::start(1, true).await?;
@@ -138,7 +138,7 @@ async fn pair() -> Option<(Server, Server)> {
     replica
         .exec(&format!(
             "CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, MASTER_USER = 'root', \
-             MASTER_PASSWORD = '', MASTER_DELAY = 3; START SLAVE",
+             MASTER_PASSWORD = '', MASTER_DELAY = 6; START SLAVE",
             primary.port
         ))
         .await;
@@ -187,6 +187,38 @@ probes.replica_lag = {{ database = "replica", pause_above = 0 }}
     path
 }
 
+/// An `infill` process, killed if the test ends before it does.
+struct Running(Option<Child>);
+
+impl Running {
+    fn start(mut cmd: Command) -> Running {
+        Running(Some(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()))
+    }
+
+    fn ended(&mut self) -> bool {
+        self.0.as_mut().unwrap().try_wait().unwrap().is_some()
+    }
+
+    /// Its output once it ends (two minutes at most).
+    async fn finish(mut self) -> std::process::Output {
+        let start = Instant::now();
+        while !self.ended() {
+            assert!(start.elapsed() < Duration::from_secs(120), "infill did not end");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.0.take().unwrap().wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn infill(dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_infill"));
     c.current_dir(dir).stdin(Stdio::null());
@@ -215,10 +247,9 @@ async fn replica_lag_holds_a_run_on_mariadb() {
 
     // A server that is no replica: the run stops before its first batch.
     let spec_path = spec(dir.path(), &primary, &primary.url("mysql"));
-    let out = infill(dir.path())
-        .args(["run", spec_path.to_str().unwrap(), "--batch-size", "500"])
-        .output()
-        .unwrap();
+    let mut cmd = infill(dir.path());
+    cmd.args(["run", spec_path.to_str().unwrap(), "--batch-size", "500"]);
+    let out = Running::start(cmd).finish().await;
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     assert!(text(&out).contains("is not a replica"), "{}", text(&out));
     assert_eq!(
@@ -229,16 +260,16 @@ async fn replica_lag_holds_a_run_on_mariadb() {
     );
     std::fs::remove_dir_all(dir.path().join("infill_logs")).unwrap();
 
-    // A write on the primary reaches the replica three seconds late: a run
+    // A write on the primary reaches the replica six seconds late: a run
     // started a second and a half after it finds the replica behind (the
-    // lag is counted in whole seconds) and holds until it has caught up.
+    // lag is counted in whole seconds, so the first second shows 0) and
+    // holds until it has caught up.
     primary.exec("CREATE TABLE app.tick (id INT)").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let spec_path = spec(dir.path(), &primary, &replica.url("mysql"));
-    let out = infill(dir.path())
-        .args(["run", spec_path.to_str().unwrap(), "--batch-size", "500", "--json"])
-        .output()
-        .unwrap();
+    let mut cmd = infill(dir.path());
+    cmd.args(["run", spec_path.to_str().unwrap(), "--batch-size", "500", "--json"]);
+    let out = Running::start(cmd).finish().await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(
         primary
@@ -263,12 +294,9 @@ async fn replica_lag_holds_a_run_on_mariadb() {
     // why, until the replica applies again.
     primary.exec("UPDATE app.items SET val = NULL").await;
     replica.exec("STOP SLAVE SQL_THREAD").await;
-    let mut child = infill(dir.path())
-        .args(["run", spec_path.to_str().unwrap(), "--batch-size", "500", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = infill(dir.path());
+    cmd.args(["run", spec_path.to_str().unwrap(), "--batch-size", "500", "--json"]);
+    let mut child = Running::start(cmd);
     let start = Instant::now();
     loop {
         let held = primary
@@ -280,12 +308,12 @@ async fn replica_lag_holds_a_run_on_mariadb() {
         if held > 0 {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended instead of holding");
+        assert!(!child.ended(), "the run ended instead of holding");
         assert!(start.elapsed() < Duration::from_secs(60), "the run never held");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     replica.exec("START SLAVE SQL_THREAD").await;
-    let out = child.wait_with_output().unwrap();
+    let out = child.finish().await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(
         primary

@@ -295,6 +295,53 @@ on_all_backends!(
     csv_retry_failed_applies_only_the_failed_rows
 );
 
+/// A CSV with CRLF line ends and no line end after its last record is
+/// continued from where each run stopped (the saved offset may sit after a
+/// `\r`, or at the very end of the file), and every row is written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crlf_csv_continues_where_it_stopped() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    accounts(&db, 300).await;
+    let lines: Vec<String> = std::iter::once("id,score".to_string())
+        .chain((1..=300).map(|i| format!("{i},{}", i * 3)))
+        .collect();
+    std::fs::write(db.path().join("scores.csv"), lines.join("\r\n")).unwrap();
+    let spec = db.spec(
+        r#"
+[jobs.fix]
+source.file = "scores.csv"
+source.key = "id"
+action.table = "accounts"
+action.update.score = ":score"
+batch_size = 40
+"#,
+    );
+    let spec = spec.to_str().unwrap();
+    let mut ids = Vec::new();
+    for (limit, status) in [("100", "interrupted"), ("200", "interrupted")] {
+        let out = db.run(&["run", spec, "--limit", limit, "--json"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let v = json(&out);
+        assert_eq!(v["status"], status, "{v}");
+        ids.push(v["run_id"].clone());
+    }
+    // The second stopped at the last record, with the file's end as its
+    // cursor: the third finds nothing more and succeeds.
+    let out = db.run(&["run", spec, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let last = json(&out);
+    assert_eq!(
+        (last["status"].as_str(), last["rows_changed"].as_u64()),
+        (Some("succeeded"), Some(300)),
+        "{last}"
+    );
+    ids.push(last["run_id"].clone());
+    assert!(ids.iter().all(|id| *id == ids[0]), "one run throughout: {ids:?}");
+    assert_eq!(db.int("SELECT COUNT(*) FROM accounts WHERE score = id * 3").await, 300);
+}
+
 /// A query source with a call per row: a row whose call fails is rolled
 /// back alone (savepoint) and recorded; the others commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -628,18 +628,30 @@ impl FileSource {
     /// So the offset must still start line `line`.
     fn check_cursor(&self, offset: u64, line: u64) -> Result<()> {
         use std::io::Read;
-        let file = std::fs::File::open(&self.path).map_err(|e| Error::Io {
+        let io = |e: std::io::Error| Error::Io {
             path: self.path.clone(),
             source: e,
-        })?;
-        let mut before = Vec::new();
-        file.take(offset).read_to_end(&mut before).map_err(|e| Error::Io {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        let newlines = before.iter().filter(|b| **b == b'\n').count() as u64;
-        let aligned = before.len() as u64 == offset && (offset == 0 || before.last() == Some(&b'\n'));
-        if aligned && newlines + 1 == line {
+        };
+        let mut file = std::fs::File::open(&self.path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        // Read in pieces: the offset may be gigabytes in.
+        let mut buf = vec![0u8; 1 << 16];
+        let (mut read, mut newlines, mut last) = (0u64, 0u64, None);
+        while read < offset {
+            let want = buf.len().min((offset - read) as usize);
+            let n = file.read(&mut buf[..want]).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            newlines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+            last = Some(buf[n - 1]);
+            read += n as u64;
+        }
+        // A record ends at a line feed, at a carriage return (the CSV
+        // reader stops after the `\r` of a CRLF), or at the end of a file
+        // whose last line has none.
+        let at_line_start = matches!(last, None | Some(b'\n') | Some(b'\r')) || offset == len;
+        if read == offset && at_line_start && newlines + 1 == line {
             return Ok(());
         }
         Err(Error::CannotProceed(format!(

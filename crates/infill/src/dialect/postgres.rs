@@ -138,12 +138,13 @@ impl Dialect for PostgresDialect {
         match name {
             // On the primary: seconds the slowest replica is behind in
             // replaying. On a replica (`database = "..."`): how old the
-            // last replayed transaction is (which also grows while the
-            // primary is idle).
+            // last replayed transaction is, or 0 when it has replayed all
+            // it received (else an idle primary would look like lag).
             "replica_lag" => Some(
-                "SELECT CASE WHEN pg_is_in_recovery() \
-                 THEN COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) \
-                 ELSE (SELECT COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag)), 0) FROM pg_stat_replication) END::float8",
+                "SELECT CASE WHEN NOT pg_is_in_recovery() \
+                 THEN (SELECT COALESCE(MAX(EXTRACT(EPOCH FROM replay_lag)), 0) FROM pg_stat_replication) \
+                 WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
+                 ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END::float8",
             ),
             // Seconds the oldest open transaction (not ours) has run: it holds back vacuum.
             "oldest_transaction" => Some(

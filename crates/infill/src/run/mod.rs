@@ -1261,17 +1261,29 @@ async fn read_probe(
         Some(url) => match dbs.get(&url.name) {
             Some(db) => db.clone(),
             None => {
-                let db = Db::connect(url, connect)
-                    .await
-                    .map_err(|e| Error::CannotProceed(format!("health probe `{name}`: {e}")))?;
+                // Unreachable, the run stops as interrupted (a transient
+                // error): the same command continues it.
+                let db = Db::connect(url, connect).await?;
                 dbs.insert(url.name.clone(), db.clone());
                 db
             }
         },
     };
+    // A lost connection stops the run as interrupted (the same command
+    // continues it); a query the database refuses is the spec's to fix.
     let failed = |e: sqlx::Error| {
+        if crate::error::is_transient_sqlx(&e) {
+            return Error::Database {
+                context: format!("health probe `{name}` on database `{}`", db.name),
+                source: e,
+            };
+        }
+        let fix = match p.probe.sql {
+            Some(_) => format!("fix probes.{name}.sql (it must return one number)"),
+            None => format!("check that database `{}` can run it", db.name),
+        };
         Error::CannotProceed(format!(
-            "health probe `{name}` failed on database `{}`: {e}; fix probes.{name}.sql (it must return one number)",
+            "health probe `{name}` failed on database `{}`: {e}; {fix}",
             db.name
         ))
     };
@@ -1393,7 +1405,10 @@ impl Live<'_> {
                             "aborted by the health probe `{}`: {shown} is above its abort level {level}; the run stays resumable",
                             p.name
                         );
-                        audit.write("probe", json!({ "probe": p.name, "value": v, "abort_above": level }))?;
+                        audit.write(
+                            "probe",
+                            json!({ "probe": p.name, "value": v, "unknown": !v.is_finite(), "abort_above": level }),
+                        )?;
                         return Ok(Some(End::ProbeAbort(msg)));
                     }
                     if let Some(level) = p.pause_above.filter(|l| v > *l) {
