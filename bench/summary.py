@@ -86,8 +86,9 @@ def main(prefix):
             rows.append(("B3 pgbench", "p99 while infill ran / p99 alone", "no transaction started while it ran", "<= 2x", "**NOT met**"))
         rows.append(("B3 pgbench", "p99 over the whole window with infill / alone", "%sx" % b3["c_p99_vs_a"], "-", "-"))
         if "d_during_p99_vs_a" in b3:
-            rows.append(("B3 pgbench", "p99 while infill with %s ran / p99 alone" % b3["tuned"], "%sx" % b3["d_during_p99_vs_a"], "<= 2x",
-                         verdict(float(b3["d_during_p99_vs_a"]) <= 2)))
+            # Phase (d) compares settings; the goal is (c)'s, at the defaults.
+            rows.append(("B3 pgbench", "p99 while infill with %s ran / p99 alone (for comparison)" % b3["tuned"],
+                         "%sx" % b3["d_during_p99_vs_a"], "-", "-"))
         if "b_during_p99_vs_a" in b3:
             rows.append(("B3 pgbench", "p99 while the single UPDATE ran / p99 alone", "%sx" % b3["b_during_p99_vs_a"], "-", "-"))
 
