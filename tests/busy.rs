@@ -46,15 +46,27 @@ action.update.val = "id * 2 + {slow}"
 }
 
 /// The busy counts of a run's (or an undo's) batches, from its audit log.
+/// Each batch that counted any rested at least `busy_sleep_coef` (2) times
+/// its duration before the next one (`rest_ms`, the pause the run took);
+/// the others did not rest.
 fn busy_counts(db: &TestDb, run: &str) -> Vec<u64> {
-    let batches: Vec<u64> = db
+    let batches: Vec<(u64, u64, u64)> = db
         .audit(Some(run))
         .iter()
         .filter(|l| l["event"] == "batch")
-        .map(|l| l["busy_sessions"].as_u64().unwrap_or(0))
+        .map(|l| {
+            let n = |k: &str| l[k].as_u64().unwrap_or(0);
+            (n("busy_sessions"), n("duration_ms"), n("rest_ms"))
+        })
         .collect();
     assert_eq!(batches.len(), 5, "five batches of 100");
-    batches
+    for &(busy, took, rest) in &batches {
+        match busy {
+            0 => assert_eq!(rest, 0, "a quiet batch does not rest: {batches:?}"),
+            _ => assert!(rest > 0 && rest + 2 >= 2 * took, "a busy batch rests 2x: {batches:?}"),
+        }
+    }
+    batches.iter().map(|b| b.0).collect()
 }
 
 fn run(db: &TestDb, spec: &str) -> String {
@@ -139,15 +151,20 @@ async fn a_busy_application_is_counted(db: TestDb) {
     wake(&db, task).await;
     assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE val IS NOT NULL").await, 0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let pages: Vec<u64> = db
+    let pages: Vec<(u64, u64)> = db
         .audit(Some(v["run_id"].as_str().unwrap()))
         .iter()
         .filter(|l| l["event"] == "batch")
-        .map(|l| l["busy_sessions"].as_u64().unwrap_or(0))
+        .map(|l| {
+            (
+                l["busy_sessions"].as_u64().unwrap_or(0),
+                l["rest_ms"].as_u64().unwrap_or(0),
+            )
+        })
         .collect();
     assert!(
-        !pages.is_empty() && pages.iter().all(|n| *n == 1),
-        "every page of the undo counted the sleeper: {pages:?}"
+        !pages.is_empty() && pages.iter().all(|&(n, rest)| n == 1 && rest > 0),
+        "every page of the undo counted the sleeper and rested: {pages:?}"
     );
 }
 

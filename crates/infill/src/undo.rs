@@ -383,14 +383,16 @@ async fn with_lock(
             summary.conflict_rows.extend(outcome.conflicts.into_iter().take(room));
             let took = batch_start.elapsed();
             let busy = busy.count().await;
+            let rest = crate::pace::pause_after_batch(&r.settings, took, busy, session_changed, session_start.elapsed());
             let report = BatchReport {
                 batch: cp,
                 retries,
                 busy_sessions: busy,
+                rest_ms: rest.as_millis() as u64,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             obs.on_event(&Event::Batch(&report));
-            crate::run::throttle(&r.settings, took, busy, session_changed, session_start, stop).await;
+            crate::run::rest_for(rest, stop).await;
         }
         Ok(())
     }

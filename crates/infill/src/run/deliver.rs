@@ -325,6 +325,7 @@ async fn settle(
             batch: cp,
             retries: 0,
             busy_sessions: 0,
+            rest_ms: 0,
         };
         audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
         looped.add(&report.batch);

@@ -126,6 +126,11 @@ pub struct BatchReport {
     pub retries: u32,
     #[serde(skip_serializing_if = "is_zero")]
     pub busy_sessions: u64,
+    /// The pause before the next batch (`rate`, `pause_between`,
+    /// `sleep_coef`, `busy_sleep_coef`), on the last line of a batch's
+    /// write; left out when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub rest_ms: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -918,17 +923,29 @@ async fn batches(
             audit.write(kind, detail.clone())?;
         }
         let mut outcome = None;
-        for o in settled.outcomes {
-            let report = BatchReport {
+        let (last, mut rest) = (settled.outcomes.len(), Duration::ZERO);
+        for (i, o) in settled.outcomes.into_iter().enumerate() {
+            let mut report = BatchReport {
                 batch: Checkpoint {
                     duration_ms: o.duration.as_millis() as u64,
                     ..o.checkpoint.clone()
                 },
                 retries: o.retries,
                 busy_sessions: busy,
+                rest_ms: 0,
             };
-            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             looped.add(&report.batch);
+            if i + 1 == last {
+                rest = crate::pace::pause_after_batch(
+                    s,
+                    o.duration,
+                    busy,
+                    looped.session_changed,
+                    session_start.elapsed(),
+                );
+                report.rest_ms = rest.as_millis() as u64;
+            }
+            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             if req.verbose {
                 for (key, values) in &o.written {
                     obs.on_event(&Event::Row { key, values });
@@ -958,7 +975,7 @@ async fn batches(
 
         batch_size = adaptive.next(batch_size, outcome.duration, s);
 
-        throttle(s, outcome.duration, busy, looped.session_changed, session_start, stop).await;
+        rest_for(rest, stop).await;
     }
 }
 
@@ -1057,6 +1074,7 @@ async fn retry_rows(
                 batch: o.checkpoint.clone(),
                 retries: o.retries,
                 busy_sessions: 0,
+                rest_ms: 0,
             };
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             looped.add(&report.batch);
@@ -1450,7 +1468,15 @@ impl Live<'_> {
 /// and whatever keeps the rows written since `since` under the rate. A stop
 /// request cuts the sleep short.
 pub(crate) async fn throttle(s: &Settings, batch: Duration, busy: u64, written: u64, since: Instant, stop: &Stop) {
-    let pause = crate::pace::pause_after_batch(s, batch, busy, written, since.elapsed());
+    rest_for(
+        crate::pace::pause_after_batch(s, batch, busy, written, since.elapsed()),
+        stop,
+    )
+    .await;
+}
+
+/// Sleeps `pause`, cut short by a stop request.
+pub(crate) async fn rest_for(pause: Duration, stop: &Stop) {
     if !pause.is_zero() {
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use super::{
     BatchOutcome, BatchReport, Between, End, Event, Looped, MAX_RETRIES, RunRequest, backoff, checkpoint_and_commit,
-    committed_since, insert_rows, is_row_error, read_retrying, row_failure, split_batches, throttle, too_many_failures,
+    committed_since, insert_rows, is_row_error, read_retrying, row_failure, split_batches, too_many_failures,
 };
 use crate::dialect::{Db, Exec, Tx};
 use crate::error::{Error, Result};
@@ -112,17 +112,23 @@ pub(super) async fn batches(
         for (kind, detail) in events {
             audit.write(kind, detail)?;
         }
-        let mut duration = Duration::ZERO;
-        for o in outcomes {
-            let report = BatchReport {
+        let duration: Duration = outcomes.iter().map(|o| o.duration).sum();
+        let (last, mut rest) = (outcomes.len(), Duration::ZERO);
+        for (i, o) in outcomes.into_iter().enumerate() {
+            let mut report = BatchReport {
                 batch: o.checkpoint.clone(),
                 retries: o.retries,
                 busy_sessions: busy,
+                rest_ms: 0,
             };
-            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             looped.add(&report.batch);
+            if i + 1 == last {
+                rest =
+                    crate::pace::pause_after_batch(s, duration, busy, looped.session_changed, session_start.elapsed());
+                report.rest_ms = rest.as_millis() as u64;
+            }
+            audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
             obs.on_event(&Event::Batch(&report));
-            duration += o.duration;
         }
         if too_many_failures(s.max_failures, looped.rows_failed, looped.rows_read) {
             return Err(Error::RowsFailed(format!(
@@ -136,7 +142,7 @@ pub(super) async fn batches(
             return Ok(End::Done);
         }
         batch_size = adaptive.next(batch_size, duration, s);
-        throttle(s, duration, busy, looped.session_changed, session_start, stop).await;
+        super::rest_for(rest, stop).await;
     }
 }
 
