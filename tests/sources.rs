@@ -22,6 +22,21 @@ async fn accounts(db: &TestDb, n: u64) {
     .await;
 }
 
+/// The job `fix`: scores.csv's `score` into `accounts` by `id`, with
+/// further job lines.
+fn scores_spec(db: &TestDb, extra: &str) -> std::path::PathBuf {
+    db.spec(&format!(
+        r#"
+[jobs.fix]
+source.file = "scores.csv"
+source.key = "id"
+action.table = "accounts"
+action.update.score = ":score"
+{extra}
+"#
+    ))
+}
+
 fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)))
 }
@@ -205,17 +220,7 @@ async fn csv_retry_failed_applies_only_the_failed_rows(db: TestDb) {
         std::fs::write(db.path().join("scores.csv"), csv).unwrap();
     };
     write(0, true);
-    let spec = db.spec(
-        r#"
-[jobs.fix]
-source.file = "scores.csv"
-source.key = "id"
-action.table = "accounts"
-action.update.score = ":score"
-batch_size = 50
-max_failures = 10
-"#,
-    );
+    let spec = scores_spec(&db, "batch_size = 50\nmax_failures = 10");
     let spec = spec.to_str().unwrap();
     let out = db.run(&["run", spec, "--json"]);
     assert_eq!(out.status.code(), Some(1), "rows failed: {}", text(&out));
@@ -308,16 +313,7 @@ async fn crlf_csv_continues_where_it_stopped() {
         .chain((1..=300).map(|i| format!("{i},{}", i * 3)))
         .collect();
     std::fs::write(db.path().join("scores.csv"), lines.join("\r\n")).unwrap();
-    let spec = db.spec(
-        r#"
-[jobs.fix]
-source.file = "scores.csv"
-source.key = "id"
-action.table = "accounts"
-action.update.score = ":score"
-batch_size = 40
-"#,
-    );
+    let spec = scores_spec(&db, "batch_size = 40");
     let spec = spec.to_str().unwrap();
     let mut ids = Vec::new();
     for (limit, status) in [("100", "interrupted"), ("200", "interrupted")] {

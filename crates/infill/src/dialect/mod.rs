@@ -419,6 +419,20 @@ macro_rules! dispatch {
     };
 }
 
+/// The column names of the first row (none without rows) and every row
+/// decoded: `Exec::fetch_named` on any backend.
+fn named_rows<R: sqlx::Row>(
+    rows: &[R],
+    decode: impl Fn(&R) -> Result<Vec<Value>, sqlx::Error>,
+) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error> {
+    use sqlx::Column as _;
+    let names = rows
+        .first()
+        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
+        .unwrap_or_default();
+    Ok((names, rows.iter().map(decode).collect::<Result<_, _>>()?))
+}
+
 /// `Exec` for a type whose variants each hold something that derefs to
 /// the backend's connection.
 macro_rules! impl_exec {

@@ -420,12 +420,7 @@ pub(super) async fn fetch_named(
     conn: &mut PgConnection,
     q: &Query,
 ) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error> {
-    let rows = query(q).fetch_all(conn).await?;
-    let names = rows
-        .first()
-        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
-        .unwrap_or_default();
-    Ok((names, rows.iter().map(decode).collect::<Result<_, _>>()?))
+    super::named_rows(&query(q).fetch_all(conn).await?, decode)
 }
 
 fn decode(row: &PgRow) -> Result<Vec<Value>, sqlx::Error> {

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteRow};
-use sqlx::{AssertSqlSafe, Column as _, Executor, Row, SqlSafeStr, SqliteConnection, TypeInfo, ValueRef};
+use sqlx::{AssertSqlSafe, Executor, Row, SqlSafeStr, SqliteConnection, TypeInfo, ValueRef};
 
 use super::{Backend, Column, Dialect, Fused, SqlBuilder, Step};
 use crate::sql::Query;
@@ -329,12 +329,7 @@ pub(super) async fn fetch_named(
     conn: &mut SqliteConnection,
     q: &Query,
 ) -> Result<(Vec<String>, Vec<Vec<Value>>), sqlx::Error> {
-    let rows = query(q).fetch_all(conn).await?;
-    let names = rows
-        .first()
-        .map(|r| r.columns().iter().map(|c| c.name().to_string()).collect())
-        .unwrap_or_default();
-    Ok((names, rows.iter().map(decode).collect::<Result<_, _>>()?))
+    super::named_rows(&query(q).fetch_all(conn).await?, decode)
 }
 
 fn decode(row: &SqliteRow) -> Result<Vec<Value>, sqlx::Error> {
