@@ -126,6 +126,15 @@ pub trait Dialect: Send + Sync {
     fn read_only_session(&self) -> Option<&'static str> {
         None
     }
+    /// True when batches over neighbouring key ranges can write at the same
+    /// time without waiting on each other's locks (`concurrency` above 1
+    /// for a table source's batches). False on SQLite (one writer at a
+    /// time) and on MySQL/MariaDB, where a range write also locks the
+    /// first key past its range: the next batch, started first, would hold
+    /// that row until the earlier batch commits, which waits for it.
+    fn concurrent_batches(&self) -> bool {
+        false
+    }
     /// True when the write can be restricted to the locked keys with
     /// `(k) IN (...)`; false where the write lock is already exclusive.
     fn update_by_key_list(&self) -> bool;

@@ -50,6 +50,10 @@ impl Dialect for PostgresDialect {
     fn begin_read_only(&self) -> &'static str {
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
     }
+    /// Row locks only: a batch locks exactly the rows of its range.
+    fn concurrent_batches(&self) -> bool {
+        true
+    }
     fn update_by_key_list(&self) -> bool {
         true
     }
@@ -373,8 +377,10 @@ pub(super) async fn pool(
     setup: Vec<String>,
     acquire: Duration,
 ) -> Result<sqlx::PgPool, sqlx::Error> {
+    // A run's batches in flight (`concurrency`, at most 4), the busy count
+    // and a read beside them.
     PgPoolOptions::new()
-        .max_connections(4)
+        .max_connections(8)
         .min_connections(0)
         .acquire_timeout(acquire)
         .after_connect(move |conn, _| {

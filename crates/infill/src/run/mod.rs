@@ -851,8 +851,28 @@ async fn batches(
     let mut adaptive = crate::pace::Adaptive::default();
     adaptive.engine_max = (!req.verbose && target.engine_batches(r.job.undo)).then_some(crate::spec::ENGINE_MAX_BATCH);
     let mut ahead: Option<LookAhead> = None;
+    // Batches written ahead, in key order, each starting where the one
+    // before it ends (`concurrency` above 1).
+    let mut window: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+    // A rest due after a batch while later batches were in flight: taken
+    // once they have committed.
+    let mut owed_rest = Duration::ZERO;
+    let mut last_busy = 0;
+    let can_write_ahead = db.dialect.concurrent_batches() && !req.verbose && target.engine_batches(r.job.undo);
     loop {
-        if let Some(end) = between.check(lock, audit).await? {
+        let end = {
+            let check = between.check(lock, audit);
+            tokio::pin!(check);
+            tokio::select! {
+                biased;
+                end = &mut check => end?,
+                _ = tokio::time::sleep(HOLD_WITH_BATCHES_AHEAD), if !window.is_empty() => {
+                    window.clear();
+                    check.await?
+                }
+            }
+        };
+        if let Some(end) = end {
             return Ok(end);
         }
         let s = &between.settings;
@@ -863,12 +883,25 @@ async fn batches(
         if remaining == Some(0) {
             return Ok(End::Limit);
         }
-        // The batch's upper key: looked up ahead for this start and size,
-        // or now; a lost connection or a timeout here is retried like a
-        // batch's.
-        let looked = match ahead.take() {
-            Some(a) => a.found(cursor.as_ref(), batch_size, s.batch_time).await,
+        // The batch written ahead that starts here, if it found its range.
+        let mut front = window
+            .pop_front()
+            .filter(|f| Some(&f.lo) == cursor.as_ref() && f.batch_no == looped.batches + 1 && remaining.is_none());
+        let front_hi = match front.as_mut() {
+            Some(f) => f.hi().await,
             None => None,
+        };
+        if front_hi.is_none() {
+            front = None;
+            window.clear();
+        }
+        // The batch's upper key: found by the batch written ahead, looked
+        // up ahead for this start and size, or now; a lost connection or a
+        // timeout here is retried like a batch's.
+        let looked = match (front_hi, ahead.take()) {
+            (Some(hi), _) => Some(Some(hi)),
+            (None, Some(a)) => a.found(cursor.as_ref(), batch_size, s.batch_time).await,
+            (None, None) => None,
         };
         let found = match looked {
             Some(found) => found,
@@ -888,7 +921,41 @@ async fn batches(
         // is looked up on another connection while this batch writes.
         let steady = s.fixed_batch || batch_size >= adaptive.max(s);
         let unthrottled = s.rate.is_none() && s.pause_between.is_zero() && s.sleep_coef <= 0.0;
-        if remaining.is_none() && hi != upper && steady && unthrottled {
+        let in_flight = s.concurrency.min(MAX_IN_FLIGHT);
+        // Later batches start writing now, each where the one before it
+        // ends, while the application leaves the database to the run.
+        if can_write_ahead
+            && in_flight > 1
+            && remaining.is_none()
+            && steady
+            && unthrottled
+            && owed_rest.is_zero()
+            && last_busy == 0
+        {
+            while (window.len() as u64) + 1 < in_flight {
+                let lo = match window.back_mut() {
+                    Some(b) => match b.hi().await {
+                        Some(h) => h,
+                        None => break,
+                    },
+                    None => hi.clone(),
+                };
+                if lo == upper {
+                    break;
+                }
+                let no = looped.batches + 2 + window.len() as u64;
+                window.push_back(InFlight::start(
+                    db,
+                    &seg_target,
+                    &run.id,
+                    lo,
+                    upper.clone(),
+                    batch_size,
+                    no,
+                    r.job.undo,
+                ));
+            }
+        } else if remaining.is_none() && hi != upper && steady && unthrottled {
             ahead = Some(LookAhead::start(
                 db,
                 seg_target.boundary(Some(&hi), &upper, batch_size),
@@ -907,7 +974,22 @@ async fn batches(
         };
         let busy = BusySample::start(db, s);
         let settled = {
-            let fut = settle.range(cursor.as_ref(), &hi, remaining, looped.batches + 1);
+            let batch_no = looped.batches + 1;
+            let fut = async {
+                if let Some(f) = front {
+                    match f.finish().await {
+                        Ok(o) => return Ok(Settled::from(o)),
+                        // Written again in turn, unless it committed.
+                        Err(e) => {
+                            tracing::debug!(batch_no, error = %e, "a batch written ahead did not commit");
+                            if let Some(o) = settle.committed(batch_no, 0).await? {
+                                return Ok(Settled::from(o));
+                            }
+                        }
+                    }
+                }
+                settle.range(cursor.as_ref(), &hi, remaining, batch_no).await
+            };
             tokio::pin!(fut);
             tokio::select! {
                 res = &mut fut => Some(res),
@@ -942,7 +1024,13 @@ async fn batches(
                     busy,
                     looped.session_changed,
                     session_start.elapsed(),
-                );
+                )
+                .max(owed_rest);
+                // Batches in flight hold their rows: rest once they commit.
+                owed_rest = if window.is_empty() { Duration::ZERO } else { rest };
+                if !owed_rest.is_zero() {
+                    rest = Duration::ZERO;
+                }
                 report.rest_ms = rest.as_millis() as u64;
             }
             audit.write("batch", serde_json::to_value(&report).expect("serialisable"))?;
@@ -974,6 +1062,7 @@ async fn batches(
         }
 
         batch_size = adaptive.next(batch_size, outcome.duration, s);
+        last_busy = busy;
 
         rest_for(rest, stop).await;
     }
@@ -1015,6 +1104,121 @@ impl LookAhead {
 }
 
 impl Drop for LookAhead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Most batches of one run writing at once (`concurrency`).
+const MAX_IN_FLIGHT: u64 = 4;
+
+/// How long the check between batches may take before the batches written
+/// ahead are rolled back: a run held by a probe, `infill pause` or the
+/// pause file must not keep their rows locked.
+const HOLD_WITH_BATCHES_AHEAD: Duration = Duration::from_millis(250);
+
+/// A batch written ahead (`concurrency` above 1, where the dialect allows
+/// it): a task of its own finds the batch's upper key, writes the range in
+/// a transaction of its own while the batches before it still write, and
+/// commits only when told to, after the batch before it committed. So the
+/// cursor never passes a batch that did not commit, and a kill -9 loses
+/// the uncommitted ones whole (the server rolls them back). Dropped, it is
+/// cancelled and its transaction rolls back.
+struct InFlight {
+    lo: Key,
+    batch_no: u64,
+    hi_rx: Option<tokio::sync::oneshot::Receiver<Key>>,
+    hi: Option<Key>,
+    go: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<BatchOutcome>>,
+}
+
+impl InFlight {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        db: &Db,
+        target: &Target,
+        run_id: &str,
+        lo: Key,
+        upper: Key,
+        size: u64,
+        batch_no: u64,
+        undo: bool,
+    ) -> InFlight {
+        let (hi_tx, hi_rx) = tokio::sync::oneshot::channel();
+        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (db, target, run_id, from) = (db.clone(), target.clone(), run_id.to_string(), lo.clone());
+        let task = tokio::spawn(async move {
+            let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+            let mut conn = db.conn().await?;
+            let boundary = target.boundary(Some(&from), &upper, size);
+            let hi = first_key(&mut conn, &boundary).await?.unwrap_or(upper);
+            let _ = hi_tx.send(hi.clone());
+            let t0 = Instant::now();
+            let shape = BatchShape {
+                run_id: &run_id,
+                batch_no,
+                lo: Some(&from),
+                hi: &hi,
+                limit: None,
+                undo,
+                keys: size,
+            };
+            let fused = target
+                .fused_batch(&shape)
+                .ok_or_else(|| Error::CannotProceed(format!("batch {batch_no}: no statement writes it ahead")))?;
+            let mut tx = conn
+                .begin_with(db.dialect.begin_write())
+                .await
+                .map_err(fail("cannot begin"))?;
+            let w = write_fused(&mut tx, &fused, batch_no).await?;
+            if !w.exact {
+                return Err(Error::CannotProceed(format!(
+                    "batch {batch_no}: its images failed their check"
+                )));
+            }
+            let waiting = Instant::now();
+            if go_rx.await.is_err() {
+                return Err(Error::Interrupted(format!("batch {batch_no}: cancelled")));
+            }
+            // Its duration leaves out the wait for the batch before it.
+            let t0 = t0 + waiting.elapsed();
+            let cp = w.checkpoint(&target, batch_no, Some(&from), &hi, None, size);
+            checkpoint_and_commit(&db, tx, &run_id, cp, t0, Vec::new()).await
+        });
+        InFlight {
+            lo,
+            batch_no,
+            hi_rx: Some(hi_rx),
+            hi: None,
+            go: Some(go),
+            task,
+        }
+    }
+
+    /// The batch's upper key, once found (None: its lookup failed).
+    async fn hi(&mut self) -> Option<Key> {
+        if let Some(rx) = self.hi_rx.take() {
+            self.hi = rx.await.ok();
+        }
+        self.hi.clone()
+    }
+
+    /// Lets the batch commit (the one before it has) and waits for it. An
+    /// error leaves the batch's outcome to be read back: it may have
+    /// failed before writing, while writing, or during its COMMIT.
+    async fn finish(mut self) -> Result<BatchOutcome> {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+        match (&mut self.task).await {
+            Ok(done) => done,
+            Err(e) => Err(Error::Interrupted(format!("batch {}: {e}", self.batch_no))),
+        }
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -1640,6 +1844,15 @@ struct Settled {
     events: Vec<(&'static str, serde_json::Value)>,
 }
 
+impl From<BatchOutcome> for Settled {
+    fn from(o: BatchOutcome) -> Settled {
+        Settled {
+            outcomes: vec![o],
+            events: Vec::new(),
+        }
+    }
+}
+
 impl Settle<'_> {
     async fn range(&self, lo: Option<&Key>, hi: &Key, limit: Option<u64>, batch_no: u64) -> Result<Settled> {
         let mut out = Settled::default();
@@ -1937,41 +2150,8 @@ async fn apply_batch(
     {
         let mut conn = db.conn().await?;
         let mut tx = conn.begin_with(d.begin_write()).await.map_err(fail("cannot begin"))?;
-        let (mut read, mut changed, mut row) = (0, 0, Vec::new());
-        let mut exact = true;
-        for (q, step) in &fused.steps {
-            match step {
-                Step::Run => {
-                    tx.execute(q).await.map_err(fail("cannot write"))?;
-                }
-                Step::Written => {
-                    changed += tx.execute(q).await.map_err(fail("cannot write"))?;
-                    read = changed;
-                }
-                Step::Counts => {
-                    row = tx
-                        .fetch(q)
-                        .await
-                        .map_err(fail("cannot write"))?
-                        .into_iter()
-                        .next()
-                        .unwrap_or_default();
-                    (read, changed) = (as_count(row.first()), as_count(row.get(1)));
-                }
-                Step::Check => {
-                    let c = tx
-                        .fetch(q)
-                        .await
-                        .map_err(fail("cannot check the undo images"))?
-                        .into_iter()
-                        .next()
-                        .unwrap_or_default();
-                    read = as_count(c.first());
-                    exact = changed <= read && as_count(c.get(1)) == 1;
-                }
-            }
-        }
-        if !exact {
+        let w = write_fused(&mut tx, &fused, batch_no).await?;
+        if !w.exact {
             // The images are not whole, or do not hold every written row:
             // write the batch again by key list.
             tracing::info!(
@@ -1981,19 +2161,90 @@ async fn apply_batch(
             tx.rollback().await.map_err(fail("cannot roll back"))?;
             return apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await;
         }
+        let cp = w.checkpoint(target, batch_no, lo, hi, limit, batch_size);
+        return checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await;
+    }
+    apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await
+}
+
+/// What a fused batch's statements found, before its checkpoint.
+struct Wrote {
+    read: u64,
+    changed: u64,
+    /// The counts row (its third value: the last key read, under a limit).
+    row: Vec<Value>,
+    /// False when the images failed their check: write by key list instead.
+    exact: bool,
+}
+
+/// Runs a fused batch's statements in `tx` (the engine writes and images
+/// the rows; nothing comes back but counts).
+async fn write_fused(tx: &mut crate::dialect::Tx<'_>, fused: &crate::dialect::Fused, batch_no: u64) -> Result<Wrote> {
+    let fail = |what: &str| Error::db(format!("batch {batch_no}: {what}"));
+    let mut w = Wrote {
+        read: 0,
+        changed: 0,
+        row: Vec::new(),
+        exact: true,
+    };
+    for (q, step) in &fused.steps {
+        match step {
+            Step::Run => {
+                tx.execute(q).await.map_err(fail("cannot write"))?;
+            }
+            Step::Written => {
+                w.changed += tx.execute(q).await.map_err(fail("cannot write"))?;
+                w.read = w.changed;
+            }
+            Step::Counts => {
+                w.row = tx
+                    .fetch(q)
+                    .await
+                    .map_err(fail("cannot write"))?
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
+                (w.read, w.changed) = (as_count(w.row.first()), as_count(w.row.get(1)));
+            }
+            Step::Check => {
+                let c = tx
+                    .fetch(q)
+                    .await
+                    .map_err(fail("cannot check the undo images"))?
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
+                w.read = as_count(c.first());
+                w.exact = w.changed <= w.read && as_count(c.get(1)) == 1;
+            }
+        }
+    }
+    Ok(w)
+}
+
+impl Wrote {
+    /// The batch's checkpoint: up to `hi`, or to the last key read when a
+    /// row limit cut the range short.
+    fn checkpoint(
+        &self,
+        target: &Target,
+        batch_no: u64,
+        lo: Option<&Key>,
+        hi: &Key,
+        limit: Option<u64>,
+        size: u64,
+    ) -> Checkpoint {
         let mut upper = hi.clone();
-        if limit.is_some_and(|l| read >= l)
-            && let Some(Value::Text(last)) = row.get(2)
+        if limit.is_some_and(|l| self.read >= l)
+            && let Some(Value::Text(last)) = self.row.get(2)
         {
             upper = serde_json::from_str(last)
                 .ok()
                 .and_then(|j| crate::value::key_from_json(&j))
                 .unwrap_or(upper);
         }
-        let cp = Checkpoint::new(target.segment_no, batch_no, lo, upper, read, changed, 0, batch_size);
-        return checkpoint_and_commit(db, tx, run_id, cp, t0, Vec::new()).await;
+        Checkpoint::new(target.segment_no, batch_no, lo, upper, self.read, self.changed, 0, size)
     }
-    apply_listed(db, target, run_id, batch_no, lo, hi, limit, undo, batch_size, t0).await
 }
 
 /// A batch whose candidates come back to infill: read and locked, then
