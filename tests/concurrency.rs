@@ -157,7 +157,7 @@ async fn batches_write_ahead_in_key_order(db: TestDb) {
         assert_eq!(
             db.int("SELECT COUNT(DISTINCT xid) FROM write_log").await,
             24,
-            "one transaction per batch, none rolled back and written again"
+            "the committed writes came from one transaction per batch"
         );
     }
     // Undo restores every row, whichever transaction wrote it.
@@ -203,19 +203,29 @@ async fn kill_9_with_batches_in_flight() {
     db.wait_for_batches(&mut child, 4).await;
     // Batches in flight: their rows are locked, not yet committed.
     tokio::time::sleep(Duration::from_millis(100)).await;
+    let in_flight = db
+        .int("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'infill:%' AND state <> 'idle'")
+        .await;
     child.kill().unwrap();
     assert_eq!(child.wait().unwrap().signal(), Some(9));
-    let committed = db.int("SELECT COUNT(*) FROM infill_batches").await;
+    assert!(
+        in_flight >= 2,
+        "batches were writing side by side when killed: {in_flight}"
+    );
     // The server ends the killed sessions' transactions; wait for it.
-    for _ in 0..100 {
+    let mut ended = false;
+    for _ in 0..200 {
         let open = db
             .int("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'infill:%'")
             .await;
         if open == 0 {
+            ended = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(ended, "the killed run's sessions ended");
+    let committed = db.int("SELECT COUNT(*) FROM infill_batches").await;
     assert_eq!(
         db.int("SELECT COUNT(*) FROM items WHERE writes > 0").await,
         committed * 500,
@@ -231,7 +241,7 @@ async fn kill_9_with_batches_in_flight() {
     assert_eq!(
         db.int("SELECT COUNT(*) FROM write_log").await,
         20_000,
-        "no write of a rolled-back batch survived"
+        "the rows were written once each, by committed batches"
     );
     assert!(overlapping_batches(&db).await > 0, "batches wrote at the same time");
 }
@@ -274,6 +284,15 @@ async fn a_failing_row_ahead_is_isolated() {
         1
     );
     assert_chained(&db).await;
+    // The failing batch had been written ahead, then written again in turn.
+    let redone: Vec<_> = db
+        .audit(None)
+        .into_iter()
+        .filter(|l| l["event"] == "retry" && l["ahead"] == true)
+        .collect();
+    assert_eq!(redone.len(), 1, "{redone:?}");
+    assert_eq!(redone[0]["batch_no"], 6);
+    assert!(redone[0]["error"].as_str().unwrap().contains("no_5200"), "{redone:?}");
 }
 
 /// `infill pause` while batches are written ahead: within a moment the

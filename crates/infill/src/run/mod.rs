@@ -851,14 +851,27 @@ async fn batches(
     let mut adaptive = crate::pace::Adaptive::default();
     adaptive.engine_max = (!req.verbose && target.engine_batches(r.job.undo)).then_some(crate::spec::ENGINE_MAX_BATCH);
     let mut ahead: Option<LookAhead> = None;
-    // Batches written ahead, in key order, each starting where the one
-    // before it ends (`concurrency` above 1).
-    let mut window: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+    let mut window = Window::default();
     // A rest due after a batch while later batches were in flight: taken
     // once they have committed.
     let mut owed_rest = Duration::ZERO;
     let mut last_busy = 0;
     let can_write_ahead = db.dialect.concurrent_batches() && !req.verbose && target.engine_batches(r.job.undo);
+    // Whether later batches may write while this one does: several may
+    // (`concurrency`), no throttle applies, the batch size no longer
+    // grows, and the last batch saw no session of the application at work.
+    let write_ahead = |s: &Settings, size: u64, adaptive: &crate::pace::Adaptive, busy: u64, owed: Duration| {
+        can_write_ahead
+            && s.concurrency.min(MAX_IN_FLIGHT) > 1
+            && req.limit.is_none()
+            && req.canary.is_none()
+            && (s.fixed_batch || size >= adaptive.max(s))
+            && s.rate.is_none()
+            && s.pause_between.is_zero()
+            && s.sleep_coef <= 0.0
+            && busy == 0
+            && owed.is_zero()
+    };
     loop {
         let end = {
             let check = between.check(lock, audit);
@@ -867,7 +880,7 @@ async fn batches(
                 biased;
                 end = &mut check => end?,
                 _ = tokio::time::sleep(HOLD_WITH_BATCHES_AHEAD), if !window.is_empty() => {
-                    window.clear();
+                    window.cancel().await;
                     check.await?
                 }
             }
@@ -883,23 +896,15 @@ async fn batches(
         if remaining == Some(0) {
             return Ok(End::Limit);
         }
-        // The batch written ahead that starts here, if it found its range.
-        let mut front = window
-            .pop_front()
-            .filter(|f| Some(&f.lo) == cursor.as_ref() && f.batch_no == looped.batches + 1 && remaining.is_none());
-        let front_hi = match front.as_mut() {
-            Some(f) => f.hi().await,
-            None => None,
-        };
-        if front_hi.is_none() {
-            front = None;
-            window.clear();
-        }
+        // The batch written ahead that starts here, with its upper key.
+        // Any other batch ahead is rolled back: a batch written in turn
+        // may be split, and its numbers would collide with theirs.
+        let front = window.front(cursor.as_ref(), looped.batches + 1).await;
         // The batch's upper key: found by the batch written ahead, looked
         // up ahead for this start and size, or now; a lost connection or a
         // timeout here is retried like a batch's.
-        let looked = match (front_hi, ahead.take()) {
-            (Some(hi), _) => Some(Some(hi)),
+        let looked = match (&front, ahead.take()) {
+            (Some((_, hi)), _) => Some(Some(hi.clone())),
             (None, Some(a)) => a.found(cursor.as_ref(), batch_size, s.batch_time).await,
             (None, None) => None,
         };
@@ -921,41 +926,21 @@ async fn batches(
         // is looked up on another connection while this batch writes.
         let steady = s.fixed_batch || batch_size >= adaptive.max(s);
         let unthrottled = s.rate.is_none() && s.pause_between.is_zero() && s.sleep_coef <= 0.0;
-        let in_flight = s.concurrency.min(MAX_IN_FLIGHT);
-        // Later batches start writing now, each where the one before it
-        // ends, while the application leaves the database to the run.
-        if can_write_ahead
-            && in_flight > 1
-            && remaining.is_none()
-            && steady
-            && unthrottled
-            && owed_rest.is_zero()
-            && last_busy == 0
-        {
-            while (window.len() as u64) + 1 < in_flight {
-                let lo = match window.back_mut() {
-                    Some(b) => match b.hi().await {
-                        Some(h) => h,
-                        None => break,
-                    },
-                    None => hi.clone(),
-                };
-                if lo == upper {
-                    break;
-                }
-                let no = looped.batches + 2 + window.len() as u64;
-                window.push_back(InFlight::start(
-                    db,
-                    &seg_target,
-                    &run.id,
-                    lo,
-                    upper.clone(),
-                    batch_size,
-                    no,
-                    r.job.undo,
-                ));
-            }
-        } else if remaining.is_none() && hi != upper && steady && unthrottled {
+        let ahead_ok = write_ahead(s, batch_size, &adaptive, last_busy, owed_rest);
+        if ahead_ok && front.is_some() {
+            // The batches after it start writing now, while it commits.
+            let fill = Fill {
+                db,
+                target: &seg_target,
+                run_id: &run.id,
+                upper: &upper,
+                size: batch_size,
+                undo: r.job.undo,
+            };
+            window
+                .fill(&fill, s.concurrency.min(MAX_IN_FLIGHT) - 1, &hi, looped.batches + 2)
+                .await;
+        } else if !ahead_ok && remaining.is_none() && hi != upper && steady && unthrottled {
             ahead = Some(LookAhead::start(
                 db,
                 seg_target.boundary(Some(&hi), &upper, batch_size),
@@ -975,20 +960,32 @@ async fn batches(
         let busy = BusySample::start(db, s);
         let settled = {
             let batch_no = looped.batches + 1;
+            let window = &mut window;
             let fut = async {
-                if let Some(f) = front {
+                let mut redone = None;
+                if let Some((f, _)) = front {
                     match f.finish().await {
                         Ok(o) => return Ok(Settled::from(o)),
-                        // Written again in turn, unless it committed.
+                        // Written again in turn, unless it committed; the
+                        // batches after it roll back first (they may wait
+                        // on its rows through a trigger or a unique index,
+                        // and its split would reuse their numbers).
                         Err(e) => {
-                            tracing::debug!(batch_no, error = %e, "a batch written ahead did not commit");
+                            window.cancel().await;
                             if let Some(o) = settle.committed(batch_no, 0).await? {
                                 return Ok(Settled::from(o));
                             }
+                            redone = Some(
+                                json!({ "batch_no": batch_no, "attempt": 1, "error": r.redactor.mask(&e.to_string()), "wait_ms": 0, "ahead": true }),
+                            );
                         }
                     }
                 }
-                settle.range(cursor.as_ref(), &hi, remaining, batch_no).await
+                let mut settled = settle.range(cursor.as_ref(), &hi, remaining, batch_no).await?;
+                if let Some(line) = redone {
+                    settled.events.insert(0, ("retry", line));
+                }
+                Ok(settled)
             };
             tokio::pin!(fut);
             tokio::select! {
@@ -1063,6 +1060,22 @@ async fn batches(
 
         batch_size = adaptive.next(batch_size, outcome.duration, s);
         last_busy = busy;
+        // A batch written in turn: the next ones start now, so that from
+        // the next batch on one commits while the others write.
+        if window.is_empty() && !done && write_ahead(s, batch_size, &adaptive, busy, owed_rest.max(rest)) {
+            let fill = Fill {
+                db,
+                target: &seg_target,
+                run_id: &run.id,
+                upper: &upper,
+                size: batch_size,
+                undo: r.job.undo,
+            };
+            let from = cursor.clone().expect("a batch ended at its upper key");
+            window
+                .fill(&fill, s.concurrency.min(MAX_IN_FLIGHT), &from, looped.batches + 1)
+                .await;
+        }
 
         rest_for(rest, stop).await;
     }
@@ -1179,6 +1192,7 @@ impl InFlight {
             }
             let waiting = Instant::now();
             if go_rx.await.is_err() {
+                let _ = tx.rollback().await;
                 return Err(Error::Interrupted(format!("batch {batch_no}: cancelled")));
             }
             // Its duration leaves out the wait for the batch before it.
@@ -1214,6 +1228,87 @@ impl InFlight {
         match (&mut self.task).await {
             Ok(done) => done,
             Err(e) => Err(Error::Interrupted(format!("batch {}: {e}", self.batch_no))),
+        }
+    }
+}
+
+impl InFlight {
+    /// Rolls the batch back and waits until its transaction has ended (a
+    /// statement still running ends first), so its rows are free again.
+    async fn cancel(mut self) {
+        self.go.take();
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// What the batches written ahead share: where and what they write.
+struct Fill<'a> {
+    db: &'a Db,
+    target: &'a Target,
+    run_id: &'a str,
+    upper: &'a Key,
+    size: u64,
+    undo: bool,
+}
+
+/// The batches written ahead of the one in front, in key order, each
+/// starting where the one before it ends.
+#[derive(Default)]
+struct Window {
+    q: std::collections::VecDeque<InFlight>,
+}
+
+impl Window {
+    fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Rolls back every batch written ahead, and waits for it.
+    async fn cancel(&mut self) {
+        for f in self.q.drain(..) {
+            f.cancel().await;
+        }
+    }
+
+    /// The batch written ahead that starts at `lo` as batch `no`, with its
+    /// upper key. Without one, every batch ahead is rolled back.
+    async fn front(&mut self, lo: Option<&Key>, no: u64) -> Option<(InFlight, Key)> {
+        let mut f = self.q.pop_front()?;
+        if Some(&f.lo) == lo
+            && f.batch_no == no
+            && let Some(hi) = f.hi().await
+        {
+            return Some((f, hi));
+        }
+        f.cancel().await;
+        self.cancel().await;
+        None
+    }
+
+    /// Starts batches until `n` are written ahead, the first after the
+    /// last one written ahead, or at `from` as batch `no`.
+    async fn fill(&mut self, w: &Fill<'_>, n: u64, from: &Key, no: u64) {
+        while (self.q.len() as u64) < n {
+            let (lo, next) = match self.q.back_mut() {
+                Some(b) => match b.hi().await {
+                    Some(h) => (h, b.batch_no + 1),
+                    None => return,
+                },
+                None => (from.clone(), no),
+            };
+            if &lo == w.upper {
+                return;
+            }
+            self.q.push_back(InFlight::start(
+                w.db,
+                w.target,
+                w.run_id,
+                lo,
+                w.upper.clone(),
+                w.size,
+                next,
+                w.undo,
+            ));
         }
     }
 }

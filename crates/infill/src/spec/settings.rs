@@ -325,6 +325,7 @@ impl Settings {
         "sleep_coef",
         "busy_sleep_coef",
         "max_failures",
+        "concurrency",
     ];
 
     /// Settings with the defaults, to check `infill set` values against.
@@ -362,6 +363,13 @@ impl Settings {
                 self.fixed_batch = true;
                 self.min_batch = self.min_batch.min(n);
                 self.max_batch = self.max_batch.max(n);
+            }
+            "concurrency" => {
+                self.concurrency = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| format!("`{v}` is not a positive whole number"))?;
             }
             "max_failures" => {
                 let t: toml::Value = v

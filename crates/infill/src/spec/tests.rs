@@ -144,3 +144,17 @@ fn busy_sleep_coef_is_checked_layered_and_live() {
     assert!(s.apply("busy_sleep_coef", "-2").is_err());
     assert_eq!(s.sleep_coef, 0.0, "sleep_coef untouched");
 }
+
+#[test]
+fn concurrency_is_live() {
+    let mut s = Settings::default_for_checks();
+    assert_eq!(s.concurrency, 1);
+    assert!(Settings::LIVE_KEYS.contains(&"concurrency"));
+    s.apply("concurrency", "3").unwrap();
+    assert_eq!(s.concurrency, 3);
+    for bad in ["0", "-1", "two"] {
+        let e = s.apply("concurrency", bad).unwrap_err();
+        assert!(e.contains("not a positive whole number"), "{e}");
+    }
+    assert_eq!(s.concurrency, 3, "a refused value changes nothing");
+}
