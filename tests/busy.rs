@@ -130,7 +130,17 @@ async fn wake(db: &TestDb, task: tokio::task::JoinHandle<()>) {
 /// own batch statement (sleeping 0.2 s while the count runs), the next
 /// batch's boundary look-ahead and the count itself are infill's.
 async fn own_sessions_are_not_busy(db: TestDb) {
-    let spec = fixture(&db, "").await;
+    own_sessions_are_not_busy_with(db, "").await
+}
+
+/// The same with batches written ahead (`concurrency = 2`, PostgreSQL; on
+/// MariaDB one batch at a time): their sessions are infill's too.
+async fn own_batches_ahead_are_not_busy(db: TestDb) {
+    own_sessions_are_not_busy_with(db, "concurrency = 2").await
+}
+
+async fn own_sessions_are_not_busy_with(db: TestDb, extra: &str) {
+    let spec = fixture(&db, extra).await;
     let id = run(&db, &spec);
     assert_filled(&db).await;
     assert_eq!(busy_counts(&db, &id), vec![0; 5]);
@@ -140,7 +150,17 @@ async fn own_sessions_are_not_busy(db: TestDb) {
 /// exactly that one session (and rests), and so does every page of its
 /// undo.
 async fn a_busy_application_is_counted(db: TestDb) {
-    let spec = fixture(&db, "").await;
+    a_busy_application_is_counted_with(db, "").await
+}
+
+/// With `concurrency = 2` and the application at work, nothing is written
+/// ahead: every batch counts the session and rests before the next one.
+async fn a_busy_application_stops_batches_ahead(db: TestDb) {
+    a_busy_application_is_counted_with(db, "concurrency = 2").await
+}
+
+async fn a_busy_application_is_counted_with(db: TestDb, extra: &str) {
+    let spec = fixture(&db, extra).await;
     let task = sleeper(&db).await;
     let id = run(&db, &spec);
     assert_filled(&db).await;
@@ -207,6 +227,8 @@ async fn busy_sleep_coef_zero_turns_it_off(db: TestDb) {
 }
 
 on_servers!(own_sessions_are_not_busy);
+on_servers!(own_batches_ahead_are_not_busy);
+on_servers!(a_busy_application_stops_batches_ahead);
 on_servers!(a_busy_application_is_counted);
 on_servers!(busy_sleep_coef_zero_turns_it_off);
 on_servers!(a_file_source_is_counted);
