@@ -172,6 +172,33 @@ async fn batches_write_ahead_in_key_order(db: TestDb) {
 }
 on_all_backends!(batches_write_ahead_in_key_order, batches_write_ahead_in_key_order);
 
+/// Adaptive batches (no `--batch-size`) are written ahead too, also while
+/// their size is below its bound: here `batch_time` holds them near 1,000
+/// keys, far under `max_batch`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_batches_write_ahead() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    schema(&db, 20_000, 0.2).await;
+    let spec = spec_with(&db, 2, "batch_time = \"100ms\"");
+    let out = db.run(&["run", &spec, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_exactly_once(&db, 10_000).await;
+    assert_chained(&db).await;
+    let sizes: Vec<u64> = db
+        .audit(None)
+        .iter()
+        .filter(|l| l["event"] == "batch")
+        .map(|l| l["batch_size"].as_u64().unwrap())
+        .collect();
+    assert!(sizes.iter().all(|&n| n < 20_000), "below max_batch: {sizes:?}");
+    assert!(
+        overlapping_batches(&db).await > 0,
+        "batches wrote at the same time: {sizes:?}"
+    );
+}
+
 /// With `concurrency = 1` nothing is written ahead: no two batches overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_at_a_time_by_default() {

@@ -858,14 +858,15 @@ async fn batches(
     let mut last_busy = 0;
     let can_write_ahead = db.dialect.concurrent_batches() && !req.verbose && target.engine_batches(r.job.undo);
     // Whether later batches may write while this one does: several may
-    // (`concurrency`), no throttle applies, the batch size no longer
-    // grows, and the last batch saw no session of the application at work.
-    let write_ahead = |s: &Settings, size: u64, adaptive: &crate::pace::Adaptive, busy: u64, owed: Duration| {
+    // (`concurrency`), no throttle applies, and the last batch saw no
+    // session of the application at work. Each batch ahead keeps the size
+    // it started with; the adaptive size applies to the ones started after
+    // a batch commits (it learns from each batch's own size and duration).
+    let write_ahead = |s: &Settings, busy: u64, owed: Duration| {
         can_write_ahead
             && s.concurrency.min(MAX_IN_FLIGHT) > 1
             && req.limit.is_none()
             && req.canary.is_none()
-            && (s.fixed_batch || size >= adaptive.max(s))
             && s.rate.is_none()
             && s.pause_between.is_zero()
             && s.sleep_coef <= 0.0
@@ -926,7 +927,7 @@ async fn batches(
         // is looked up on another connection while this batch writes.
         let steady = s.fixed_batch || batch_size >= adaptive.max(s);
         let unthrottled = s.rate.is_none() && s.pause_between.is_zero() && s.sleep_coef <= 0.0;
-        let ahead_ok = write_ahead(s, batch_size, &adaptive, last_busy, owed_rest);
+        let ahead_ok = write_ahead(s, last_busy, owed_rest);
         if ahead_ok && front.is_some() {
             // The batches after it start writing now, while it commits.
             let fill = Fill {
@@ -1058,11 +1059,11 @@ async fn batches(
             seg_target = target.segment(segment);
         }
 
-        batch_size = adaptive.next(batch_size, outcome.duration, s);
+        batch_size = adaptive.next(outcome.checkpoint.batch_size, outcome.duration, s);
         last_busy = busy;
         // A batch written in turn: the next ones start now, so that from
         // the next batch on one commits while the others write.
-        if window.is_empty() && !done && write_ahead(s, batch_size, &adaptive, busy, owed_rest.max(rest)) {
+        if window.is_empty() && !done && write_ahead(s, busy, owed_rest.max(rest)) {
             let fill = Fill {
                 db,
                 target: &seg_target,
