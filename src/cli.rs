@@ -154,6 +154,11 @@ struct RunArgs {
     /// Limit rows written per second or minute, e.g. 500/s or 20/min.
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
+    /// Batches writing at once (a table source's batches on PostgreSQL,
+    /// at most 4), or requests and programs in flight (http, exec);
+    /// overrides the job's `concurrency`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: Option<u64>,
     /// Run again only the rows that failed in this run (`infill failures
     /// RUN` lists them), as a new run of the same job and params.
     #[arg(long, value_name = "RUN")]
@@ -478,6 +483,7 @@ async fn run(a: RunArgs, stop: &Stop) -> Result<ExitCode, Error> {
         params: a.target.params.clone(),
         batch_size: a.batch_size,
         rate: a.rate.clone(),
+        concurrency: a.concurrency,
     };
     if let Some(id) = &a.retry_failed {
         // The failed run's job, with its params (the command line's win).

@@ -199,6 +199,26 @@ async fn adaptive_batches_write_ahead() {
     );
 }
 
+/// `--concurrency N` on the command line overrides the job's value; 0 is
+/// refused before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_sets_it() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    schema(&db, 4_000, 0.2).await;
+    let spec = spec(&db, 1);
+    let out = db.run(&["run", &spec, "--batch-size", "500", "--concurrency", "0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--concurrency"), "{}", text(&out));
+    assert_eq!(db.int("SELECT COUNT(*) FROM items WHERE writes > 0").await, 0);
+    let out = db.run(&["run", &spec, "--batch-size", "500", "--concurrency", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_exactly_once(&db, 2_000).await;
+    assert_chained(&db).await;
+    assert!(overlapping_batches(&db).await > 0, "batches wrote at the same time");
+}
+
 /// With `concurrency = 1` nothing is written ahead: no two batches overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_at_a_time_by_default() {

@@ -418,6 +418,8 @@ pub struct Overrides {
     pub params: Vec<(String, String)>,
     pub batch_size: Option<usize>,
     pub rate: Option<String>,
+    /// `--concurrency N`, over the spec's `concurrency`.
+    pub concurrency: Option<u64>,
 }
 
 /// A named database after `${VAR}` expansion. Its `Debug` never shows the password.

@@ -297,7 +297,7 @@ impl Settings {
             max_failures: last!(max_failures)
                 .map(|m| parse_max_failures(&m).expect("checked at load"))
                 .unwrap_or(MaxFailures::Count(0)),
-            concurrency: last!(concurrency).unwrap_or(1) as u64,
+            concurrency: o.concurrency.unwrap_or_else(|| last!(concurrency).unwrap_or(1) as u64),
             lock_timeout: dur(last!(lock_timeout), Duration::from_secs(2)),
             statement_timeout: dur(last!(statement_timeout), Duration::from_secs(30)),
             pause_file: last!(pause_file).map(std::path::PathBuf::from),
