@@ -89,7 +89,7 @@ enum Command {
     /// `infill set RUN rate=200/s batch_time=250ms`.
     ///
     /// Keys: rate (or none), batch_time, batch_size (fixes it), pause_between,
-    /// sleep_coef, busy_sleep_coef, max_failures.
+    /// sleep_coef, busy_sleep_coef, max_failures, concurrency.
     Set(SetArgs),
     /// Create a demo SQLite database and spec, and run the backfill (no server needed).
     Quickstart(QuickstartArgs),

@@ -856,6 +856,12 @@ async fn batches(
     // once they have committed.
     let mut owed_rest = Duration::ZERO;
     let mut last_busy = 0;
+    // Set when a batch written ahead failed on a transient error (a lock
+    // wait ending in lock_timeout, say): the batches ahead may have held
+    // what it waited for, through a trigger or a unique index, a wait the
+    // server cannot see as a deadlock. The rest of the session writes one
+    // batch at a time.
+    let mut ahead_stalled = false;
     let can_write_ahead = db.dialect.concurrent_batches() && !req.verbose && target.engine_batches(r.job.undo);
     // Whether later batches may write while this one does: several may
     // (`concurrency`), no throttle applies, and the last batch saw no
@@ -887,6 +893,8 @@ async fn batches(
             }
         };
         if let Some(end) = end {
+            // The run is marked as stopped only once their rows are free.
+            window.cancel().await;
             return Ok(end);
         }
         let s = &between.settings;
@@ -927,7 +935,18 @@ async fn batches(
         // is looked up on another connection while this batch writes.
         let steady = s.fixed_batch || batch_size >= adaptive.max(s);
         let unthrottled = s.rate.is_none() && s.pause_between.is_zero() && s.sleep_coef <= 0.0;
-        let ahead_ok = write_ahead(s, last_busy, owed_rest);
+        let ahead_ok = write_ahead(s, last_busy, owed_rest) && !ahead_stalled;
+        if front.is_some() {
+            // `infill set` may have lowered `concurrency` or set a throttle:
+            // the batches ahead beyond it roll back. (After a busy batch
+            // they commit, then the run rests.)
+            let keep = if unthrottled && !ahead_stalled {
+                s.concurrency.min(MAX_IN_FLIGHT) - 1
+            } else {
+                0
+            };
+            window.keep(keep as usize).await;
+        }
         if ahead_ok && front.is_some() {
             // The batches after it start writing now, while it commits.
             let fill = Fill {
@@ -962,9 +981,13 @@ async fn batches(
         let settled = {
             let batch_no = looped.batches + 1;
             let window = &mut window;
+            let stalled = &mut ahead_stalled;
             let fut = async {
                 let mut redone = None;
+                let mut settle = settle;
                 if let Some((f, _)) = front {
+                    // Written again in turn, it keeps the size that found its range.
+                    settle.batch_size = f.size;
                     match f.finish().await {
                         Ok(o) => return Ok(Settled::from(o)),
                         // Written again in turn, unless it committed; the
@@ -973,6 +996,10 @@ async fn batches(
                         // and its split would reuse their numbers).
                         Err(e) => {
                             window.cancel().await;
+                            if e.is_transient() {
+                                tracing::warn!(batch_no, error = %e, "a batch written ahead failed on a transient error; writing one batch at a time from now on");
+                                *stalled = true;
+                            }
                             if let Some(o) = settle.committed(batch_no, 0).await? {
                                 return Ok(Settled::from(o));
                             }
@@ -1063,7 +1090,7 @@ async fn batches(
         last_busy = busy;
         // A batch written in turn: the next ones start now, so that from
         // the next batch on one commits while the others write.
-        if window.is_empty() && !done && write_ahead(s, busy, owed_rest.max(rest)) {
+        if window.is_empty() && !done && write_ahead(s, busy, owed_rest.max(rest)) && !ahead_stalled {
             let fill = Fill {
                 db,
                 target: &seg_target,
@@ -1141,6 +1168,8 @@ const HOLD_WITH_BATCHES_AHEAD: Duration = Duration::from_millis(250);
 struct InFlight {
     lo: Key,
     batch_no: u64,
+    /// Keys asked for (its range's size).
+    size: u64,
     hi_rx: Option<tokio::sync::oneshot::Receiver<Key>>,
     hi: Option<Key>,
     go: Option<tokio::sync::oneshot::Sender<()>>,
@@ -1204,6 +1233,7 @@ impl InFlight {
         InFlight {
             lo,
             batch_no,
+            size,
             hi_rx: Some(hi_rx),
             hi: None,
             go: Some(go),
@@ -1262,6 +1292,15 @@ struct Window {
 impl Window {
     fn is_empty(&self) -> bool {
         self.q.is_empty()
+    }
+
+    /// Rolls back the batches written ahead beyond the first `n`.
+    async fn keep(&mut self, n: usize) {
+        while self.q.len() > n {
+            if let Some(f) = self.q.pop_back() {
+                f.cancel().await;
+            }
+        }
     }
 
     /// Rolls back every batch written ahead, and waits for it.
