@@ -381,3 +381,47 @@ async fn pause_rolls_back_the_batches_ahead() {
     assert_exactly_once(&db, 10_000).await;
     assert_chained(&db).await;
 }
+
+/// `infill set RUN concurrency=1` during a run: from then on one batch at
+/// a time (the batches ahead beyond it roll back), and the run still
+/// writes each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_concurrency_1_live() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    schema(&db, 40_000, 0.5).await;
+    let spec = spec(&db, 3);
+    let mut child = db.spawn(&["run", &spec, "--batch-size", "1000"]);
+    db.wait_for_batches(&mut child, 3).await;
+    let run = db.texts("SELECT id FROM infill_runs").await[0][0].clone().unwrap();
+    let out = db.run(&["set", &run, "concurrency=1", "--spec", &spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let set_at = db.texts("SELECT clock_timestamp()::text").await[0][0].clone().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_exactly_once(&db, 20_000).await;
+    assert_chained(&db).await;
+    assert!(
+        db.audit(None).iter().any(|l| l["event"] == "set"),
+        "the change reached the run"
+    );
+    // Transactions that began writing well after the change never overlap.
+    let later = db
+        .int(&format!(
+            "WITH t AS (SELECT xid, min(at) AS first, max(at) AS last FROM write_log GROUP BY xid
+                        HAVING min(at) > '{set_at}'::timestamptz + interval '1.5 seconds')
+             SELECT count(*) FROM t a JOIN t b ON a.xid < b.xid AND a.first < b.last AND b.first < a.last"
+        ))
+        .await;
+    assert_eq!(later, 0, "one batch at a time after the change");
+    let after = db
+        .int(&format!(
+            "SELECT COUNT(DISTINCT xid) FROM write_log WHERE at > '{set_at}'::timestamptz + interval '1.5 seconds'"
+        ))
+        .await;
+    assert!(
+        after >= 5,
+        "the run went on for a while after the change: {after} batches"
+    );
+}
