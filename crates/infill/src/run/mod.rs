@@ -851,7 +851,7 @@ async fn batches(
     let mut adaptive = crate::pace::Adaptive::default();
     adaptive.engine_max = (!req.verbose && target.engine_batches(r.job.undo)).then_some(crate::spec::ENGINE_MAX_BATCH);
     let mut ahead: Option<LookAhead> = None;
-    let mut window = Window::default();
+    let mut window = Window::new(db, &run.id, r.job.undo);
     // A rest due after a batch while later batches were in flight: taken
     // once they have committed.
     let mut owed_rest = Duration::ZERO;
@@ -949,16 +949,9 @@ async fn batches(
         }
         if ahead_ok && front.is_some() {
             // The batches after it start writing now, while it commits.
-            let fill = Fill {
-                db,
-                target: &seg_target,
-                run_id: &run.id,
-                upper: &upper,
-                size: batch_size,
-                undo: r.job.undo,
-            };
+            let n = s.concurrency.min(MAX_IN_FLIGHT) - 1;
             window
-                .fill(&fill, s.concurrency.min(MAX_IN_FLIGHT) - 1, &hi, looped.batches + 2)
+                .fill(&seg_target, &upper, batch_size, n, &hi, looped.batches + 2)
                 .await;
         } else if !ahead_ok && remaining.is_none() && hi != upper && steady && unthrottled {
             ahead = Some(LookAhead::start(
@@ -1091,17 +1084,10 @@ async fn batches(
         // A batch written in turn: the next ones start now, so that from
         // the next batch on one commits while the others write.
         if window.is_empty() && !done && write_ahead(s, busy, owed_rest.max(rest)) && !ahead_stalled {
-            let fill = Fill {
-                db,
-                target: &seg_target,
-                run_id: &run.id,
-                upper: &upper,
-                size: batch_size,
-                undo: r.job.undo,
-            };
             let from = cursor.clone().expect("a batch ended at its upper key");
+            let n = s.concurrency.min(MAX_IN_FLIGHT);
             window
-                .fill(&fill, s.concurrency.min(MAX_IN_FLIGHT), &from, looped.batches + 1)
+                .fill(&seg_target, &upper, batch_size, n, &from, looped.batches + 1)
                 .await;
         }
 
@@ -1272,24 +1258,25 @@ impl InFlight {
     }
 }
 
-/// What the batches written ahead share: where and what they write.
-struct Fill<'a> {
+/// The batches written ahead of the one in front, in key order, each
+/// starting where the one before it ends.
+struct Window<'a> {
+    q: std::collections::VecDeque<InFlight>,
     db: &'a Db,
-    target: &'a Target,
     run_id: &'a str,
-    upper: &'a Key,
-    size: u64,
     undo: bool,
 }
 
-/// The batches written ahead of the one in front, in key order, each
-/// starting where the one before it ends.
-#[derive(Default)]
-struct Window {
-    q: std::collections::VecDeque<InFlight>,
-}
+impl<'a> Window<'a> {
+    fn new(db: &'a Db, run_id: &'a str, undo: bool) -> Self {
+        Window {
+            q: std::collections::VecDeque::new(),
+            db,
+            run_id,
+            undo,
+        }
+    }
 
-impl Window {
     fn is_empty(&self) -> bool {
         self.q.is_empty()
     }
@@ -1327,7 +1314,8 @@ impl Window {
 
     /// Starts batches until `n` are written ahead, the first after the
     /// last one written ahead, or at `from` as batch `no`.
-    async fn fill(&mut self, w: &Fill<'_>, n: u64, from: &Key, no: u64) {
+    /// Each covers up to `size` keys of `target` below `upper`.
+    async fn fill(&mut self, target: &Target, upper: &Key, size: u64, n: u64, from: &Key, no: u64) {
         while (self.q.len() as u64) < n {
             let (lo, next) = match self.q.back_mut() {
                 Some(b) => match b.hi().await {
@@ -1336,18 +1324,18 @@ impl Window {
                 },
                 None => (from.clone(), no),
             };
-            if &lo == w.upper {
+            if &lo == upper {
                 return;
             }
             self.q.push_back(InFlight::start(
-                w.db,
-                w.target,
-                w.run_id,
+                self.db,
+                target,
+                self.run_id,
                 lo,
-                w.upper.clone(),
-                w.size,
+                upper.clone(),
+                size,
                 next,
-                w.undo,
+                self.undo,
             ));
         }
     }
