@@ -425,3 +425,74 @@ async fn set_concurrency_1_live() {
         "the run went on for a while after the change: {after} batches"
     );
 }
+
+/// A batch written ahead that fails on a transient error (here a lock
+/// wait ended by `lock_timeout`: a session of the test holds one of its
+/// rows) is written again in turn, and the rest of the run writes one batch
+/// at a time: such a wait may come from a cycle through the batches ahead
+/// that the server cannot see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_wait_ahead_goes_one_batch_at_a_time() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    schema(&db, 16_000, 0.2).await;
+    // Id 3,000 is in the sixth batch of 500 keys: written ahead.
+    let mut holder = common::Holder::open(&db).await;
+    holder.exec("BEGIN").await.unwrap();
+    holder
+        .exec("SELECT 1 FROM items WHERE id = 3000 FOR UPDATE")
+        .await
+        .unwrap();
+    let spec = spec_with(&db, 2, "lock_timeout = \"200ms\"");
+    let mut child = db.spawn(&["run", &spec, "--batch-size", "500"]);
+    // The lock is let go once the batch ahead has failed on it (infill
+    // warns at once), while the batch written again in turn retries.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let line = line.unwrap();
+            if line.contains("writing one batch at a time from now on") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let failed_ahead = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)).is_ok())
+        .await
+        .unwrap();
+    holder.exec("ROLLBACK").await.unwrap();
+    let status = child.wait().unwrap();
+    let stderr = reader.join().unwrap();
+    assert!(failed_ahead, "a batch written ahead failed on the lock: {stderr}");
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let redone: Vec<_> = db
+        .audit(None)
+        .into_iter()
+        .filter(|l| l["event"] == "retry" && l["ahead"] == true)
+        .collect();
+    assert_eq!(redone.len(), 1, "{redone:?}");
+    assert_eq!(redone[0]["batch_no"], 6);
+    assert_exactly_once(&db, 8_000).await;
+    assert_chained(&db).await;
+    // Batches overlapped before the failure, and never after it (a batch
+    // rolled back leaves no line in the write log: its lines roll back).
+    let overlaps = |range: &str| {
+        format!(
+            "WITH t AS (SELECT xid, min(at) AS first, max(at) AS last FROM write_log WHERE {range} GROUP BY xid)
+             SELECT count(*) FROM t a JOIN t b ON a.xid < b.xid AND a.first < b.last AND b.first < a.last"
+        )
+    };
+    assert!(db.int(&overlaps("id <= 2500")).await >= 1, "written ahead before");
+    assert_eq!(db.int(&overlaps("id > 2500")).await, 0, "one at a time after");
+    assert!(
+        db.int("SELECT COUNT(DISTINCT xid) FROM write_log WHERE id > 3000")
+            .await
+            >= 20,
+        "the run went on for many batches after the failure"
+    );
+}

@@ -338,3 +338,57 @@ pause_between = "30ms"
     );
 }
 on_all_backends!(kill_9_during_undo, kill_9_during_undo);
+
+/// `--batch-size`, `--rate` and `--concurrency` are kept with the run:
+/// continued without them (`infill run` again, or `infill resume`), it
+/// goes on with them, so an operator's throttle is not dropped; given
+/// again with other values, they replace what was kept.
+async fn command_line_settings_survive_resume(db: TestDb) {
+    schema_of(&db, 1000).await;
+    let spec = spec(&db, "0ms");
+    let out = db.run(&["run", &spec, "--batch-size", "7", "--rate", "100000/s", "--limit", "20"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let id = db.texts("SELECT id FROM infill_runs").await[0][0].clone().unwrap();
+
+    let out = db.run(&["run", &spec, "--limit", "30"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("settings kept from before")
+            && stderr.contains("batch_size=7")
+            && stderr.contains("rate=100000/s"),
+        "{stderr}"
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_batches WHERE batch_size <> 7")
+            .await,
+        0,
+        "continued with batches of 7"
+    );
+    let sevens = db.int("SELECT COUNT(*) FROM infill_batches").await;
+    assert!(sevens >= 8, "{sevens} batches");
+
+    let out = db.run(&["run", &spec, "--batch-size", "9", "--limit", "30"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = db.run(&["resume", &id[..8], "--spec", &spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("batch_size=9") && stderr.contains("rate=100000/s"),
+        "{stderr}"
+    );
+    assert_eq!(
+        db.int(&format!(
+            "SELECT COUNT(*) FROM infill_batches WHERE batch_no > {sevens} AND batch_size <> 9"
+        ))
+        .await,
+        0,
+        "every batch from the third command on has 9 keys"
+    );
+    assert!(db.int("SELECT COUNT(*) FROM infill_batches WHERE batch_size = 9").await > 50);
+    assert_exactly_once(&db).await;
+}
+on_all_backends!(
+    command_line_settings_survive_resume,
+    command_line_settings_survive_resume
+);

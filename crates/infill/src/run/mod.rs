@@ -500,6 +500,17 @@ async fn with_lock(
             (run, false)
         }
     };
+    // The settings given on the command line are kept with the run (as
+    // `infill set` keeps its own), so `infill resume` keeps a throttle the
+    // operator chose; given again, they replace what the run kept.
+    if !r.command_line.is_empty() {
+        let mut ctl = state::read_control(db, conn, &run.id).await?;
+        let kept = ctl.set.clone();
+        ctl.set.extend(r.command_line.clone());
+        if ctl.set != kept {
+            state::write_control(db, conn, &run.id, &ctl).await?;
+        }
+    }
     lock.set_run(&run.id).await?;
     let mut audit = AuditLog::open(&r.log_dir, &run.id, r.redactor.clone())?;
     audit.write(
@@ -1446,10 +1457,12 @@ impl<'a> Between<'a> {
                 probe_dbs: std::collections::HashMap::new(),
                 connect: connect_options(r),
                 last_control: Instant::now() - CONTROL_EVERY,
+                control_read: false,
                 last_probe: Instant::now() - PROBE_EVERY,
             },
+            // The resolved settings already hold the command line's.
             settings: r.settings.clone(),
-            applied: std::collections::BTreeMap::new(),
+            applied: r.command_line.clone(),
             last_lock_check: Instant::now(),
             stop_after: match (req.limit, req.canary) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -1527,6 +1540,7 @@ struct Live<'a> {
     /// run at most every PROBE_EVERY (each a small query); the pause file
     /// is looked at every batch.
     last_control: Instant,
+    control_read: bool,
     last_probe: Instant,
 }
 
@@ -1692,8 +1706,11 @@ impl Live<'_> {
         loop {
             // While held, every poll looks at everything.
             let read = held || self.last_control.elapsed() >= CONTROL_EVERY;
+            // The session's first read finds what the run kept.
+            let first = read && !self.control_read;
             if read {
                 self.last_control = Instant::now();
+                self.control_read = true;
             }
             let control = if read {
                 let mut c = self.db.conn().await?;
@@ -1720,10 +1737,12 @@ impl Live<'_> {
                 *applied = control.set.clone();
                 audit.write("set", json!({ "settings": control.set, "rejected": rejected }))?;
                 let list: Vec<String> = control.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                self.obs.on_event(&Event::Notice(&format!(
-                    "settings changed by `infill set`: {}",
-                    list.join(" ")
-                )));
+                let by = match first {
+                    true => "kept from before (`infill set` or the command line)",
+                    false => "changed by `infill set`",
+                };
+                self.obs
+                    .on_event(&Event::Notice(&format!("settings {by}: {}", list.join(" "))));
             }
             let mut reason = if control.pause {
                 Some(format!(

@@ -422,6 +422,23 @@ pub struct Overrides {
     pub concurrency: Option<u64>,
 }
 
+impl Overrides {
+    /// The settings given, as the `infill set` pairs that mean the same.
+    pub fn live_settings(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        if let Some(r) = &self.rate {
+            m.insert("rate".to_string(), r.clone());
+        }
+        if let Some(n) = self.batch_size {
+            m.insert("batch_size".to_string(), n.to_string());
+        }
+        if let Some(n) = self.concurrency {
+            m.insert("concurrency".to_string(), n.to_string());
+        }
+        m
+    }
+}
+
 /// A named database after `${VAR}` expansion. Its `Debug` never shows the password.
 #[derive(Clone)]
 pub struct DatabaseUrl {
@@ -472,6 +489,10 @@ pub struct ResolvedJob {
     pub env: Option<String>,
     pub params: BTreeMap<String, Value>,
     pub settings: Settings,
+    /// The live settings given on the command line (`--rate`,
+    /// `--batch-size`, `--concurrency`), as `infill set` pairs: a run keeps
+    /// them, so `infill resume` does not drop a throttle the operator chose.
+    pub command_line: BTreeMap<String, String>,
     /// Set where `require_approval = true` applies: what a run must show.
     pub approval: Option<ApprovalPolicy>,
     pub log_dir: PathBuf,
@@ -1500,6 +1521,7 @@ impl Spec {
             env: o.env.clone(),
             params,
             settings,
+            command_line: o.live_settings(),
             approval,
             log_dir,
             redactor,
