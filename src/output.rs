@@ -445,6 +445,13 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool, progress: Option<&infil
                 thousands(p.keys_left),
                 thousands(p.keys_done)
             );
+            if !p.settings.is_empty() {
+                let list: Vec<String> = p.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "settings  {} (kept with the run: `infill set` or the command line)",
+                    list.join(" ")
+                );
+            }
         }
         if r.rows_failed > 0 {
             println!(

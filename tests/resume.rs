@@ -349,6 +349,10 @@ async fn command_line_settings_survive_resume(db: TestDb) {
     let out = db.run(&["run", &spec, "--batch-size", "7", "--rate", "100000/s", "--limit", "20"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let id = db.texts("SELECT id FROM infill_runs").await[0][0].clone().unwrap();
+    let out = db.run(&["status", &id[..8], "--spec", &spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("settings  batch_size=7 rate=100000/s (kept"), "{shown}");
 
     let out = db.run(&["run", &spec, "--limit", "30"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));

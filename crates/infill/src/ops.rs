@@ -67,6 +67,9 @@ pub struct Progress {
     pub estimated: bool,
     pub keys_per_second: Option<f64>,
     pub eta_seconds: Option<f64>,
+    /// The settings kept with the run (`infill set`, and `--rate`,
+    /// `--batch-size`, `--concurrency` given to `infill run`), over the spec's.
+    pub settings: BTreeMap<String, String>,
 }
 
 /// The progress of an unfinished run (None for a finished run or an undo).
@@ -124,12 +127,14 @@ pub async fn progress(spec: &Spec, env: Option<&str>, run: &RunRecord) -> Result
             .map(|(u, s)| (u - s).num_milliseconds() as f64 / 1000.0)
             .filter(|s| *s > 0.0);
         let per_second = elapsed.map(|s| done as f64 / s).filter(|r| *r > 0.0);
+        let settings = state::read_control(&db, &mut c, &run.id).await?.set;
         Ok::<_, Error>(Progress {
             keys_done: done,
             keys_left: left,
             estimated,
             keys_per_second: per_second,
             eta_seconds: per_second.map(|r| left as f64 / r),
+            settings,
         })
     }
     .await;
