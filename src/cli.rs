@@ -709,7 +709,7 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
         println!("released run {} of job {}", infill::run::short(&run.id), run.job);
         return Ok(ExitCode::Success);
     }
-    let (group, runs) = match infill::ops::find_for_resume(&spec, env, &a.run).await? {
+    let (group, runs, command_line) = match infill::ops::find_for_resume(&spec, env, &a.run).await? {
         Resumable::Run(record, _) if record.undo_of.is_some() => {
             let opts = infill::undo::UndoOptions {
                 confirm,
@@ -726,7 +726,7 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
             };
             return Ok(execute(req, a.json, stop).await?.0);
         }
-        Resumable::Group { id, runs } => (id, runs),
+        Resumable::Group { id, runs, command_line } => (id, runs, command_line),
     };
     // A group: every job of the spec in dependency order, skipping those
     // that succeeded in it and continuing those left unfinished.
@@ -742,7 +742,8 @@ async fn resume(a: ResumeArgs, stop: &Stop) -> Result<ExitCode, Error> {
             Some(r) if r.status.is_unfinished() || r.status == RunStatus::Failed => Some(r.id.clone()),
             _ => None,
         };
-        let overrides = infill::ops::overrides_for(&spec, env, &job, &runs)?;
+        // The jobs it has not started yet get the group's command line.
+        let overrides = infill::ops::overrides_for(&spec, env, &job, &runs)?.with_live_settings(&command_line);
         left.push((spec.resolve(&job, &overrides)?, continue_run));
     }
     // The group passed the gate when it started: drift is not checked again.
@@ -775,7 +776,16 @@ async fn status(a: StatusArgs) -> Result<ExitCode, Error> {
             .flatten(),
         _ => None,
     };
-    output::status(&runs, a.run.is_some(), a.json, progress.as_ref());
+    // What a run that can go on would go on with, over the spec.
+    let kept = match (&a.run, runs.as_slice()) {
+        (Some(_), [one]) if one.status.is_unfinished() || one.status == RunStatus::Failed => {
+            infill::ops::kept_settings(&spec, a.spec.env.as_deref(), &one.id)
+                .await
+                .unwrap_or_default()
+        }
+        _ => Default::default(),
+    };
+    output::status(&runs, a.run.is_some(), a.json, progress.as_ref(), &kept);
     Ok(ExitCode::Success)
 }
 

@@ -366,11 +366,18 @@ pub fn approved(list: &[Approval], json: bool) {
 }
 
 /// `infill status`.
-pub fn status(runs: &[RunRecord], one: bool, json: bool, progress: Option<&infill::ops::Progress>) {
+pub fn status(
+    runs: &[RunRecord],
+    one: bool,
+    json: bool,
+    progress: Option<&infill::ops::Progress>,
+    kept: &std::collections::BTreeMap<String, String>,
+) {
     if json {
         let v = if one && runs.len() == 1 {
             let mut v = serde_json::to_value(&runs[0]).expect("serialisable");
             v["progress"] = serde_json::to_value(progress).expect("serialisable");
+            v["settings"] = serde_json::to_value(kept).expect("serialisable");
             Ok(v)
         } else {
             serde_json::to_value(runs)
@@ -445,13 +452,13 @@ pub fn status(runs: &[RunRecord], one: bool, json: bool, progress: Option<&infil
                 thousands(p.keys_left),
                 thousands(p.keys_done)
             );
-            if !p.settings.is_empty() {
-                let list: Vec<String> = p.settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                println!(
-                    "settings  {} (kept with the run: `infill set` or the command line)",
-                    list.join(" ")
-                );
-            }
+        }
+        if !kept.is_empty() {
+            let list: Vec<String> = kept.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "settings  {} (kept with the run: `infill set` or the command line)",
+                list.join(" ")
+            );
         }
         if r.rows_failed > 0 {
             println!(

@@ -340,45 +340,41 @@ pause_between = "30ms"
 on_all_backends!(kill_9_during_undo, kill_9_during_undo);
 
 /// `--batch-size`, `--rate` and `--concurrency` are kept with the run:
-/// continued without them (`infill run` again, or `infill resume`), it
-/// goes on with them, so an operator's throttle is not dropped; given
-/// again with other values, they replace what was kept.
+/// `infill resume` goes on with them (an operator's throttle is not
+/// dropped), `infill status` shows them, and `infill run` continuing the
+/// run replaces them with what its own command line gives.
 async fn command_line_settings_survive_resume(db: TestDb) {
     schema_of(&db, 1000).await;
     let spec = spec(&db, "0ms");
     let out = db.run(&["run", &spec, "--batch-size", "7", "--rate", "100000/s", "--limit", "20"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let id = db.texts("SELECT id FROM infill_runs").await[0][0].clone().unwrap();
-    let out = db.run(&["status", &id[..8], "--spec", &spec]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let shown = String::from_utf8_lossy(&out.stdout);
+    let status =
+        |db: &TestDb| String::from_utf8_lossy(&db.run(&["status", &id[..8], "--spec", &spec]).stdout).to_string();
+    let shown = status(&db);
     assert!(shown.contains("settings  batch_size=7 rate=100000/s (kept"), "{shown}");
-
-    let out = db.run(&["run", &spec, "--limit", "30"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("settings kept from before")
-            && stderr.contains("batch_size=7")
-            && stderr.contains("rate=100000/s"),
-        "{stderr}"
-    );
+    let sevens = db.int("SELECT COUNT(*) FROM infill_batches").await;
+    assert!(sevens >= 3, "{sevens} batches");
     assert_eq!(
         db.int("SELECT COUNT(*) FROM infill_batches WHERE batch_size <> 7")
             .await,
-        0,
-        "continued with batches of 7"
+        0
     );
-    let sevens = db.int("SELECT COUNT(*) FROM infill_batches").await;
-    assert!(sevens >= 8, "{sevens} batches");
 
+    // `infill run` again: its own command line replaces the kept one.
     let out = db.run(&["run", &spec, "--batch-size", "9", "--limit", "30"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let nines = db.int("SELECT COUNT(*) FROM infill_batches").await;
+    assert!(nines > sevens);
+    let shown = status(&db);
+    assert!(shown.contains("settings  batch_size=9 (kept"), "{shown}");
+
+    // `infill resume` keeps it, to the end.
     let out = db.run(&["resume", &id[..8], "--spec", &spec]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("batch_size=9") && stderr.contains("rate=100000/s"),
+        stderr.contains("settings kept from before (`infill set` or the command line): batch_size=9"),
         "{stderr}"
     );
     assert_eq!(
@@ -387,12 +383,74 @@ async fn command_line_settings_survive_resume(db: TestDb) {
         ))
         .await,
         0,
-        "every batch from the third command on has 9 keys"
+        "every batch from the second command on has 9 keys"
     );
-    assert!(db.int("SELECT COUNT(*) FROM infill_batches WHERE batch_size = 9").await > 50);
+    assert!(db.int("SELECT COUNT(*) FROM infill_batches").await > 100);
     assert_exactly_once(&db).await;
+    let starts: Vec<_> = db
+        .audit(None)
+        .into_iter()
+        .filter(|l| l["event"] == "run_start")
+        .collect();
+    assert_eq!(
+        starts[0]["command_line"],
+        serde_json::json!({ "batch_size": "7", "rate": "100000/s" })
+    );
+    assert_eq!(starts[2]["command_line"], serde_json::json!({}));
 }
 on_all_backends!(
     command_line_settings_survive_resume,
     command_line_settings_survive_resume
 );
+
+/// A run group stopped before its last job: `infill resume GROUP` runs
+/// the jobs it had not started with the group's command line too.
+async fn a_group_keeps_its_command_line(db: TestDb) {
+    schema_of(&db, 1000).await;
+    let spec = db
+        .spec(
+            r#"
+[jobs.low]
+source.table = "items"
+source.key = ["id"]
+source.where = "val IS NULL AND id <= 500"
+action.update.val = "id * 2"
+
+[jobs.high]
+depends_on = ["low"]
+source.table = "items"
+source.key = ["id"]
+source.where = "val IS NULL AND id > 500"
+action.update.val = "id * 2"
+"#,
+        )
+        .to_str()
+        .unwrap()
+        .to_string();
+    let out = db.run(&["run", &spec, "--batch-size", "7", "--limit", "20"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let group = db.texts("SELECT group_id FROM infill_runs").await[0][0]
+        .clone()
+        .unwrap();
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs").await,
+        1,
+        "stopped in the first job"
+    );
+    let out = db.run(&["resume", &group[..13], "--spec", &spec]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_runs WHERE status = 'succeeded'")
+            .await,
+        2
+    );
+    assert_eq!(
+        db.int("SELECT COUNT(*) FROM infill_batches WHERE batch_size <> 7")
+            .await,
+        0,
+        "both jobs wrote batches of 7 keys"
+    );
+    assert!(db.int("SELECT COUNT(*) FROM infill_batches").await > 100);
+    assert_exactly_once(&db).await;
+}
+on_all_backends!(a_group_keeps_its_command_line, a_group_keeps_its_command_line);

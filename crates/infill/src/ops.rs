@@ -67,9 +67,6 @@ pub struct Progress {
     pub estimated: bool,
     pub keys_per_second: Option<f64>,
     pub eta_seconds: Option<f64>,
-    /// The settings kept with the run (`infill set`, and `--rate`,
-    /// `--batch-size`, `--concurrency` given to `infill run`), over the spec's.
-    pub settings: BTreeMap<String, String>,
 }
 
 /// The progress of an unfinished run (None for a finished run or an undo).
@@ -127,14 +124,12 @@ pub async fn progress(spec: &Spec, env: Option<&str>, run: &RunRecord) -> Result
             .map(|(u, s)| (u - s).num_milliseconds() as f64 / 1000.0)
             .filter(|s| *s > 0.0);
         let per_second = elapsed.map(|s| done as f64 / s).filter(|r| *r > 0.0);
-        let settings = state::read_control(&db, &mut c, &run.id).await?.set;
         Ok::<_, Error>(Progress {
             keys_done: done,
             keys_left: left,
             estimated,
             keys_per_second: per_second,
             eta_seconds: per_second.map(|r| left as f64 / r),
-            settings,
         })
     }
     .await;
@@ -142,13 +137,32 @@ pub async fn progress(spec: &Spec, env: Option<&str>, run: &RunRecord) -> Result
     found.map(Some)
 }
 
+/// The settings a run keeps over its spec's (`infill set`, and `--rate`,
+/// `--batch-size`, `--concurrency` given to `infill run`): a continued run
+/// goes on with them.
+pub async fn kept_settings(spec: &Spec, env: Option<&str>, run: &str) -> Result<BTreeMap<String, String>> {
+    let (db, found) = locate(spec, env, run).await?;
+    let kept = async {
+        let mut c = db.conn().await?;
+        Ok::<_, Error>(state::read_control(&db, &mut c, &found.id).await?.settings())
+    }
+    .await;
+    db.close().await;
+    kept
+}
+
 /// What `infill resume ID` continues.
 #[derive(Debug)]
 pub enum Resumable {
     /// One run, and the overrides that continue it (its params and env).
     Run(Box<RunRecord>, Overrides),
-    /// A run group: its runs so far, oldest first.
-    Group { id: String, runs: Vec<RunRecord> },
+    /// A run group: its runs so far, oldest first, and the settings its
+    /// command line gave (they apply to the jobs it has not started yet).
+    Group {
+        id: String,
+        runs: Vec<RunRecord>,
+        command_line: BTreeMap<String, String>,
+    },
 }
 
 /// Finds the run, or else the run group, that `id` names.
@@ -162,13 +176,21 @@ pub async fn find_for_resume(spec: &Spec, env: Option<&str>, id: &str) -> Result
         for url in targets(spec, env)? {
             let db = Db::connect(&url, &ConnectOptions::default()).await?;
             let mut c = db.conn().await?;
-            let runs = state::find_group(&db, &mut c, id).await;
+            let found = async {
+                let runs = state::find_group(&db, &mut c, id).await?;
+                let command_line = match runs.last() {
+                    Some(last) => state::read_control(&db, &mut c, &last.id).await?.command_line,
+                    None => BTreeMap::new(),
+                };
+                Ok::<_, Error>((runs, command_line))
+            }
+            .await;
             drop(c);
             db.close().await;
-            let runs = runs?;
+            let (runs, command_line) = found?;
             if let Some(first) = runs.first() {
                 let id = first.group_id.clone().unwrap_or_default();
-                return Ok(Resumable::Group { id, runs });
+                return Ok(Resumable::Group { id, runs, command_line });
             }
         }
         return Err(Error::RunNotFound(format!(

@@ -483,6 +483,21 @@ pub struct Control {
     /// `infill set RUN key=value`: settings that override the spec's.
     #[serde(default)]
     pub set: std::collections::BTreeMap<String, String>,
+    /// `--rate`, `--batch-size`, `--concurrency` given to the `infill run`
+    /// that started or last continued the run, as `set` pairs: `infill
+    /// resume` keeps them, `infill run` replaces them with its own.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub command_line: std::collections::BTreeMap<String, String>,
+}
+
+impl Control {
+    /// The settings the run goes on with over the spec's: the command
+    /// line's, then `infill set`'s (the later word).
+    pub fn settings(&self) -> std::collections::BTreeMap<String, String> {
+        let mut m = self.command_line.clone();
+        m.extend(self.set.clone());
+        m
+    }
 }
 
 /// A run's control requests (none when unset or unreadable).

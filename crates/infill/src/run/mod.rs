@@ -464,6 +464,7 @@ async fn with_lock(
                     job: r.job.name.clone(),
                 });
             }
+            keep_command_line(db, conn, &run.id, req).await?;
             state::claim(db, conn, &run.id, &req.spec_sha256).await?;
             let after = run
                 .cursor
@@ -497,20 +498,10 @@ async fn with_lock(
                 )
             };
             state::insert_run(db, conn, &run).await?;
+            keep_command_line(db, conn, &run.id, req).await?;
             (run, false)
         }
     };
-    // The settings given on the command line are kept with the run (as
-    // `infill set` keeps its own), so `infill resume` keeps a throttle the
-    // operator chose; given again, they replace what the run kept.
-    if !r.command_line.is_empty() {
-        let mut ctl = state::read_control(db, conn, &run.id).await?;
-        let kept = ctl.set.clone();
-        ctl.set.extend(r.command_line.clone());
-        if ctl.set != kept {
-            state::write_control(db, conn, &run.id, &ctl).await?;
-        }
-    }
     lock.set_run(&run.id).await?;
     let mut audit = AuditLog::open(&r.log_dir, &run.id, r.redactor.clone())?;
     audit.write(
@@ -535,6 +526,7 @@ async fn with_lock(
             "limit": req.limit,
             "canary": req.canary,
             "approval": approval,
+            "command_line": r.command_line,
         }),
     )?;
     if resumed {
@@ -1358,6 +1350,45 @@ impl Drop for InFlight {
     }
 }
 
+/// Keeps the settings given on the command line with the run, so that
+/// `infill resume` goes on at the throttle the operator chose. `infill run`
+/// (a new run, or one it continues) replaces what the last command line
+/// gave, and its values replace what `infill set` sent for the same keys;
+/// `infill resume` gives none and keeps them. Written before a continued
+/// run is claimed (no `infill set` reaches a run whose process is gone),
+/// and just after a new run's row is inserted.
+async fn keep_command_line(db: &Db, conn: &mut crate::dialect::Conn, run_id: &str, req: &RunRequest) -> Result<()> {
+    if req.continue_run.is_some() {
+        return Ok(());
+    }
+    let given = &req.job.command_line;
+    let mut ctl = state::read_control(db, conn, run_id).await?;
+    let kept = ctl.clone();
+    ctl.set.retain(|k, _| !given.contains_key(k));
+    ctl.command_line = given.clone();
+    if ctl != kept {
+        state::write_control(db, conn, run_id, &ctl).await?;
+    }
+    Ok(())
+}
+
+/// The job's settings with those the run keeps (the command line's and
+/// `infill set`'s) applied over them.
+async fn kept_settings(
+    db: &Db,
+    run_id: &str,
+    base: &Settings,
+) -> Result<(Settings, std::collections::BTreeMap<String, String>)> {
+    let mut c = db.conn().await?;
+    let pairs = state::read_control(db, &mut c, run_id).await?.settings();
+    let mut s = base.clone();
+    for (k, v) in &pairs {
+        // Checked when they were given; one that no longer applies is left out.
+        let _ = s.apply(k, v);
+    }
+    Ok((s, pairs))
+}
+
 /// `--retry-failed`: each failed row of the earlier run alone, as a batch
 /// of one key (the candidate predicate still applies: a row fixed since is
 /// skipped). A row that fails again is recorded under this run.
@@ -1375,6 +1406,7 @@ async fn retry_rows(
 ) -> Result<End> {
     let r = &req.job;
     let session_start = Instant::now();
+    let (settings, _) = kept_settings(db, &run.id, &r.settings).await?;
     // Continued after an interruption, a retry skips the keys it already
     // checkpointed (written, skipped or failed again): each key is a batch
     // whose upper key is that key.
@@ -1419,7 +1451,7 @@ async fn retry_rows(
             obs.on_event(&Event::Batch(&report));
         }
         throttle(
-            &r.settings,
+            &settings,
             Duration::ZERO,
             0,
             looped.session_changed,
@@ -1725,24 +1757,32 @@ impl Live<'_> {
             if control.cancel {
                 return Ok(Some(End::Cancelled));
             }
-            if control.set != *applied {
+            let wanted = control.settings();
+            if wanted != *applied {
                 let mut next = self.base.clone();
                 let mut rejected = Vec::new();
-                for (k, v) in &control.set {
+                for (k, v) in &wanted {
                     if let Err(m) = next.apply(k, v) {
                         rejected.push(format!("{k}: {m}"));
                     }
                 }
                 *s = next;
-                *applied = control.set.clone();
-                audit.write("set", json!({ "settings": control.set, "rejected": rejected }))?;
-                let list: Vec<String> = control.set.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                // The notice names what this session was not given.
+                let news: Vec<String> = wanted
+                    .iter()
+                    .filter(|(k, v)| applied.get(*k) != Some(*v))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                *applied = wanted;
+                audit.write("set", json!({ "settings": applied, "rejected": rejected }))?;
                 let by = match first {
                     true => "kept from before (`infill set` or the command line)",
                     false => "changed by `infill set`",
                 };
-                self.obs
-                    .on_event(&Event::Notice(&format!("settings {by}: {}", list.join(" "))));
+                if !news.is_empty() {
+                    self.obs
+                        .on_event(&Event::Notice(&format!("settings {by}: {}", news.join(" "))));
+                }
             }
             let mut reason = if control.pause {
                 Some(format!(

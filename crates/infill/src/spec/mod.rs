@@ -423,6 +423,21 @@ pub struct Overrides {
 }
 
 impl Overrides {
+    /// With the settings a run kept from its command line (`live_settings`
+    /// pairs), where this one gives none of its own.
+    pub fn with_live_settings(mut self, kept: &BTreeMap<String, String>) -> Overrides {
+        if let (None, Some(r)) = (&self.rate, kept.get("rate")) {
+            self.rate = Some(r.clone());
+        }
+        if self.batch_size.is_none() {
+            self.batch_size = kept.get("batch_size").and_then(|n| n.parse().ok());
+        }
+        if self.concurrency.is_none() {
+            self.concurrency = kept.get("concurrency").and_then(|n| n.parse().ok());
+        }
+        self
+    }
+
     /// The settings given, as the `infill set` pairs that mean the same.
     pub fn live_settings(&self) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
