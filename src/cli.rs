@@ -151,7 +151,8 @@ struct RunArgs {
     /// Fix the batch size (keys per batch) instead of adapting it.
     #[arg(long, value_name = "N")]
     batch_size: Option<usize>,
-    /// Limit rows written per second or minute, e.g. 500/s or 20/min.
+    /// Limit rows written per second or minute, e.g. 500/s or 20/min
+    /// (`none`: no rate, over the spec's and what the run kept).
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
     /// Batches writing at once (a table source's batches on PostgreSQL,

@@ -260,6 +260,7 @@ impl Settings {
                 .unwrap_or(default)
         };
         let rate = match &o.rate {
+            Some(r) if r == "none" || r == "off" => None,
             Some(r) => Some(Rate::parse(r).map_err(|m| Error::Usage(format!("--rate: {m}")))?),
             None => last!(rate).map(|r| Rate::parse(&r).expect("checked at load")),
         };
@@ -462,5 +463,37 @@ mod tests {
         assert_eq!(Rate::parse("500/s").unwrap().per_second, 500.0);
         assert!(Rate::parse("fast").is_err());
         assert!(Rate::parse("0/s").is_err());
+    }
+
+    /// The command line's values, kept as `infill set` pairs and applied
+    /// over the spec's on resume, mean what they meant on the command line.
+    #[test]
+    fn command_line_values_kept_as_pairs_mean_the_same() {
+        let layer: RawSettings = toml::from_str("rate = \"5/s\"\nconcurrency = 1").unwrap();
+        let given = Overrides {
+            rate: Some("20/min".into()),
+            batch_size: Some(7),
+            concurrency: Some(3),
+            ..Default::default()
+        };
+        let direct = Settings::resolve(std::slice::from_ref(&layer), &given).unwrap();
+        let mut kept = Settings::resolve(std::slice::from_ref(&layer), &Overrides::default()).unwrap();
+        for (k, v) in &given.live_settings() {
+            kept.apply(k, v).unwrap();
+        }
+        for s in [&direct, &kept] {
+            assert_eq!(s.rate.as_ref().map(|r| r.per_second), Some(20.0 / 60.0));
+            assert_eq!((s.batch_size, s.fixed_batch, s.concurrency), (7, true, 3));
+        }
+        // `--rate none` lifts the spec's rate, directly or kept.
+        let none = Overrides {
+            rate: Some("none".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(std::slice::from_ref(&layer), &none).unwrap();
+        assert!(s.rate.is_none());
+        let mut kept = Settings::resolve(std::slice::from_ref(&layer), &Overrides::default()).unwrap();
+        kept.apply("rate", &none.live_settings()["rate"]).unwrap();
+        assert!(kept.rate.is_none());
     }
 }
