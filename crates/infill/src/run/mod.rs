@@ -1374,19 +1374,11 @@ async fn keep_command_line(db: &Db, conn: &mut crate::dialect::Conn, run_id: &st
 
 /// The job's settings with those the run keeps (the command line's and
 /// `infill set`'s) applied over them.
-async fn kept_settings(
-    db: &Db,
-    run_id: &str,
-    base: &Settings,
-) -> Result<(Settings, std::collections::BTreeMap<String, String>)> {
+async fn kept_settings(db: &Db, run_id: &str, base: &Settings) -> Result<Settings> {
     let mut c = db.conn().await?;
     let pairs = state::read_control(db, &mut c, run_id).await?.settings();
-    let mut s = base.clone();
-    for (k, v) in &pairs {
-        // Checked when they were given; one that no longer applies is left out.
-        let _ = s.apply(k, v);
-    }
-    Ok((s, pairs))
+    // Checked when they were given; one that no longer applies is left out.
+    Ok(base.with_pairs(&pairs).0)
 }
 
 /// `--retry-failed`: each failed row of the earlier run alone, as a batch
@@ -1406,7 +1398,7 @@ async fn retry_rows(
 ) -> Result<End> {
     let r = &req.job;
     let session_start = Instant::now();
-    let (settings, _) = kept_settings(db, &run.id, &r.settings).await?;
+    let settings = kept_settings(db, &run.id, &r.settings).await?;
     // Continued after an interruption, a retry skips the keys it already
     // checkpointed (written, skipped or failed again): each key is a batch
     // whose upper key is that key.
@@ -1759,13 +1751,7 @@ impl Live<'_> {
             }
             let wanted = control.settings();
             if wanted != *applied {
-                let mut next = self.base.clone();
-                let mut rejected = Vec::new();
-                for (k, v) in &wanted {
-                    if let Err(m) = next.apply(k, v) {
-                        rejected.push(format!("{k}: {m}"));
-                    }
-                }
+                let (next, rejected) = self.base.with_pairs(&wanted);
                 *s = next;
                 // The notice names what this session was not given.
                 let news: Vec<String> = wanted

@@ -334,6 +334,19 @@ impl Settings {
         Settings::resolve(&[RawSettings::default()], &Overrides::default()).expect("the defaults resolve")
     }
 
+    /// These settings with `infill set` pairs applied over them, and the
+    /// pairs refused (each with why).
+    pub fn with_pairs<'a>(&self, pairs: impl IntoIterator<Item = (&'a String, &'a String)>) -> (Settings, Vec<String>) {
+        let mut s = self.clone();
+        let mut rejected = Vec::new();
+        for (k, v) in pairs {
+            if let Err(m) = s.apply(k, v) {
+                rejected.push(format!("{k}: {m}"));
+            }
+        }
+        (s, rejected)
+    }
+
     /// Applies one `infill set` change; the message says what is wrong.
     pub fn apply(&mut self, key: &str, value: &str) -> std::result::Result<(), String> {
         let v = value.trim();
